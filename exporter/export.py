@@ -1,0 +1,161 @@
+"""Export a trained run as a bundle: one ONNX graph per module plus `manifest.json`.
+
+    quorum export runs/demo --out bundles/demo
+
+The bundle is first written into a temporary sibling folder and moved into place only
+once every graph has passed `onnx.checker` and torch/ONNX Runtime parity on real
+validation images, so a failed export never leaves a half bundle behind.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+from tqdm.auto import tqdm
+
+from quorum.exporter.errors import ExportError
+from quorum.exporter.onnx_graphs import INPUT_NAME, OUTPUT_NAME, export_template, serialize, with_weights
+from quorum.runtime.manifest import (
+    EnsembleMetrics,
+    InputSpec,
+    Manifest,
+    ModuleEntry,
+    OutputSpec,
+    TaskSpec,
+    TrainingInfo,
+)
+from quorum.trainer.data import load_fashion_mnist
+from quorum.trainer.evaluate import evaluate_logits, module_logits
+from quorum.trainer.run import load_best
+from quorum.trainer.selection import ANYTIME_CRITERION, anytime_order
+
+__all__ = ["PARITY_TOLERANCE", "export_run"]
+
+log = logging.getLogger(__name__)
+
+PARITY_TOLERANCE = 1e-4  # max |logit difference| between torch and ONNX Runtime
+
+
+def _parity_session(data: bytes) -> ort.InferenceSession:
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = 1
+    opts.log_severity_level = 3
+    return ort.InferenceSession(data, opts, providers=["CPUExecutionProvider"])
+
+
+def export_run(
+    run_dir: str | Path,
+    out_dir: str | Path,
+    *,
+    data_dir: str | None = None,
+    overwrite: bool = False,
+    parity_samples: int = 1000,
+    progress: bool = True,
+) -> Manifest:
+    """Export `run_dir`'s best epoch to the bundle folder `out_dir`; return its manifest."""
+    run_dir, out_dir = Path(run_dir), Path(out_dir)
+    if out_dir.exists() and not overwrite:
+        raise ExportError(f"{out_dir} exists; pass --overwrite to replace it, or choose another --out")
+    run = load_best(run_dir)
+    cfg, model = run.config, run.model
+    data = load_fashion_mnist(data_dir or cfg.data_dir, val_size=cfg.val_size, subset=cfg.subset, seed=cfg.seed)
+
+    val_logits = module_logits(model, data.val.x)  # (N, M, K)
+    test_logits = module_logits(model, data.test.x)
+    val, test = evaluate_logits(val_logits, data.val.y), evaluate_logits(test_logits, data.test.y)
+    module_errors = val.module_errors.tolist()
+    x_parity = data.val.x[:parity_samples]
+
+    M = cfg.modules
+    template = export_template(model.module(0), x_parity[:2])
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))  # same filesystem: rename is atomic
+    try:
+        (tmp / "modules").mkdir()
+        entries = []
+        for j in tqdm(range(M), desc="export", unit="module", disable=not progress):
+            module = model.module(j)
+            data_bytes, digest = serialize(with_weights(template, module, f"Quorum module {j} of {M}"))
+            rel = f"modules/m{j:03d}.onnx"
+            (tmp / rel).write_bytes(data_bytes)
+            got = _parity_session(data_bytes).run([OUTPUT_NAME], {INPUT_NAME: x_parity.numpy()})[0]
+            diff = float(np.abs(got - val_logits[:parity_samples, j].numpy()).max())
+            if not diff <= PARITY_TOLERANCE:
+                raise ExportError(f"module {j}: ONNX Runtime and torch differ by {diff:.2e} > {PARITY_TOLERANCE:g}")
+            entries.append(
+                ModuleEntry(
+                    id=j,
+                    file=rel,
+                    sha256=digest,
+                    params=model.module_params(),
+                    flops=model.module_flops(),
+                    val_error=module_errors[j],
+                )
+            )
+        manifest = Manifest(
+            name=out_dir.name,
+            created=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+            task=TaskSpec(class_names=run.class_names),
+            input=InputSpec(
+                name=INPUT_NAME,
+                shape=list(run.in_shape),
+                scale=run.norm.scale,
+                mean=list(run.norm.mean),
+                std=list(run.norm.std),
+                raw_range=(0.0, 255.0),
+            ),
+            output=OutputSpec(name=OUTPUT_NAME),
+            training=TrainingInfo(
+                arch=cfg.arch,
+                num_modules=M,
+                arch_params={"hidden": cfg.hidden},
+                lam=cfg.lam,
+                dataset=cfg.dataset,
+                seed=cfg.seed,
+                epochs=run.epochs_done,
+                best_epoch=run.best_epoch,
+                lr=cfg.learning_rate,
+                batch_size=cfg.batch_size,
+                command=cfg.command,
+            ),
+            modules=entries,
+            anytime_order=anytime_order(module_errors),
+            anytime_criterion=ANYTIME_CRITERION,
+            metrics=EnsembleMetrics(
+                val_error=val.ensemble_error,
+                test_error=test.ensemble_error,
+                val_nll=val.ensemble_nll,
+                test_nll=test.ensemble_nll,
+            ),
+        )
+        manifest.dump(tmp)
+        _replace_dir(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    log.info(
+        "exported %d modules to %s (val error %.4f, test error %.4f)",
+        M,
+        out_dir,
+        val.ensemble_error,
+        test.ensemble_error,
+    )
+    return manifest
+
+
+def _replace_dir(new: Path, target: Path) -> None:
+    """Move `new` to `target`, replacing an older bundle only once the new one is complete."""
+    if target.exists():
+        old = target.with_name(f".{target.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        target.rename(old)
+        new.rename(target)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        new.rename(target)

@@ -1,0 +1,97 @@
+"""Per-module ONNX graphs, written fast.
+
+The modules of one ensemble share one architecture, so their graphs differ only in their
+initializers. We export module 0 once with torch's exporter (a few seconds), then write
+every module's weights into a copy of that template (milliseconds each). Every graph is
+then checked on its own: `onnx.checker`, and parity against torch on real inputs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import hashlib
+import io
+import logging
+import warnings
+from collections.abc import Iterator
+
+import numpy as np
+import onnx
+import torch
+from onnx import numpy_helper
+from torch import nn
+
+from quorum.exporter.errors import ExportError
+
+__all__ = ["INPUT_NAME", "OPSET", "OUTPUT_NAME", "export_template", "serialize", "with_weights"]
+
+INPUT_NAME = "input"
+OUTPUT_NAME = "logits"
+OPSET = 18
+
+
+@contextlib.contextmanager
+def _quiet_exporter() -> Iterator[None]:
+    """torch.onnx prints progress and its passes log at INFO; keep the CLI's output readable."""
+    loggers = [logging.getLogger(n) for n in ("onnx_ir", "onnxscript", "torch.onnx", "torch.export")]
+    levels = [lg.level for lg in loggers]
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            for lg in loggers:
+                lg.setLevel(logging.WARNING)
+            yield
+    finally:
+        for lg, level in zip(loggers, levels, strict=True):
+            lg.setLevel(level)
+
+
+def export_template(module: nn.Module, example: torch.Tensor) -> onnx.ModelProto:
+    """Export one standalone module with a dynamic batch axis: (N, *in) -> logits (N, K)."""
+    module = module.eval()
+    batch = torch.export.Dim("batch", min=1)
+    with _quiet_exporter():
+        program = torch.onnx.export(
+            module,
+            (example,),
+            dynamo=True,
+            input_names=[INPUT_NAME],
+            output_names=[OUTPUT_NAME],
+            dynamic_shapes=({0: batch},),
+            opset_version=OPSET,
+            optimize=True,
+            verbose=False,
+        )
+    if program is None:
+        raise ExportError("torch.onnx.export returned no program")
+    proto: onnx.ModelProto = program.model_proto
+    params = module.state_dict()
+    for init in proto.graph.initializer:
+        if init.name not in params or tuple(init.dims) != tuple(params[init.name].shape):
+            raise ExportError(
+                f"initializer {init.name!r} {tuple(init.dims)} of the exported graph is not a parameter of the "
+                "module; this architecture needs a per-module export"
+            )
+    return proto
+
+
+def with_weights(template: onnx.ModelProto, module: nn.Module, doc: str) -> onnx.ModelProto:
+    """A copy of `template` carrying `module`'s weights."""
+    params = module.state_dict()
+    proto = copy.deepcopy(template)
+    for i, init in enumerate(proto.graph.initializer):
+        array = params[init.name].detach().cpu().numpy()
+        proto.graph.initializer[i].CopyFrom(numpy_helper.from_array(np.ascontiguousarray(array), init.name))
+    proto.doc_string = doc
+    return proto
+
+
+def serialize(proto: onnx.ModelProto) -> tuple[bytes, str]:
+    """Check the graph and return its bytes and their sha256."""
+    try:
+        onnx.checker.check_model(proto, full_check=True)
+    except onnx.checker.ValidationError as e:
+        raise ExportError(f"exported graph fails onnx.checker: {e}") from e
+    data = proto.SerializeToString()
+    return data, hashlib.sha256(data).hexdigest()

@@ -1,0 +1,157 @@
+"""The bundle manifest: the one contract between exporter/ and runtime/.
+
+A bundle is a folder:
+
+    manifest.json
+    modules/m000.onnx ... m255.onnx
+
+Every module graph stands alone: one float32 input (N, *input.shape), one output of logits
+(N, K), dynamic batch axis. Clients preprocess raw inputs as
+`x_model = (x_raw * input.scale - input.mean[c]) / input.std[c]`, combine the chosen modules'
+logits by their mean, then apply softmax (the normalized geometric mean of the members).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from quorum.runtime.errors import BundleError
+
+__all__ = [
+    "FORMAT",
+    "MANIFEST_FILE",
+    "SCHEMA_VERSION",
+    "EnsembleMetrics",
+    "InputSpec",
+    "Manifest",
+    "ModuleEntry",
+    "OutputSpec",
+    "TaskSpec",
+    "TrainingInfo",
+]
+
+FORMAT: Literal["quorum-bundle"] = "quorum-bundle"
+SCHEMA_VERSION = 1
+MANIFEST_FILE = "manifest.json"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class TaskSpec(_Strict):
+    kind: Literal["classification"] = "classification"
+    class_names: list[str] = Field(min_length=2, description="Class k's name is class_names[k].")
+
+
+class InputSpec(_Strict):
+    name: str = Field(description="Input tensor name of every module graph.")
+    shape: list[int] = Field(min_length=1, description="Shape of one input, without the batch axis.")
+    dtype: Literal["float32"] = "float32"
+    scale: float = Field(description="x_model = (x_raw * scale - mean[c]) / std[c].")
+    mean: list[float] = Field(min_length=1, description="Per channel, after scaling.")
+    std: list[float] = Field(min_length=1, description="Per channel, after scaling.")
+    raw_range: tuple[float, float] | None = Field(None, description="Range of the raw values clients send.")
+
+    @model_validator(mode="after")
+    def _channels(self) -> InputSpec:
+        if len(self.mean) != len(self.std) or any(s <= 0 for s in self.std):
+            raise ValueError("input.mean and input.std need one entry per channel, std > 0")
+        return self
+
+
+class OutputSpec(_Strict):
+    name: str = Field(description="Output tensor name of every module graph: logits (N, K).")
+    combiner: Literal["mean_logits_softmax"] = "mean_logits_softmax"
+
+
+class TrainingInfo(_Strict):
+    arch: str
+    num_modules: int = Field(ge=1)
+    arch_params: dict[str, int | float | str] = Field(default_factory=dict, description="e.g. hidden units.")
+    lam: float = Field(ge=0, le=1, description="Modular-loss coefficient lambda.")
+    dataset: str
+    seed: int
+    epochs: int = Field(description="Epochs trained.")
+    best_epoch: int = Field(description="Epoch whose weights were exported (lowest validation error).")
+    lr: float
+    batch_size: int
+    command: str = Field(description="The command line that trained the run.")
+
+
+class ModuleEntry(_Strict):
+    id: int = Field(ge=0)
+    file: str = Field(description="Path relative to the bundle folder.")
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    params: int = Field(ge=0, description="Parameter count.")
+    flops: int = Field(ge=0, description="Floating-point operations per input (2 per multiply-add).")
+    val_error: float = Field(ge=0, le=1)
+
+
+class EnsembleMetrics(_Strict):
+    val_error: float
+    test_error: float
+    val_nll: float
+    test_nll: float
+
+
+class Manifest(_Strict):
+    format: Literal["quorum-bundle"] = FORMAT
+    version: int = SCHEMA_VERSION
+    name: str
+    created: str = Field(description="ISO 8601 time of export.")
+    task: TaskSpec
+    input: InputSpec
+    output: OutputSpec
+    training: TrainingInfo
+    modules: list[ModuleEntry] = Field(min_length=1)
+    anytime_order: list[int] = Field(description="Module ids; every prefix is a strong sub-ensemble.")
+    anytime_criterion: str = Field(description="How the order was chosen.")
+    metrics: EnsembleMetrics
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Manifest:
+        ids = [m.id for m in self.modules]
+        if ids != list(range(len(ids))):
+            raise ValueError("modules must be listed by id 0..M-1")
+        if sorted(self.anytime_order) != ids:
+            raise ValueError("anytime_order must be a permutation of the module ids")
+        if self.training.num_modules != len(ids):
+            raise ValueError("training.num_modules disagrees with the module list")
+        return self
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.task.class_names)
+
+    def dump(self, bundle_dir: Path) -> Path:
+        path = Path(bundle_dir) / MANIFEST_FILE
+        path.write_text(self.model_dump_json(indent=2) + "\n")
+        return path
+
+    @classmethod
+    def load(cls, bundle_dir: str | Path) -> Manifest:
+        """Read and validate `bundle_dir/manifest.json`; BundleError says what is wrong."""
+        path = Path(bundle_dir) / MANIFEST_FILE
+        try:
+            data = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise BundleError(
+                f"{bundle_dir} is not a bundle: no {MANIFEST_FILE}; create one with `quorum export`"
+            ) from None
+        except (OSError, ValueError) as e:
+            raise BundleError(f"cannot read {path}: {e}") from e
+        if not isinstance(data, dict) or data.get("format") != FORMAT:
+            raise BundleError(f"{path} is not a {FORMAT} manifest")
+        if data.get("version") != SCHEMA_VERSION:
+            raise BundleError(
+                f"{path} has schema version {data.get('version')}; this Quorum reads version {SCHEMA_VERSION}"
+            )
+        try:
+            return cls.model_validate(data)
+        except ValidationError as e:
+            raise BundleError(f"{path} does not match the manifest schema: {e}") from e

@@ -1,0 +1,1 @@
+"""HTTP front end: translates requests to runtime calls and back. Never imports torch or onnxruntime."""

@@ -1,0 +1,44 @@
+"""The FastAPI application: `create_app(settings, engine=None)`, no global state."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+import quorum
+from quorum.runtime.engine import Engine
+from quorum.server.errors import install_error_handlers
+from quorum.server.limits import BodySizeLimit
+from quorum.server.routes import health, predict
+from quorum.server.settings import Settings
+
+__all__ = ["create_app"]
+
+log = logging.getLogger(__name__)
+
+
+def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
+    """Build the app. The engine is loaded in the lifespan handler unless one is given."""
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        if app.state.engine is None:
+            app.state.engine = Engine.load(settings.bundle, device=settings.device)
+        yield
+
+    app = FastAPI(
+        title="Quorum",
+        version=quorum.__version__,
+        summary="Budgeted predictions from a λ-ensemble that degrades gracefully.",
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    app.state.engine = engine
+    install_error_handlers(app)
+    app.include_router(predict.router)
+    app.include_router(health.router)
+    app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
+    return app

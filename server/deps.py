@@ -1,0 +1,29 @@
+"""Typed dependencies of the routes."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import Depends, Request
+
+from quorum.runtime.engine import Engine
+from quorum.runtime.errors import NoModulesAvailable
+from quorum.server.settings import Settings
+
+__all__ = ["EngineDep", "SettingsDep", "get_engine", "get_settings"]
+
+
+def get_engine(request: Request) -> Engine:
+    engine: Engine | None = getattr(request.app.state, "engine", None)
+    if engine is None:
+        raise NoModulesAvailable("the model is not loaded yet")
+    return engine
+
+
+def get_settings(request: Request) -> Settings:
+    settings: Settings = request.app.state.settings
+    return settings
+
+
+EngineDep = Annotated[Engine, Depends(get_engine)]
+SettingsDep = Annotated[Settings, Depends(get_settings)]

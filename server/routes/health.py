@@ -1,0 +1,66 @@
+"""Liveness, readiness, module state and service info."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse
+
+from quorum.server.deps import EngineDep
+from quorum.server.schemas import ModulesResponse, ModuleStatusOut, ServiceInfo
+
+__all__ = ["router"]
+
+router = APIRouter(tags=["health"])
+
+
+@router.get("/healthz")
+def healthz() -> dict[str, str]:
+    """Live: the process answers."""
+    return {"status": "ok"}
+
+
+@router.get("/readyz", responses={503: {"description": "No engine or no healthy module."}})
+def readyz(request: Request) -> JSONResponse:
+    """Ready: a bundle is loaded and at least one module is healthy."""
+    engine = getattr(request.app.state, "engine", None)
+    if engine is None or not engine.healthy_ids:
+        return JSONResponse({"error": "not ready: no healthy module loaded"}, status_code=503)
+    return JSONResponse(
+        {"status": "ready", "healthy_modules": len(engine.healthy_ids), "total_modules": engine.num_modules}
+    )
+
+
+@router.get("/modules", response_model=ModulesResponse)
+def modules(engine: EngineDep) -> ModulesResponse:
+    """Per-module state: healthy or quarantined (with why), calls, failures, mean latency."""
+    out = [
+        ModuleStatusOut(
+            id=m.id,
+            file=m.file,
+            status=m.status,
+            reason=m.reason,
+            calls=m.calls,
+            failures=m.failures,
+            last_error=m.last_error,
+            mean_ms=round(m.mean_ms, 4) if m.mean_ms is not None else None,
+        )
+        for m in engine.modules
+    ]
+    return ModulesResponse(healthy=len(engine.healthy_ids), total=engine.num_modules, modules=out)
+
+
+@router.get("/", response_model=ServiceInfo)
+def info(engine: EngineDep) -> ServiceInfo:
+    """What is being served."""
+    m = engine.manifest
+    return ServiceInfo(
+        name=m.name,
+        bundle=str(engine.bundle_dir),
+        num_modules=engine.num_modules,
+        healthy_modules=len(engine.healthy_ids),
+        classes=m.task.class_names,
+        input_shape=m.input.shape,
+        lam=m.training.lam,
+        test_error=m.metrics.test_error,
+        providers=engine.providers,
+    )

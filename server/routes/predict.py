@@ -1,0 +1,69 @@
+"""POST /predict: translate HTTP to `Engine.predict` and back. No computation here."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Query, Request
+
+from quorum.server.deps import EngineDep, SettingsDep
+from quorum.server.errors import ApiError
+from quorum.server.schemas import (
+    ClassPrediction,
+    FailedModuleOut,
+    ModulesUsed,
+    PredictRequest,
+    PredictResponse,
+)
+
+__all__ = ["router"]
+
+router = APIRouter(tags=["predict"])
+
+_QUERY = frozenset({"budget", "drop", "seed"})
+
+
+def _parse_drop(value: str | None) -> int | float | None:
+    """`drop=3` is a count of modules, `drop=0.25` a fraction."""
+    if value is None:
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        pass
+    try:
+        return float(value)
+    except ValueError:
+        raise ApiError(422, f"drop={value!r} is not a number; give a fraction in [0, 1) or a count") from None
+
+
+@router.post("/predict", response_model=PredictResponse)
+def predict(
+    body: PredictRequest,
+    request: Request,
+    engine: EngineDep,
+    settings: SettingsDep,
+    budget: int | None = Query(None, description="Evaluate the first `budget` available modules of the anytime order."),
+    drop: str | None = Query(None, description="Fault injection: a fraction in [0, 1) or a count of modules to drop."),
+    seed: int | None = Query(None, description="Seeds the random choice of dropped modules."),
+) -> PredictResponse:
+    """Classify a batch with a budgeted quorum of modules."""
+    unknown = sorted(set(request.query_params) - _QUERY)
+    if unknown:
+        raise ApiError(422, f"unknown query parameter(s) {', '.join(unknown)}; known: {', '.join(sorted(_QUERY))}")
+    if len(body.inputs) > settings.max_batch:
+        raise ApiError(413, f"batch of {len(body.inputs)} inputs exceeds the limit of {settings.max_batch}; split it")
+    result = engine.predict(body.inputs, budget=budget, drop=_parse_drop(drop), seed=seed)
+    probs = result.probabilities.tolist()
+    return PredictResponse(
+        predictions=[
+            ClassPrediction(label=int(label), class_name=name, probabilities=p)
+            for label, name, p in zip(result.labels.tolist(), result.class_names, probs, strict=True)
+        ],
+        modules=ModulesUsed(
+            requested=result.requested,
+            used=result.used,
+            dropped=result.dropped,
+            failed=[FailedModuleOut(id=f.id, reason=f.reason) for f in result.failed],
+        ),
+        degraded=result.degraded,
+        latency_ms=round(result.latency_ms, 3),
+    )

@@ -1,0 +1,81 @@
+"""Request and response bodies of the HTTP API (Contract 2 in DESIGN.md)."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+__all__ = [
+    "ClassPrediction",
+    "FailedModuleOut",
+    "ModuleStatusOut",
+    "ModulesResponse",
+    "ModulesUsed",
+    "PredictRequest",
+    "PredictResponse",
+    "ServiceInfo",
+]
+
+
+class PredictRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    inputs: list[Any] = Field(
+        description="A batch of raw inputs in the manifest's input shape, e.g. N lists of 784 pixel values 0..255.",
+        examples=[[[0] * 784]],
+    )
+
+
+class ClassPrediction(BaseModel):
+    label: int
+    class_name: str
+    probabilities: list[float]
+
+
+class FailedModuleOut(BaseModel):
+    id: int
+    reason: str
+
+
+class ModulesUsed(BaseModel):
+    requested: int = Field(description="Modules asked for: the budget, or every module of the bundle.")
+    used: list[int] = Field(description="Ids whose logits were combined, in anytime order.")
+    dropped: list[int] = Field(description="Ids made unavailable by fault injection (`drop`).")
+    failed: list[FailedModuleOut] = Field(description="Ids that ran but gave no usable answer.")
+
+
+class PredictResponse(BaseModel):
+    predictions: list[ClassPrediction]
+    modules: ModulesUsed
+    degraded: bool = Field(description="True when fewer modules answered than were requested.")
+    latency_ms: float
+
+
+class ModuleStatusOut(BaseModel):
+    id: int
+    file: str
+    status: Literal["healthy", "quarantined"]
+    reason: str | None
+    calls: int
+    failures: int
+    last_error: str | None
+    mean_ms: float | None
+
+
+class ModulesResponse(BaseModel):
+    healthy: int
+    total: int
+    modules: list[ModuleStatusOut]
+
+
+class ServiceInfo(BaseModel):
+    name: str
+    bundle: str
+    num_modules: int
+    healthy_modules: int
+    classes: list[str]
+    input_shape: list[int]
+    lam: float
+    test_error: float
+    providers: list[str]

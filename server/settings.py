@@ -1,0 +1,23 @@
+"""Server settings: one pydantic-settings class, read from QUORUM_* environment variables."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+__all__ = ["Settings"]
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="QUORUM_", extra="ignore")
+
+    bundle: Path = Field(Path("bundles/demo"), description="Bundle folder to serve.")
+    host: str = Field("127.0.0.1", description="Address to bind.")
+    port: int = Field(8000, ge=0, le=65535, description="Port to bind (0: any free port).")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="ONNX Runtime device.")
+    max_batch: int = Field(256, ge=1, description="Most inputs in one request (413 beyond).")
+    max_body_bytes: int = Field(8 * 1024 * 1024, ge=1024, description="Largest request body (413 beyond).")
+    log_level: str = Field("info", description="uvicorn log level.")

@@ -1,0 +1,70 @@
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+
+from quorum.exporter.errors import ExportError
+from quorum.exporter.export import export_run
+from quorum.runtime.manifest import Manifest
+from quorum.trainer.errors import RunDirError
+from quorum.trainer.run import load_best
+
+
+def test_manifest_describes_every_module(bundle_dir: Path, run_dir: Path):
+    m = Manifest.load(bundle_dir)
+    assert m.format == "quorum-bundle" and m.version == 1
+    assert len(m.modules) == m.training.num_modules == 40
+    assert m.training.lam == 0.99 and m.training.arch == "mlp" and m.training.command == "pytest"
+    assert m.input.shape == [784] and m.input.scale == pytest.approx(1 / 255)
+    assert m.task.class_names[9] == "Ankle boot"
+    for entry in m.modules:
+        data = (bundle_dir / entry.file).read_bytes()
+        assert hashlib.sha256(data).hexdigest() == entry.sha256
+        assert entry.params == 784 * 4 + 4 + 4 * 10 + 10 and entry.flops == 2 * (784 * 4 + 4 * 10)
+    # anytime order: modules sorted by validation error
+    errors = [m.modules[j].val_error for j in m.anytime_order]
+    assert errors == sorted(errors)
+    assert 0 < m.metrics.test_error < 0.5 and 0 < m.metrics.val_error < 0.5
+
+
+def test_every_graph_stands_alone(bundle_dir: Path):
+    m = Manifest.load(bundle_dir)
+    for entry in m.modules[:5]:
+        proto = onnx.load(bundle_dir / entry.file)
+        onnx.checker.check_model(proto, full_check=True)
+        (inp,) = proto.graph.input
+        (out,) = proto.graph.output
+        dims = [d.dim_param or d.dim_value for d in inp.type.tensor_type.shape.dim]
+        assert inp.name == "input" and dims[1] == 784 and isinstance(dims[0], str)  # dynamic batch
+        assert inp.type.tensor_type.elem_type == onnx.TensorProto.FLOAT
+        assert out.name == "logits" and out.type.tensor_type.shape.dim[1].dim_value == 10
+
+
+def test_onnx_matches_torch_on_real_test_images(bundle_dir: Path, run_dir: Path, test_images):
+    run = load_best(run_dir)
+    m = Manifest.load(bundle_dir)
+    x_raw, _ = test_images
+    x = run.norm.apply(torch.from_numpy(x_raw[:257]))
+    with torch.no_grad():
+        expected = run.model(x).numpy()  # (N, M, K)
+    for j in (0, 17, 39):
+        session = ort.InferenceSession(str(bundle_dir / m.modules[j].file), providers=["CPUExecutionProvider"])
+        for n in (1, 257):  # the batch axis is dynamic
+            got = session.run(None, {"input": x[:n].numpy()})[0]
+            assert np.abs(got - expected[:n, j]).max() <= 1e-4
+
+
+def test_existing_bundle_needs_overwrite(bundle_dir: Path, run_dir: Path):
+    with pytest.raises(ExportError, match="--overwrite"):
+        export_run(run_dir, bundle_dir, progress=False)
+
+
+def test_exporting_a_folder_without_a_run_says_what_to_do(tmp_path: Path):
+    with pytest.raises(RunDirError, match="quorum train"):
+        export_run(tmp_path, tmp_path / "b", progress=False)

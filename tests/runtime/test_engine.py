@@ -1,0 +1,174 @@
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import numpy_helper
+
+from quorum.runtime.engine import Engine, softmax
+from quorum.runtime.errors import BundleError, InvalidRequest
+from quorum.runtime.manifest import Manifest
+
+
+@pytest.fixture(scope="module")
+def engine(bundle_dir: Path) -> Engine:
+    return Engine.load(bundle_dir, device="cpu")
+
+
+def _reference(bundle: Path, x_raw: np.ndarray, ids: list[int]) -> np.ndarray:
+    """The combiner computed by hand from the manifest and plain ONNX Runtime sessions."""
+    m = Manifest.load(bundle)
+    x = ((x_raw.astype(np.float32) * m.input.scale - m.input.mean[0]) / m.input.std[0]).astype(np.float32)
+    logits = [ort.InferenceSession(str(bundle / m.modules[j].file)).run(None, {"input": x})[0] for j in ids]
+    return softmax(np.mean(logits, axis=0))
+
+
+def test_budget_uses_the_prefix_of_the_anytime_order(engine: Engine, bundle_dir: Path, test_images):
+    x, _ = test_images
+    r = engine.predict(x[:64], budget=8)
+    assert r.used == engine.manifest.anytime_order[:8] and r.requested == 8 and not r.degraded
+    assert r.probabilities.shape == (64, 10)
+    np.testing.assert_allclose(r.probabilities.sum(1), 1, atol=1e-5)
+    np.testing.assert_allclose(r.probabilities, _reference(bundle_dir, x[:64], r.used), atol=1e-6)
+    assert r.class_names[0] == engine.manifest.task.class_names[r.labels[0]]
+
+
+def test_full_ensemble_is_accurate_on_real_test_images(engine: Engine, test_images):
+    x, y = test_images
+    r = engine.predict(x[:2000])
+    assert len(r.used) == engine.num_modules == r.requested and not r.degraded
+    assert (r.labels == y[:2000]).mean() == pytest.approx(1 - engine.manifest.metrics.test_error, abs=0.03)
+
+
+def test_drop_removes_modules_at_random_and_marks_degraded(engine: Engine, test_images):
+    x, _ = test_images
+    r = engine.predict(x[:4], drop=0.5, seed=3)
+    assert len(r.dropped) == 20 and len(r.used) == 20 and r.degraded
+    assert not set(r.dropped) & set(r.used)
+    again = engine.predict(x[:4], drop=0.5, seed=3)
+    assert again.dropped == r.dropped
+    np.testing.assert_array_equal(again.probabilities, r.probabilities)
+    r = engine.predict(x[:4], budget=10, drop=5, seed=0)
+    assert len(r.used) == 10 and len(r.dropped) == 5 and not r.degraded
+
+
+@pytest.mark.parametrize(
+    ("inputs", "match"),
+    [
+        (np.zeros((2, 783)), r"shape \(N, 784\)"),
+        (np.zeros(784), r"shape \(N, 784\)"),
+        (np.zeros((0, 784)), "N >= 1"),
+        (np.full((1, 784), np.nan), "finite"),
+        (np.full((1, 784), np.inf), "finite"),
+        ([["a"] * 784], "real numbers"),
+        ([[1, 2], [3]], "rectangular|shape"),
+        ([[{"x": 1}] * 784], "real numbers"),
+        (np.full((1, 784), -0.5), "raw values"),
+        (np.full((1, 784), 300.0), "raw values"),
+    ],
+)
+def test_bad_inputs_raise_domain_errors(engine: Engine, inputs, match):
+    with pytest.raises(InvalidRequest, match=match):
+        engine.predict(inputs)
+
+
+def test_bad_budget_and_drop(engine: Engine, test_images):
+    x, _ = test_images
+    for kwargs in ({"budget": 0}, {"budget": 41}, {"drop": 1.0}, {"drop": 40}, {"drop": -2}):
+        with pytest.raises(InvalidRequest):
+            engine.predict(x[:1], **kwargs)
+
+
+def _flip_bytes(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    for i in range(100, len(data), 997):
+        data[i] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def test_corrupt_and_missing_modules_are_quarantined(bundle_copy: Path, test_images):
+    m = Manifest.load(bundle_copy)
+    first, second = m.anytime_order[0], m.anytime_order[1]
+    _flip_bytes(bundle_copy / m.modules[first].file)
+    (bundle_copy / m.modules[second].file).unlink()
+    engine = Engine.load(bundle_copy, device="cpu")
+    states = {s.id: s for s in engine.modules}
+    assert states[first].status == "quarantined" and "checksum" in (states[first].reason or "")
+    assert states[second].status == "quarantined" and "missing" in (states[second].reason or "")
+    assert len(engine.healthy_ids) == 38
+
+    x, _ = test_images
+    r = engine.predict(x[:8], budget=4)
+    assert r.used == m.anytime_order[2:6] and not r.degraded
+    r = engine.predict(x[:8])
+    assert len(r.used) == 38 and r.requested == 40 and r.degraded
+
+
+def test_a_graph_that_fails_to_load_is_quarantined(bundle_copy: Path):
+    m = Manifest.load(bundle_copy)
+    bad = b"not an onnx graph"
+    (bundle_copy / m.modules[5].file).write_bytes(bad)
+    _rewrite_sha(bundle_copy, 5, bad)  # the checksum matches, so loading is what fails
+    engine = Engine.load(bundle_copy, device="cpu")
+    assert engine.modules[5].status == "quarantined" and "cannot load" in (engine.modules[5].reason or "")
+
+
+def _rewrite_sha(bundle: Path, j: int, data: bytes) -> None:
+    import hashlib
+
+    raw = json.loads((bundle / "manifest.json").read_text())
+    raw["modules"][j]["sha256"] = hashlib.sha256(data).hexdigest()
+    (bundle / "manifest.json").write_text(json.dumps(raw))
+
+
+def test_a_module_returning_nan_is_dropped_from_the_answer(bundle_copy: Path, test_images):
+    m = Manifest.load(bundle_copy)
+    j = m.anytime_order[0]
+    proto = onnx.load(bundle_copy / m.modules[j].file)
+    for i, init in enumerate(proto.graph.initializer):
+        arr = numpy_helper.to_array(init).copy()
+        arr[...] = np.nan
+        proto.graph.initializer[i].CopyFrom(numpy_helper.from_array(arr, init.name))
+    data = proto.SerializeToString()
+    (bundle_copy / m.modules[j].file).write_bytes(data)
+    _rewrite_sha(bundle_copy, j, data)
+
+    engine = Engine.load(bundle_copy, device="cpu")
+    x, _ = test_images
+    r = engine.predict(x[:3], budget=5)
+    assert [f.id for f in r.failed] == [j] and "non-finite" in r.failed[0].reason
+    assert r.used == m.anytime_order[1:5] and r.degraded
+    assert np.isfinite(r.probabilities).all()
+    assert engine.modules[j].failures == 1 and engine.modules[j].last_error == "non-finite output"
+
+
+def test_engine_refuses_to_start_with_no_healthy_module(bundle_copy: Path):
+    for f in (bundle_copy / "modules").iterdir():
+        _flip_bytes(f)
+    with pytest.raises(BundleError, match="no healthy module"):
+        Engine.load(bundle_copy, device="cpu")
+
+
+def test_not_a_bundle(tmp_path: Path):
+    with pytest.raises(BundleError, match="quorum export"):
+        Engine.load(tmp_path)
+
+
+def test_manifest_of_another_version_is_refused(bundle_copy: Path):
+    raw = json.loads((bundle_copy / "manifest.json").read_text())
+    raw["version"] = 99
+    (bundle_copy / "manifest.json").write_text(json.dumps(raw))
+    with pytest.raises(BundleError, match="version 99"):
+        Engine.load(bundle_copy)
+
+
+def test_module_path_outside_the_bundle_is_quarantined(bundle_copy: Path):
+    raw = json.loads((bundle_copy / "manifest.json").read_text())
+    raw["modules"][0]["file"] = "../../etc/passwd"
+    (bundle_copy / "manifest.json").write_text(json.dumps(raw))
+    engine = Engine.load(bundle_copy, device="cpu")
+    assert engine.modules[0].status == "quarantined" and "outside" in (engine.modules[0].reason or "")

@@ -1,0 +1,156 @@
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+
+from quorum.runtime.engine import Engine
+from quorum.server.app import create_app
+from quorum.server.settings import Settings
+
+
+@pytest.fixture(scope="module")
+def client(bundle_dir: Path):
+    settings = Settings(bundle=bundle_dir, max_batch=64, max_body_bytes=2 * 1024 * 1024)
+    with TestClient(create_app(settings)) as c:  # the lifespan handler loads the engine
+        yield c
+
+
+@pytest.fixture(scope="module")
+def images(test_images) -> list[list[int]]:
+    x, _ = test_images
+    return x[:4].tolist()
+
+
+def test_predict_with_a_budget(client: TestClient, images, test_images):
+    r = client.post("/predict?budget=32", json={"inputs": images})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert len(body["predictions"]) == 4
+    for p in body["predictions"]:
+        assert len(p["probabilities"]) == 10 and abs(sum(p["probabilities"]) - 1) < 1e-5
+        assert p["class_name"] == client.get("/").json()["classes"][p["label"]]
+        assert p["label"] == int(np.argmax(p["probabilities"]))
+    assert body["modules"]["requested"] == 32 and len(body["modules"]["used"]) == 32
+    assert body["modules"]["dropped"] == [] and body["modules"]["failed"] == []
+    assert body["degraded"] is False and body["latency_ms"] > 0
+
+
+def test_predict_with_drop_reports_dropped_modules(client: TestClient, images):
+    r = client.post("/predict?drop=0.25&seed=1", json={"inputs": images})
+    body = r.json()
+    assert r.status_code == 200 and len(body["modules"]["dropped"]) == 10 and body["degraded"] is True
+    r2 = client.post("/predict?drop=3&seed=1&budget=5", json={"inputs": images})
+    assert len(r2.json()["modules"]["dropped"]) == 3 and len(r2.json()["modules"]["used"]) == 5
+
+
+def _row(value: object = 0) -> list[object]:
+    return [value] * 784
+
+
+@pytest.mark.parametrize(
+    ("query", "body", "status", "match"),
+    [
+        ("?budget=0", {"inputs": [_row()]}, 422, "budget=0"),
+        ("?budget=41", {"inputs": [_row()]}, 422, "1..40"),
+        ("?budget=abc", {"inputs": [_row()]}, 422, "budget"),
+        ("?budget=3.5", {"inputs": [_row()]}, 422, "budget"),
+        ("?drop=1.5", {"inputs": [_row()]}, 422, "drop"),
+        ("?drop=lots", {"inputs": [_row()]}, 422, "drop"),
+        ("?drop=40", {"inputs": [_row()]}, 422, "drop"),
+        ("?seed=x", {"inputs": [_row()]}, 422, "seed"),
+        ("?budjet=3", {"inputs": [_row()]}, 422, "unknown query parameter"),
+        ("", {"inputs": [[1, 2, 3]]}, 422, "shape"),
+        ("", {"inputs": [_row("a")]}, 422, "real numbers"),
+        ("", {"inputs": [_row(None)]}, 422, "real numbers"),
+        ("", {"inputs": [_row([1])]}, 422, "shape"),
+        ("", {"inputs": [_row(), [1]]}, 422, "rectangular|shape"),
+        ("", {"inputs": [_row(-3)]}, 422, "raw values"),
+        ("", {"inputs": []}, 422, "N >= 1"),
+        ("", {"inputs": 5}, 422, "inputs"),
+        ("", {"inputs": "abc"}, 422, "inputs"),
+        ("", {"foo": 1}, 422, "inputs"),
+        ("", [1, 2], 422, "body"),
+        ("", {"inputs": [_row()] * 65}, 413, "limit of 64"),
+    ],
+)
+def test_bad_requests_get_4xx_with_an_error_message(client: TestClient, query, body, status, match):
+    r = client.post(f"/predict{query}", json=body)
+    assert r.status_code == status, r.text
+    assert set(r.json()) == {"error"}
+    assert __import__("re").search(match, r.json()["error"]), r.json()["error"]
+
+
+@pytest.mark.parametrize(
+    ("content", "headers", "status"),
+    [
+        (b"{not json", {"content-type": "application/json"}, 400),
+        (b"", {"content-type": "application/json"}, 422),
+        (b'{"inputs": [[1]]}', {}, 415),
+        (b'{"inputs": [[1]]}', {"content-type": "application/x-www-form-urlencoded"}, 415),
+        (b'{"inputs": [[NaN' + b", 0" * 783 + b"]]}", {"content-type": "application/json"}, 422),
+        (b'{"inputs": [[Infinity' + b", 0" * 783 + b"]]}", {"content-type": "application/json"}, 422),
+        (b"inputs=1", {"content-type": "text/plain"}, 415),
+        (b"\xff\xfe\x00", {"content-type": "application/json"}, 400),
+    ],
+)
+def test_malformed_bodies(client: TestClient, content, headers, status):
+    r = client.post("/predict", content=content, headers=headers)
+    assert r.status_code == status, r.text
+    assert "error" in r.json()
+
+
+def test_body_size_limit(client: TestClient):
+    big = json.dumps({"inputs": [_row(255.0)] * 60}).encode() + b" " * (2 * 1024 * 1024)
+    r = client.post("/predict", content=big, headers={"content-type": "application/json"})
+    assert r.status_code == 413 and "limit" in r.json()["error"]
+
+
+def test_chunked_body_over_the_limit_is_refused(client: TestClient):
+    def chunks():
+        for _ in range(40):
+            yield b" " * 65536
+
+    r = client.post("/predict", content=chunks(), headers={"content-type": "application/json"})
+    assert r.status_code == 413
+
+
+def test_health_and_module_endpoints(client: TestClient):
+    assert client.get("/healthz").json() == {"status": "ok"}
+    ready = client.get("/readyz")
+    assert ready.status_code == 200 and ready.json()["healthy_modules"] == 40
+    mods = client.get("/modules").json()
+    assert mods["healthy"] == mods["total"] == 40
+    assert {m["status"] for m in mods["modules"]} == {"healthy"}
+    assert client.get("/").json()["num_modules"] == 40
+    r = client.get("/nope")
+    assert r.status_code == 404 and "error" in r.json()
+    assert client.get("/predict").status_code == 405
+
+
+def test_quarantined_modules_show_in_modules_and_the_rest_serve(bundle_copy: Path, test_images):
+    f = bundle_copy / "modules" / "m007.onnx"
+    f.write_bytes(f.read_bytes()[:-10])
+    engine = Engine.load(bundle_copy, device="cpu")
+    with TestClient(create_app(Settings(bundle=bundle_copy), engine=engine)) as c:
+        mods = c.get("/modules").json()
+        assert mods["healthy"] == 39
+        assert mods["modules"][7]["status"] == "quarantined" and "checksum" in mods["modules"][7]["reason"]
+        x, _ = test_images
+        r = c.post("/predict", json={"inputs": x[:2].tolist()})
+        assert r.status_code == 200 and 7 not in r.json()["modules"]["used"] and r.json()["degraded"]
+
+
+def test_server_package_never_imports_torch_or_onnxruntime_itself():
+    root = Path(__file__).parents[2] / "server"
+    for path in root.rglob("*.py"):
+        text = path.read_text()
+        assert "import torch" not in text and "import onnxruntime" not in text, path
+    code = "import sys, quorum.server.app, quorum.server.main; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"

@@ -1,0 +1,125 @@
+"""End to end on real Fashion-MNIST: `quorum train`, `quorum export`, `quorum serve` as real
+processes, a real uvicorn on a free loopback port, and a client that holds only numpy,
+onnxruntime and manifest.json."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytestmark = pytest.mark.e2e
+
+ROOT = Path(__file__).parents[1]
+QUORUM = [sys.executable, "-m", "quorum"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _request(url: str, body: bytes | None = None) -> tuple[int, dict]:
+    req = urllib.request.Request(url, data=body, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=30) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+def _run(*args: str) -> subprocess.CompletedProcess[str]:
+    out = subprocess.run([*QUORUM, *args], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return out
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory, data_dir: Path):
+    tmp = tmp_path_factory.mktemp("e2e")
+    run, bundle = tmp / "run", tmp / "bundle"
+    _run("train", "--arch", "mlp", "--modules", "64", "--hidden", "4", "--lam", "0.99", "--epochs", "1",
+         "--subset", "5000", "--out", str(run), "--quiet")  # fmt: skip
+    _run("export", str(run), "--out", str(bundle), "--quiet")
+    port = _free_port()
+    env = {**os.environ, "QUORUM_LOG_LEVEL": "warning"}
+    proc = subprocess.Popen([*QUORUM, "serve", str(bundle), "--host", "127.0.0.1", "--port", str(port)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)  # fmt: skip
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while True:
+        if proc.poll() is not None:
+            pytest.fail(f"quorum serve exited with {proc.returncode}:\n{proc.stdout.read() if proc.stdout else ''}")
+        try:
+            if _request(f"{base}/readyz")[0] == 200:
+                break
+        except (urllib.error.URLError, ConnectionError):
+            pass
+        if time.monotonic() > deadline:
+            proc.kill()
+            pytest.fail("quorum serve did not become ready in 120 s")
+        time.sleep(0.2)
+    yield base, bundle, tmp
+    proc.terminate()
+    proc.wait(timeout=30)
+
+
+def test_predict_budget_32_over_http(server, test_images):
+    base, _, _ = server
+    x, y = test_images
+    status, body = _request(f"{base}/predict?budget=32", json.dumps({"inputs": x[:100].tolist()}).encode())
+    assert status == 200, body
+    assert len(body["modules"]["used"]) == 32 and body["modules"]["requested"] == 32 and not body["degraded"]
+    probs = np.array([p["probabilities"] for p in body["predictions"]])
+    np.testing.assert_allclose(probs.sum(1), 1, atol=1e-5)
+    accuracy = (probs.argmax(1) == y[:100]).mean()
+    assert accuracy > 0.6, accuracy  # one epoch on 5,000 images: far above chance (0.1)
+
+
+def test_a_client_with_only_numpy_onnxruntime_and_the_manifest_reproduces_the_server(server, test_images):
+    base, bundle, tmp = server
+    x, _ = test_images
+    request = {"inputs": x[100:108].tolist()}
+    status, body = _request(f"{base}/predict?budget=32&drop=0.3&seed=5", json.dumps(request).encode())
+    assert status == 200
+    used = body["modules"]["used"]
+    assert len(used) == 32 and not set(used) & set(body["modules"]["dropped"])
+    (tmp / "request.json").write_text(json.dumps(request))
+    client = ROOT / "examples" / "offline_client.py"
+    assert "quorum" not in "".join(line for line in client.read_text().splitlines() if "import" in line)
+    out = subprocess.run(
+        [sys.executable, str(client), str(bundle), "--modules", ",".join(map(str, used)),
+         "--inputs", str(tmp / "request.json")],
+        capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    mine = np.array(json.loads(out.stdout)["probabilities"])
+    served = np.array([p["probabilities"] for p in body["predictions"]])
+    assert np.abs(mine - served).max() <= 1e-5
+
+
+def test_bad_request_over_http_is_a_4xx_with_a_message(server):
+    base, _, _ = server
+    status, body = _request(f"{base}/predict?budget=32", b'{"inputs": [[1, 2, 3]]}')
+    assert status == 422 and "784" in body["error"]
+    status, body = _request(f"{base}/predict", b"{")
+    assert status == 400 and "JSON" in body["error"]
+
+
+def test_cli_help_and_errors():
+    for cmd in ([], ["train"], ["export"], ["serve"], ["demo"]):
+        out = subprocess.run([*QUORUM, *cmd, "--help"], capture_output=True, text=True)
+        assert out.returncode == 0 and "usage: quorum" in out.stdout
+    out = subprocess.run([*QUORUM, "train", "--lam", "1.5", "--out", "/tmp/never"], capture_output=True, text=True)
+    assert out.returncode == 2 and "Theorem 1" in out.stderr and "Traceback" not in out.stderr
+    out = subprocess.run([*QUORUM, "serve", "/nonexistent"], capture_output=True, text=True)
+    assert out.returncode == 2 and "quorum export" in out.stderr and "Traceback" not in out.stderr

@@ -1,0 +1,1 @@
+"""Training of batched lambda-ensembles with the modular loss."""

@@ -1,0 +1,59 @@
+"""Reading a finished (or interrupted) run directory back."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from quorum.trainer.checkpoint import read_jsonl
+from quorum.trainer.config import TrainConfig
+from quorum.trainer.data import Normalization
+from quorum.trainer.errors import RunDirError
+from quorum.trainer.models import Ensemble
+from quorum.trainer.train import build_model
+
+__all__ = ["LoadedRun", "load_best"]
+
+
+@dataclass
+class LoadedRun:
+    config: TrainConfig
+    model: Ensemble  # eval mode, on the CPU, with the best epoch's weights
+    norm: Normalization
+    class_names: list[str]
+    in_shape: tuple[int, ...]
+    best_epoch: int
+    epochs_done: int
+    metrics: list[dict[str, Any]]  # metrics.jsonl, one record per finished epoch
+
+
+def load_best(run_dir: str | Path) -> LoadedRun:
+    """Load `run_dir/best.pt`, the weights of the epoch with the lowest validation error."""
+    run_dir = Path(run_dir)
+    best = run_dir / "best.pt"
+    if not best.exists():
+        what = "no run (no config.json)" if not (run_dir / "config.json").exists() else "no finished epoch yet"
+        raise RunDirError(f"{run_dir} holds {what}: train it first with `quorum train --out {run_dir}`")
+    try:
+        ckpt = torch.load(best, map_location="cpu", weights_only=False)
+    except Exception as e:
+        raise RunDirError(f"cannot read {best}: {e}") from e
+    cfg = TrainConfig.from_dict(ckpt["config"])
+    in_shape = tuple(ckpt["in_shape"])
+    model = build_model(cfg, in_shape, len(ckpt["class_names"]))
+    model.load_state_dict(ckpt["model"])
+    model.eval()
+    n = ckpt["norm"]
+    return LoadedRun(
+        config=cfg,
+        model=model,
+        norm=Normalization(scale=n["scale"], mean=tuple(n["mean"]), std=tuple(n["std"])),
+        class_names=list(ckpt["class_names"]),
+        in_shape=in_shape,
+        best_epoch=int(ckpt["epoch"]),
+        epochs_done=len(read_jsonl(run_dir / "metrics.jsonl")),
+        metrics=read_jsonl(run_dir / "metrics.jsonl"),
+    )

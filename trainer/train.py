@@ -1,0 +1,214 @@
+"""Train a batched lambda-ensemble with the modular loss; resumable, with early stopping.
+
+    quorum train --arch mlp --modules 256 --hidden 4 --lam 0.99 --epochs 20 --out runs/demo
+
+The run directory holds `config.json`, `metrics.jsonl` (one line per epoch), `last.pt`
+(everything needed to resume) and `best.pt` (the weights of the epoch with the lowest
+validation ensemble error: the paper's early stopping). Both checkpoints are written
+atomically at the end of every epoch, so a killed run resumes from its last finished epoch.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from quorum.trainer.checkpoint import append_jsonl, atomic_torch_save, atomic_write_text, read_jsonl
+from quorum.trainer.config import TrainConfig
+from quorum.trainer.data import Splits, load_fashion_mnist
+from quorum.trainer.errors import ConfigError, RunDirError, TrainerError
+from quorum.trainer.evaluate import evaluate
+from quorum.trainer.loss import modular_loss
+from quorum.trainer.models import Ensemble, create
+
+__all__ = ["TrainResult", "build_model", "resolve_device", "train"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainResult:
+    out_dir: Path
+    epochs_done: int  # epochs finished, counting those of earlier (resumed) sessions
+    best_epoch: int  # 1-based epoch whose weights are in best.pt
+    best_val_error: float
+    stopped_early: bool
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda asked for, but torch sees no CUDA device; use --device cpu or auto")
+    return torch.device(name)
+
+
+def build_model(cfg: TrainConfig, in_shape: tuple[int, ...], num_classes: int) -> Ensemble:
+    return create(cfg.arch, num_modules=cfg.modules, hidden=cfg.hidden, in_shape=in_shape, num_classes=num_classes)
+
+
+def _load_data(cfg: TrainConfig) -> Splits:
+    return load_fashion_mnist(cfg.data_dir, val_size=cfg.val_size, subset=cfg.subset, seed=cfg.seed)
+
+
+def _prepare_run_dir(cfg: TrainConfig, out_dir: Path, resume: bool) -> dict[str, Any] | None:
+    """Check the run directory against the request; return the resume state, if any."""
+    config_path, last_path = out_dir / "config.json", out_dir / "last.pt"
+    if not resume:
+        if config_path.exists():
+            raise RunDirError(f"{out_dir} already holds a run; pass --resume to continue it, or choose another --out")
+        out_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(_json(cfg.to_dict()), config_path)
+        return None
+    if not config_path.exists():
+        raise RunDirError(f"--resume: {out_dir} holds no run (no config.json); drop --resume to start one")
+    atomic_write_text(_json(cfg.to_dict()), config_path)  # records extended --epochs
+    if not last_path.exists():
+        return None  # killed before its first epoch finished: start over
+    try:
+        state: dict[str, Any] = torch.load(last_path, map_location="cpu", weights_only=False)
+    except Exception as e:  # a truncated file cannot come from our atomic writes, but say so
+        raise RunDirError(f"cannot read {last_path} ({e}); delete it to restart the run from scratch") from e
+    return state
+
+
+def _json(obj: dict[str, Any]) -> str:
+    return json.dumps(obj, indent=2) + "\n"
+
+
+def train(cfg: TrainConfig, out_dir: str | Path, *, resume: bool = False, progress: bool = True) -> TrainResult:
+    """Train (or resume) the run in `out_dir`. See the module docstring."""
+    out_dir = Path(out_dir)
+    device = resolve_device(cfg.device)
+    state = _prepare_run_dir(cfg, out_dir, resume)
+    data = _load_data(cfg)
+
+    torch.manual_seed(cfg.seed)  # the same init for every lambda of a seed
+    in_shape = tuple(data.train.x.shape[1:])
+    model = build_model(cfg, in_shape, len(data.class_names)).to(device)
+    opt = torch.optim.SGD(model.parameters(), lr=cfg.learning_rate, momentum=cfg.momentum)
+
+    start_epoch, best_epoch, best_val = 0, 0, math.inf
+    if state is not None:
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        start_epoch, best_epoch, best_val = state["epoch"], state["best_epoch"], state["best_val_error"]
+        log.info(
+            "resuming %s from epoch %d (best so far: epoch %d, val error %.4f)",
+            out_dir,
+            start_epoch,
+            best_epoch,
+            best_val,
+        )
+    metrics_path = out_dir / "metrics.jsonl"
+    # Lines past the checkpoint belong to an epoch whose checkpoint never landed.
+    kept = [r for r in read_jsonl(metrics_path) if r["epoch"] <= start_epoch]
+    atomic_write_text("".join(_json_line(r) for r in kept), metrics_path)
+
+    x_train, y_train = data.train.x.to(device), data.train.y.to(device)
+    x_val, y_val = data.val.x.to(device), data.val.y.to(device)
+    n = len(y_train)
+    steps = math.ceil(n / cfg.batch_size)
+    meta = {
+        "config": cfg.to_dict(),
+        "norm": asdict(data.norm),
+        "class_names": list(data.class_names),
+        "in_shape": list(in_shape),
+    }
+
+    stopped_early = False
+    epochs = tqdm(
+        range(start_epoch, cfg.epochs),
+        desc=f"{cfg.name} lam={cfg.lam}",
+        unit="epoch",
+        disable=not progress,
+        initial=start_epoch,
+        total=cfg.epochs,
+    )
+    for epoch in epochs:
+        t0 = time.perf_counter()
+        model.train()
+        # Shuffle from (seed, epoch) alone, so a resumed run sees the same batches.
+        gen = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)
+        perm = torch.randperm(n, generator=gen).to(device)
+        loss_sum = torch.zeros((), device=device)  # accumulated on device: no per-batch sync
+        for i in tqdm(range(steps), desc=f"epoch {epoch + 1}", leave=False, disable=not progress, unit="batch"):
+            idx = perm[i * cfg.batch_size : (i + 1) * cfg.batch_size]
+            logits = model(x_train[idx])  # (B, M, K)
+            loss = modular_loss(logits, y_train[idx], cfg.lam)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            loss_sum += loss.detach() * idx.numel()
+        train_loss = float(loss_sum) / n  # one host sync per epoch
+        if not math.isfinite(train_loss):
+            raise TrainerError(
+                f"training diverged in epoch {epoch + 1} (loss {train_loss}); start a new run with a lower --lr "
+                f"(this one used {cfg.learning_rate:g}). best.pt still holds epoch {best_epoch}."
+            )
+
+        ev = evaluate(model, x_val, y_val)
+        record = {
+            "epoch": epoch + 1,
+            "train_loss": train_loss,
+            "val_error": ev.ensemble_error,
+            "val_nll": ev.ensemble_nll,
+            "val_module_error_mean": float(ev.module_errors.mean()),
+            "val_module_error_min": float(ev.module_errors.min()),
+            "val_module_error_max": float(ev.module_errors.max()),
+            "lr": cfg.learning_rate,
+            "seconds": round(time.perf_counter() - t0, 3),
+        }
+        improved = ev.ensemble_error < best_val
+        if improved:
+            best_val, best_epoch = ev.ensemble_error, epoch + 1
+            atomic_torch_save(
+                {
+                    **meta,
+                    "model": model.state_dict(),
+                    "epoch": epoch + 1,
+                    "val_error": best_val,
+                    "module_val_errors": ev.module_errors.tolist(),
+                },
+                out_dir / "best.pt",
+            )
+        append_jsonl(record, metrics_path)
+        atomic_torch_save(
+            {
+                **meta,
+                "model": model.state_dict(),
+                "optimizer": opt.state_dict(),
+                "epoch": epoch + 1,
+                "best_epoch": best_epoch,
+                "best_val_error": best_val,
+            },
+            out_dir / "last.pt",
+        )
+        epochs.set_postfix(
+            loss=f"{train_loss:.4f}", val_err=f"{ev.ensemble_error:.4f}", best=f"{best_val:.4f}@{best_epoch}"
+        )
+        if not progress:
+            log.info(
+                "epoch %d/%d: loss %.4f, val error %.4f (modules %.3f-%.3f, mean %.3f), %.1f s",
+                epoch + 1, cfg.epochs, train_loss, ev.ensemble_error, record["val_module_error_min"],
+                record["val_module_error_max"], record["val_module_error_mean"], record["seconds"],
+            )  # fmt: skip
+        if cfg.patience is not None and epoch + 1 - best_epoch >= cfg.patience:
+            stopped_early = True
+            log.info("no better validation error for %d epochs: stopping early", cfg.patience)
+            break
+
+    done = read_jsonl(metrics_path)
+    return TrainResult(out_dir, len(done), best_epoch, best_val, stopped_early)
+
+
+def _json_line(record: dict[str, Any]) -> str:
+    return json.dumps(record) + "\n"
