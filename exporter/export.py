@@ -35,11 +35,18 @@ from quorum.trainer.evaluate import evaluate_logits, module_logits
 from quorum.trainer.run import load_best
 from quorum.trainer.selection import ANYTIME_CRITERION, anytime_order
 
-__all__ = ["PARITY_TOLERANCE", "export_run"]
+__all__ = ["PARITY_ATOL", "PARITY_RTOL", "export_run"]
 
 log = logging.getLogger(__name__)
 
-PARITY_TOLERANCE = 1e-4  # max |logit difference| between torch and ONNX Runtime
+# Parity between torch and ONNX Runtime, per module: max |Δ logit| <= ATOL + RTOL * max |logit|.
+# The absolute 1e-4 holds for modules of ordinary scale. At high λ a single module's logits
+# grow large (only the mean over modules is trained): sums of terms in the hundreds that cancel.
+# float32 resolves ~7 digits, so two correct implementations that sum in another order differ
+# by ~1e-6 of that scale (torch's batched and standalone modules differ as much as ONNX Runtime
+# does). The relative term allows that and nothing more; a wrong graph is off by O(1).
+PARITY_ATOL = 1e-4
+PARITY_RTOL = 1e-6
 
 
 def _parity_session(data: bytes) -> ort.InferenceSession:
@@ -85,9 +92,7 @@ def export_run(
             rel = f"modules/m{j:03d}.onnx"
             (tmp / rel).write_bytes(data_bytes)
             got = _parity_session(data_bytes).run([OUTPUT_NAME], {INPUT_NAME: x_parity.numpy()})[0]
-            diff = float(np.abs(got - val_logits[:parity_samples, j].numpy()).max())
-            if not diff <= PARITY_TOLERANCE:
-                raise ExportError(f"module {j}: ONNX Runtime and torch differ by {diff:.2e} > {PARITY_TOLERANCE:g}")
+            diff = _check_parity(j, got, val_logits[:parity_samples, j].numpy())
             entries.append(
                 ModuleEntry(
                     id=j,
@@ -96,6 +101,7 @@ def export_run(
                     params=model.module_params(),
                     flops=model.module_flops(),
                     val_error=module_errors[j],
+                    parity=diff,
                 )
             )
         manifest = Manifest(
@@ -147,6 +153,18 @@ def export_run(
         test.ensemble_error,
     )
     return manifest
+
+
+def _check_parity(j: int, got: np.ndarray, expected: np.ndarray) -> float:
+    """Max |logit difference| of module j; ExportError beyond the tolerance."""
+    diff = float(np.abs(got - expected).max()) if np.isfinite(got).all() else float("inf")
+    allowed = PARITY_ATOL + PARITY_RTOL * float(np.abs(expected).max())
+    if not diff <= allowed:
+        raise ExportError(
+            f"module {j}: ONNX Runtime and torch differ by {diff:.2e} (allowed {PARITY_ATOL:g} + "
+            f"{PARITY_RTOL:g}·max|logit| = {allowed:.2e})"
+        )
+    return diff
 
 
 def _replace_dir(new: Path, target: Path) -> None:

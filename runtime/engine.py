@@ -46,7 +46,7 @@ class ModuleState:
 
     @property
     def mean_ms(self) -> float | None:
-        return self.total_ms / self.calls if self.calls else None
+        return round(self.total_ms / self.calls, 4) if self.calls else None
 
 
 @dataclass(frozen=True)

@@ -90,6 +90,7 @@ class ModuleEntry(_Strict):
     params: int = Field(ge=0, description="Parameter count.")
     flops: int = Field(ge=0, description="Floating-point operations per input (2 per multiply-add).")
     val_error: float = Field(ge=0, le=1)
+    parity: float = Field(ge=0, description="Max |logit difference| of ONNX Runtime vs torch on validation images.")
 
 
 class EnsembleMetrics(_Strict):

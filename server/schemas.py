@@ -53,6 +53,8 @@ class PredictResponse(BaseModel):
 
 
 class ModuleStatusOut(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
     id: int
     file: str
     status: Literal["healthy", "quarantined"]

@@ -33,19 +33,7 @@ def readyz(request: Request) -> JSONResponse:
 @router.get("/modules", response_model=ModulesResponse)
 def modules(engine: EngineDep) -> ModulesResponse:
     """Per-module state: healthy or quarantined (with why), calls, failures, mean latency."""
-    out = [
-        ModuleStatusOut(
-            id=m.id,
-            file=m.file,
-            status=m.status,
-            reason=m.reason,
-            calls=m.calls,
-            failures=m.failures,
-            last_error=m.last_error,
-            mean_ms=round(m.mean_ms, 4) if m.mean_ms is not None else None,
-        )
-        for m in engine.modules
-    ]
+    out = [ModuleStatusOut.model_validate(m, from_attributes=True) for m in engine.modules]
     return ModulesResponse(healthy=len(engine.healthy_ids), total=engine.num_modules, modules=out)
 
 

@@ -27,6 +27,7 @@ def test_manifest_describes_every_module(bundle_dir: Path, run_dir: Path):
         data = (bundle_dir / entry.file).read_bytes()
         assert hashlib.sha256(data).hexdigest() == entry.sha256
         assert entry.params == 784 * 4 + 4 + 4 * 10 + 10 and entry.flops == 2 * (784 * 4 + 4 * 10)
+        assert 0 <= entry.parity <= 1e-4
     # anytime order: modules sorted by validation error
     errors = [m.modules[j].val_error for j in m.anytime_order]
     assert errors == sorted(errors)
@@ -58,6 +59,20 @@ def test_onnx_matches_torch_on_real_test_images(bundle_dir: Path, run_dir: Path,
         for n in (1, 257):  # the batch axis is dynamic
             got = session.run(None, {"input": x[:n].numpy()})[0]
             assert np.abs(got - expected[:n, j]).max() <= 1e-4
+
+
+def test_parity_check_rejects_a_wrong_graph_and_allows_float32_rounding():
+    from quorum.exporter.export import _check_parity
+
+    ref = np.array([[1.0, -2.0, 29.0], [3.0, 512.0, 0.5]], np.float32)
+    assert _check_parity(0, ref + np.float32(9e-5), ref) <= 1e-4
+    # at a scale of 512, float32 rounding of a few ulp anywhere in the module is allowed ...
+    assert 1e-4 < _check_parity(0, ref + np.float32(3e-4), ref) < 1e-3
+    # ... an error the size of a wrong weight is not
+    with pytest.raises(ExportError, match="module 3"):
+        _check_parity(3, ref + np.float32(1e-2), ref)
+    with pytest.raises(ExportError):
+        _check_parity(3, ref * np.float32(np.nan), ref)
 
 
 def test_existing_bundle_needs_overwrite(bundle_dir: Path, run_dir: Path):
