@@ -155,4 +155,10 @@ class Manifest(_Strict):
         try:
             return cls.model_validate(data)
         except ValidationError as e:
-            raise BundleError(f"{path} does not match the manifest schema: {e}") from e
+            errors = e.errors()
+            shown = "; ".join(f"{'.'.join(map(str, err['loc'])) or 'manifest'}: {err['msg']}" for err in errors[:3])
+            more = f" (and {len(errors) - 3} more)" if len(errors) > 3 else ""
+            raise BundleError(
+                f"{path} does not match manifest schema version {SCHEMA_VERSION}: {shown}{more}; "
+                "re-export the run with this Quorum's `quorum export`"
+            ) from None

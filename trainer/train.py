@@ -150,9 +150,10 @@ def train(cfg: TrainConfig, out_dir: str | Path, *, resume: bool = False, progre
             loss_sum += loss.detach() * idx.numel()
         train_loss = float(loss_sum) / n  # one host sync per epoch
         if not math.isfinite(train_loss):
+            kept_note = f" best.pt still holds epoch {best_epoch}." if best_epoch else ""
             raise TrainerError(
                 f"training diverged in epoch {epoch + 1} (loss {train_loss}); start a new run with a lower --lr "
-                f"(this one used {cfg.learning_rate:g}). best.pt still holds epoch {best_epoch}."
+                f"(this one used {cfg.learning_rate:g}).{kept_note}"
             )
 
         ev = evaluate(model, x_val, y_val)

@@ -166,6 +166,16 @@ def test_manifest_of_another_version_is_refused(bundle_copy: Path):
         Engine.load(bundle_copy)
 
 
+def test_a_manifest_that_breaks_the_schema_is_summarized(bundle_copy: Path):
+    raw = json.loads((bundle_copy / "manifest.json").read_text())
+    for entry in raw["modules"]:
+        del entry["sha256"]
+    (bundle_copy / "manifest.json").write_text(json.dumps(raw))
+    with pytest.raises(BundleError, match=r"modules\.0\.sha256: Field required.*and 37 more") as e:
+        Engine.load(bundle_copy)
+    assert len(str(e.value)) < 600
+
+
 def test_module_path_outside_the_bundle_is_quarantined(bundle_copy: Path):
     raw = json.loads((bundle_copy / "manifest.json").read_text())
     raw["modules"][0]["file"] = "../../etc/passwd"

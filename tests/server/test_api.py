@@ -97,6 +97,8 @@ def test_bad_requests_get_4xx_with_an_error_message(client: TestClient, query, b
         (b'{"inputs": [[Infinity' + b", 0" * 783 + b"]]}", {"content-type": "application/json"}, 422),
         (b"inputs=1", {"content-type": "text/plain"}, 415),
         (b"\xff\xfe\x00", {"content-type": "application/json"}, 400),
+        (b'{"inputs": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", {"content-type": "application/json"}, 400),
+        (b'{"inputs": [[' + b"9" * 5000 + b"]]}", {"content-type": "application/json"}, 400),
     ],
 )
 def test_malformed_bodies(client: TestClient, content, headers, status):
