@@ -114,8 +114,21 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from quorum.trainer.config import TrainConfig
     from quorum.trainer.train import train
 
-    keys = ["arch", "modules", "hidden", "lam", "epochs", "lr", "batch_size", "patience", "seed", "data_dir",
-            "val_size", "subset", "device"]  # fmt: skip
+    keys = [
+        "arch",
+        "modules",
+        "hidden",
+        "lam",
+        "epochs",
+        "lr",
+        "batch_size",
+        "patience",
+        "seed",
+        "data_dir",
+        "val_size",
+        "subset",
+        "device",
+    ]
     given: dict[str, Any] = {k: getattr(args, k) for k in keys if getattr(args, k) is not None}
     command = shlex.join(["quorum", *sys.argv[1:]])
     out = Path(args.out)
@@ -169,14 +182,28 @@ def main(argv: Sequence[str] | None = None) -> int:
         hint = " (continue with --resume)" if args.command == "train" else ""
         print(f"\nquorum {args.command}: interrupted{hint}", file=sys.stderr)
         return 130
-    except Exception as e:
-        if not _is_domain_error(e):
+    except ModuleNotFoundError as e:
+        if e.name not in _TRAIN_EXTRAS:
             raise
+        print(
+            f"quorum {args.command}: needs {e.name}, which comes with the training extras: pip install 'quorum[train]'",
+            file=sys.stderr,
+        )
+        return 2
+    except Exception as e:
+        if not isinstance(e, _domain_errors()):
+            raise  # a bug: keep the traceback
         print(f"quorum {args.command}: error: {e}", file=sys.stderr)
         return 2
 
 
-def _is_domain_error(e: Exception) -> bool:
-    """Errors that carry a message for the user, as opposed to bugs (which keep their traceback)."""
-    names = {c.__name__ for c in type(e).__mro__}
-    return bool(names & {"TrainerError", "ExportError", "QuorumError", "ModuleNotFoundError"})
+_TRAIN_EXTRAS = frozenset({"torch", "torchvision", "onnx", "onnxscript", "tqdm"})
+
+
+def _domain_errors() -> tuple[type[Exception], ...]:
+    """Errors that carry a message for the user. Imported late: only the failing path needs them."""
+    from quorum.exporter.errors import ExportError
+    from quorum.runtime.errors import QuorumError
+    from quorum.trainer.errors import TrainerError
+
+    return (TrainerError, ExportError, QuorumError)

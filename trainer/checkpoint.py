@@ -42,6 +42,11 @@ def append_jsonl(record: dict[str, Any], path: Path) -> None:
         os.fsync(f.fileno())
 
 
+def write_jsonl(records: list[dict[str, Any]], path: Path) -> None:
+    """Replace `path` with these records, atomically."""
+    atomic_write_text("".join(json.dumps(r) + "\n" for r in records), path)
+
+
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
     if not path.exists():
         return []

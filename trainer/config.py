@@ -7,6 +7,7 @@ from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
+from quorum.trainer.checkpoint import atomic_write_text
 from quorum.trainer.errors import ConfigError, RunDirError
 from quorum.trainer.loss import check_lambda
 from quorum.trainer.models import list_archs
@@ -83,6 +84,9 @@ class TrainConfig:
     def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
         known = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in data.items() if k in known})
+
+    def save(self, path: Path) -> None:
+        atomic_write_text(json.dumps(self.to_dict(), indent=2) + "\n", path)
 
     @classmethod
     def load(cls, path: Path) -> TrainConfig:

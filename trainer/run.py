@@ -47,6 +47,7 @@ def load_best(run_dir: str | Path) -> LoadedRun:
     model.load_state_dict(ckpt["model"])
     model.eval()
     n = ckpt["norm"]
+    metrics = read_jsonl(run_dir / "metrics.jsonl")
     return LoadedRun(
         config=cfg,
         model=model,
@@ -54,6 +55,6 @@ def load_best(run_dir: str | Path) -> LoadedRun:
         class_names=list(ckpt["class_names"]),
         in_shape=in_shape,
         best_epoch=int(ckpt["epoch"]),
-        epochs_done=len(read_jsonl(run_dir / "metrics.jsonl")),
-        metrics=read_jsonl(run_dir / "metrics.jsonl"),
+        epochs_done=len(metrics),
+        metrics=metrics,
     )

@@ -10,7 +10,6 @@ atomically at the end of every epoch, so a killed run resumes from its last fini
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import time
@@ -21,7 +20,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from quorum.trainer.checkpoint import append_jsonl, atomic_torch_save, atomic_write_text, read_jsonl
+from quorum.trainer.checkpoint import append_jsonl, atomic_torch_save, read_jsonl, write_jsonl
 from quorum.trainer.config import TrainConfig
 from quorum.trainer.data import Splits, load_fashion_mnist
 from quorum.trainer.errors import ConfigError, RunDirError, TrainerError
@@ -66,11 +65,11 @@ def _prepare_run_dir(cfg: TrainConfig, out_dir: Path, resume: bool) -> dict[str,
         if config_path.exists():
             raise RunDirError(f"{out_dir} already holds a run; pass --resume to continue it, or choose another --out")
         out_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(_json(cfg.to_dict()), config_path)
+        cfg.save(config_path)
         return None
     if not config_path.exists():
         raise RunDirError(f"--resume: {out_dir} holds no run (no config.json); drop --resume to start one")
-    atomic_write_text(_json(cfg.to_dict()), config_path)  # records extended --epochs
+    cfg.save(config_path)  # records extended --epochs
     if not last_path.exists():
         return None  # killed before its first epoch finished: start over
     try:
@@ -78,10 +77,6 @@ def _prepare_run_dir(cfg: TrainConfig, out_dir: Path, resume: bool) -> dict[str,
     except Exception as e:  # a truncated file cannot come from our atomic writes, but say so
         raise RunDirError(f"cannot read {last_path} ({e}); delete it to restart the run from scratch") from e
     return state
-
-
-def _json(obj: dict[str, Any]) -> str:
-    return json.dumps(obj, indent=2) + "\n"
 
 
 def train(cfg: TrainConfig, out_dir: str | Path, *, resume: bool = False, progress: bool = True) -> TrainResult:
@@ -111,7 +106,7 @@ def train(cfg: TrainConfig, out_dir: str | Path, *, resume: bool = False, progre
     metrics_path = out_dir / "metrics.jsonl"
     # Lines past the checkpoint belong to an epoch whose checkpoint never landed.
     kept = [r for r in read_jsonl(metrics_path) if r["epoch"] <= start_epoch]
-    atomic_write_text("".join(_json_line(r) for r in kept), metrics_path)
+    write_jsonl(kept, metrics_path)
 
     x_train, y_train = data.train.x.to(device), data.train.y.to(device)
     x_val, y_val = data.val.x.to(device), data.val.y.to(device)
@@ -209,7 +204,3 @@ def train(cfg: TrainConfig, out_dir: str | Path, *, resume: bool = False, progre
 
     done = read_jsonl(metrics_path)
     return TrainResult(out_dir, len(done), best_epoch, best_val, stopped_early)
-
-
-def _json_line(record: dict[str, Any]) -> str:
-    return json.dumps(record) + "\n"
