@@ -109,26 +109,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
+    from dataclasses import fields
     from pathlib import Path
 
     from quorum.trainer.config import TrainConfig
     from quorum.trainer.train import train
 
-    keys = [
-        "arch",
-        "modules",
-        "hidden",
-        "lam",
-        "epochs",
-        "lr",
-        "batch_size",
-        "patience",
-        "seed",
-        "data_dir",
-        "val_size",
-        "subset",
-        "device",
-    ]
+    # every TrainConfig field that is also a command-line option (`command` is recorded, not given)
+    keys = [f.name for f in fields(TrainConfig) if f.name != "command" and hasattr(args, f.name)]
     given: dict[str, Any] = {k: getattr(args, k) for k in keys if getattr(args, k) is not None}
     command = shlex.join(["quorum", *sys.argv[1:]])
     out = Path(args.out)

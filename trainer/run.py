@@ -26,8 +26,11 @@ class LoadedRun:
     class_names: list[str]
     in_shape: tuple[int, ...]
     best_epoch: int
-    epochs_done: int
     metrics: list[dict[str, Any]]  # metrics.jsonl, one record per finished epoch
+
+    @property
+    def epochs_done(self) -> int:
+        return len(self.metrics)
 
 
 def load_best(run_dir: str | Path) -> LoadedRun:
@@ -47,7 +50,6 @@ def load_best(run_dir: str | Path) -> LoadedRun:
     model.load_state_dict(ckpt["model"])
     model.eval()
     n = ckpt["norm"]
-    metrics = read_jsonl(run_dir / "metrics.jsonl")
     return LoadedRun(
         config=cfg,
         model=model,
@@ -55,6 +57,5 @@ def load_best(run_dir: str | Path) -> LoadedRun:
         class_names=list(ckpt["class_names"]),
         in_shape=in_shape,
         best_epoch=int(ckpt["epoch"]),
-        epochs_done=len(metrics),
-        metrics=metrics,
+        metrics=read_jsonl(run_dir / "metrics.jsonl"),
     )
