@@ -1,4 +1,4 @@
-"""The `quorum` command: train | export | serve | demo.
+"""The `quorum` command: train | export | serve | demo | sweep | robustness | report.
 
 Heavy imports happen inside each subcommand, so `quorum serve` never loads torch and
 `quorum --help` answers at once.
@@ -36,6 +36,12 @@ def _train_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--lr", type=float, help="SGD learning rate (default: 0.02·M; see docs/RESULTS.md)")
     g.add_argument("--batch-size", type=int, help="minibatch size (default: 100)")
     g.add_argument("--patience", type=int, help="stop after this many epochs without a better validation error")
+    g.add_argument(
+        "--dominance-epoch",
+        type=int,
+        help="after this epoch, warn if one module carries the ensemble (over capacity for joint training); "
+        "0 = off (default: 3)",
+    )
     g.add_argument("--seed", type=int, help="seeds the split, subset, init and shuffles (default: 0)")
     g = p.add_argument_group("data and device")
     g.add_argument(
@@ -105,6 +111,82 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=8000, help="port to serve on (default: 8000)")
     p.add_argument("--no-serve", action="store_true", help="stop after the evaluation")
     p.add_argument("--data-dir", help="Fashion-MNIST folder (default: $QUORUM_DATA_DIR or Debian's)")
+
+    p = sub.add_parser(
+        "sweep",
+        help="train every (configuration, λ, trial) and tabulate test error against λ (Webb et al. Fig. 2)",
+        description="The λ sweep of Webb et al. §4.1: for every configuration M-M-H-H, λ and trial, train a run "
+        "into OUT/runs/<config>/lam<λ>/seed<s> (trial t uses seed --seed + t: the same split and initial weights "
+        "for every λ), keep the best validation epoch and measure its test error. Writes sweep.json, sweep.md "
+        "(mean ± standard error over trials, the paper's Table 2 beside it), sweep.png (Fig. 2) and sweep_nll.png "
+        "(Fig. 3). Finished runs are reused and interrupted ones resumed, so re-running the command continues a "
+        "sweep, and several invocations into one OUT fill one table.",
+        epilog="Reduced run (about 20-30 min on 2 CPU cores): quorum sweep --out sweeps/reduced "
+        "--configs 256-M-4-H,1-M-1024-H --lams 0,0.95,0.99,1 --trials 3 --epochs 10",
+    )
+    p.add_argument("--out", required=True, help="sweep folder: runs/ and the tables and plots")
+    p.add_argument(
+        "--configs",
+        help="comma-separated configurations M-M-H-H (default: 1-M-1024-H,16-M-64-H,64-M-16-H,256-M-4-H)",
+    )
+    p.add_argument(
+        "--lams",
+        help="comma-separated λ values in [0, 1] (default: 0,0.5,0.8,0.9,0.95,0.99,1)",
+    )
+    p.add_argument("--trials", type=int, default=3, help="trials (seeds) per configuration and λ (default: 3)")
+    p.add_argument("--epochs", type=int, default=10, help="epochs per run; best validation epoch kept (default: 10)")
+    p.add_argument("--patience", type=int, help="early stopping: epochs without a better validation error")
+    p.add_argument("--seed", type=int, default=0, help="seed of trial 0 (default: 0)")
+    p.add_argument("--lr", type=float, help="SGD learning rate for every run (default: the trainer's 0.02·M)")
+    p.add_argument("--jobs", type=int, default=1, help="trainings at once, in worker processes (default: 1)")
+    p.add_argument("--subset", type=int, help="train on only this many images (smoke tests)")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="torch device (default: auto)")
+    p.add_argument("--data-dir", help="Fashion-MNIST folder (default: $QUORUM_DATA_DIR or Debian's)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+    p = sub.add_parser(
+        "robustness",
+        help="accuracy as modules are removed at random, anytime order vs random subsets; a CI gate",
+        description="Webb et al.'s Fig. 4 for one or more bundles: test accuracy with 0, s, 2s, ... M-1 modules "
+        "removed at random (--trials subsets per point), and the anytime order's prefix against random subsets "
+        "of the same size. Writes robustness.json and robustness.png to --out and prints a table. Needs no torch "
+        "(pip install 'quorum[report]'). With --require, exits 1 when a requirement fails.",
+        epilog="Example: quorum robustness bundles/lam0 bundles/lam099 bundles/lam1 --out reports/robustness "
+        '--require "drop=0.5:acc>=0.85" --require "drop=0.9:min_acc>=0.7"',
+    )
+    p.add_argument("bundles", nargs="+", metavar="BUNDLE", help="bundle directories written by `quorum export`")
+    p.add_argument("--out", required=True, help="folder for robustness.json and robustness.png")
+    p.add_argument("--trials", type=int, default=20, help="random subsets per number of removed modules (default: 20)")
+    p.add_argument("--step", type=int, help="modules removed between points (default: M/20 rounded, at least 1)")
+    p.add_argument("--seed", type=int, default=0, help="seeds the random subsets (default: 0)")
+    p.add_argument("--data-dir", help="Fashion-MNIST folder (default: $QUORUM_DATA_DIR or Debian's)")
+    p.add_argument("--split", choices=["test", "train"], default="test", help="images to evaluate on (default: test)")
+    p.add_argument("--limit", type=int, help="only the first N images of the split (quick looks)")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="ONNX Runtime device")
+    p.add_argument(
+        "--require",
+        action="append",
+        default=[],
+        metavar="SPEC",
+        type=_requirement,
+        help='gate checked on every bundle, repeatable: "drop=D:METRIC OP VALUE", e.g. "drop=0.5:acc>=0.85"; '
+        "D = fraction in [0, 1) or count of modules removed; METRIC = acc (mean over trials) or min_acc "
+        "(worst trial); OP = >= > <= <",
+    )
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+    p = sub.add_parser(
+        "report",
+        help="plot a run's ensemble vs member error; module entropy and dominance",
+        description="Read a run's metrics.jsonl and best.pt; write report.png (validation error per epoch of the "
+        "ensemble against its modules: median, min-max band, the module best at the dominance epoch and the one "
+        "best at the end) and report.json, and print a summary: test errors, per-module output entropy on the "
+        "test set (min, max, mean, std over modules, in nats) and the module-dominance check.",
+        epilog="Example: quorum report runs/demo",
+    )
+    p.add_argument("run", help="run directory written by `quorum train`")
+    p.add_argument("--out", help="folder for report.png and report.json (default: the run directory)")
+    p.add_argument("--data-dir", help="Fashion-MNIST folder, if not the one the run used")
     return parser
 
 
@@ -158,12 +240,90 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(args)
 
 
+def _cmd_sweep(args: argparse.Namespace) -> int:
+    from quorum.trainer.sweep import DEFAULT_CONFIGS, DEFAULT_LAMS, SweepConfig, parse_configs, parse_lams, run_sweep
+
+    cfg = SweepConfig(
+        configs=parse_configs(args.configs) if args.configs else DEFAULT_CONFIGS,
+        lams=parse_lams(args.lams) if args.lams else DEFAULT_LAMS,
+        trials=args.trials,
+        epochs=args.epochs,
+        patience=args.patience,
+        seed=args.seed,
+        lr=args.lr,
+        device=args.device,
+        data_dir=args.data_dir,
+        subset=args.subset,
+        jobs=args.jobs,
+        command=shlex.join(["quorum", *sys.argv[1:]]),
+    )
+    report = run_sweep(cfg, args.out, progress=not args.quiet)
+    print(report.markdown)
+    print(f"{args.out}: {report.trained} runs trained, {report.reused} reused; sweep.md, sweep.json, sweep.png")
+    for failure in report.failures:
+        print(f"quorum sweep: failed: {failure}", file=sys.stderr)
+    return 1 if report.failures else 0
+
+
+def _requirement(text: str) -> Any:
+    """argparse type of --require: a malformed spec is a usage error that shows the syntax."""
+    from quorum.robustness import Requirement
+    from quorum.runtime.errors import InvalidRequest
+
+    try:
+        return Requirement.parse(text)
+    except InvalidRequest as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _cmd_robustness(args: argparse.Namespace) -> int:
+    import importlib.util
+
+    if missing := [m for m in ("matplotlib", "tqdm") if importlib.util.find_spec(m) is None]:
+        print(f"quorum robustness: needs {', '.join(missing)}: pip install 'quorum[report]'", file=sys.stderr)
+        return 2
+    from quorum.robustness import RobustnessConfig, run_robustness
+    from quorum.robustness_report import format_checks, format_table
+
+    cfg = RobustnessConfig(
+        trials=args.trials, step=args.step, seed=args.seed, split=args.split, limit=args.limit, device=args.device
+    )
+    reports = run_robustness(args.bundles, args.out, cfg, args.require, data_dir=args.data_dir, progress=not args.quiet)
+    print(format_table(reports))
+    lines = format_checks(reports)
+    for line in lines:
+        print(line)
+    print(f"wrote {args.out}/robustness.json and {args.out}/robustness.png")
+    failed = [line.removeprefix("FAIL ") for line in lines if line.startswith("FAIL ")]
+    if failed:
+        print(f"quorum robustness: {len(failed)} of {len(lines)} requirement checks failed:", file=sys.stderr)
+        for line in failed:
+            print(f"  {line}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from quorum.trainer.report import make_report
+
+    print(make_report(args.run, args.out, data_dir=args.data_dir).summary())
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    handler = {"train": _cmd_train, "export": _cmd_export, "serve": _cmd_serve, "demo": _cmd_demo}[args.command]
+    handler = {
+        "train": _cmd_train,
+        "export": _cmd_export,
+        "serve": _cmd_serve,
+        "demo": _cmd_demo,
+        "sweep": _cmd_sweep,
+        "robustness": _cmd_robustness,
+        "report": _cmd_report,
+    }[args.command]
     try:
         return handler(args)
     except KeyboardInterrupt:

@@ -26,7 +26,7 @@ from quorum.runtime.manifest import Manifest, ModuleEntry
 from quorum.runtime.plan import make_plan
 from quorum.runtime.providers import CUDA, requested_providers, session_options
 
-__all__ = ["Engine", "FailedModule", "ModuleState", "Prediction", "softmax"]
+__all__ = ["Engine", "FailedModule", "ModuleState", "Prediction", "SpecialistPrediction", "softmax"]
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +66,17 @@ class Prediction:
     failed: list[FailedModule] = field(default_factory=list)  # ran but gave no usable answer
     degraded: bool = False  # fewer modules answered than were requested
     latency_ms: float = 0.0
+
+
+@dataclass
+class SpecialistPrediction:
+    class_index: int
+    class_name: str
+    subset: list[int]  # the class's specialist modules, in selection order
+    val_f1: float  # the subset's F1 on the validation split, where it was chosen
+    is_class: np.ndarray  # (N,) bool: the subset's argmax is the class
+    probability: np.ndarray  # (N,) float32: the subset's probability of the class
+    prediction: Prediction  # the subset's full answer (modules used, dropped, failed, latency)
 
 
 def softmax(z: np.ndarray) -> np.ndarray:
@@ -223,11 +234,61 @@ class Engine:
                 of the available modules made unavailable at random.
             seed: seeds the choice of dropped modules.
         """
+        return self._predict(x_raw, self.manifest.anytime_order, budget, drop, seed)
+
+    def predict_specialist(
+        self,
+        x_raw: Any,
+        cls: int | str,
+        budget: int | None = None,
+        drop: float | int | None = None,
+        seed: int | None = None,
+    ) -> SpecialistPrediction:
+        """Answer "is it class `cls`?" with that class's specialist sub-ensemble.
+
+        `cls` is a class index or a class name (case-insensitive). The subset's modules are
+        used in the order they were selected, so `budget` and `drop` act on it as they act on
+        the anytime order in `predict`. Positive when the subset's argmax is the class.
+        """
+        c = self.class_index(cls)
+        if not self.manifest.specialists:
+            raise InvalidRequest(
+                f"bundle {self.manifest.name!r} has no specialist subsets; re-export its run with "
+                "`quorum export` to select them"
+            )
+        spec = self.manifest.specialists[c]
+        pred = self._predict(x_raw, spec.modules, budget, drop, seed)
+        return SpecialistPrediction(
+            class_index=c,
+            class_name=spec.class_name,
+            subset=list(spec.modules),
+            val_f1=spec.val_f1,
+            is_class=pred.labels == c,
+            probability=pred.probabilities[:, c],
+            prediction=pred,
+        )
+
+    def class_index(self, cls: int | str) -> int:
+        """The index of class `cls`, given as an index or a name (case-insensitive)."""
+        names = self.manifest.task.class_names
+        text = str(cls).strip()
+        if text.lstrip("-").isdigit():
+            c = int(text)
+            if 0 <= c < len(names):
+                return c
+        else:
+            by_name = {n.casefold(): i for i, n in enumerate(names)}
+            if text.casefold() in by_name:
+                return by_name[text.casefold()]
+        valid = ", ".join(f"{i} ({n!r})" for i, n in enumerate(names))
+        raise InvalidRequest(f"unknown class {cls!r}; give an index or a name: {valid}")
+
+    def _predict(
+        self, x_raw: Any, order: list[int], budget: int | None, drop: float | int | None, seed: int | None
+    ) -> Prediction:
         t0 = time.perf_counter()
         x = self.preprocess(x_raw)
-        plan = make_plan(
-            self.manifest.anytime_order, self.healthy_ids, self.num_modules, budget=budget, drop=drop, seed=seed
-        )
+        plan = make_plan(order, self.healthy_ids, len(order), budget=budget, drop=drop, seed=seed)
         used: list[int] = []
         outputs: list[np.ndarray] = []
         failed: list[FailedModule] = []
@@ -253,6 +314,24 @@ class Engine:
             degraded=len(used) < plan.requested,
             latency_ms=(time.perf_counter() - t0) * 1e3,
         )
+
+    def module_logits(self, x_raw: Any, ids: list[int] | None = None, batch_size: int = 1000) -> np.ndarray:
+        """Logits of each module in `ids` (default: every healthy module, by id): (N, len(ids), K).
+
+        For offline evaluation (robustness curves, specialist selection), where every module's
+        answer on a whole dataset is computed once and subsets are combined afterwards. Unlike
+        `predict`, a module that fails here raises: an evaluation must not silently shrink.
+        """
+        ids = sorted(self._sessions) if ids is None else list(ids)
+        if missing := [j for j in ids if j not in self._sessions]:
+            raise InvalidRequest(f"module(s) {missing} are not healthy in this bundle")
+        x = self.preprocess(x_raw)
+        out = np.empty((x.shape[0], len(ids), self.manifest.num_classes), np.float32)
+        name_in, name_out = self.manifest.input.name, self.manifest.output.name
+        for col, j in enumerate(ids):
+            for i in range(0, x.shape[0], batch_size):
+                out[i : i + batch_size, col] = self._sessions[j].run([name_out], {name_in: x[i : i + batch_size]})[0]
+        return out
 
     def _run_module(self, j: int, x: np.ndarray) -> tuple[np.ndarray, str | None]:
         """Run module j; return its logits (N, K) and None, or an error message."""

@@ -30,6 +30,7 @@ __all__ = [
     "Manifest",
     "ModuleEntry",
     "OutputSpec",
+    "SpecialistEntry",
     "TaskSpec",
     "TrainingInfo",
 ]
@@ -93,6 +94,17 @@ class ModuleEntry(_Strict):
     parity: float = Field(ge=0, description="Max |logit difference| of ONNX Runtime vs torch on validation images.")
 
 
+class SpecialistEntry(_Strict):
+    """A sub-ensemble chosen for one class's one-vs-all question (is the argmax this class?)."""
+
+    class_index: int = Field(ge=0)
+    class_name: str
+    modules: list[int] = Field(min_length=1, description="Module ids, in the order they were selected.")
+    val_f1: float = Field(ge=0, le=1, description="One-vs-all F1 on the validation split, where it was chosen.")
+    random_val_f1: float = Field(ge=0, le=1, description="Mean validation F1 of random subsets of the same size.")
+    ensemble_val_f1: float = Field(ge=0, le=1, description="The full ensemble's validation F1.")
+
+
 class EnsembleMetrics(_Strict):
     val_error: float
     test_error: float
@@ -112,6 +124,10 @@ class Manifest(_Strict):
     modules: list[ModuleEntry] = Field(min_length=1)
     anytime_order: list[int] = Field(description="Module ids; every prefix is a strong sub-ensemble.")
     anytime_criterion: str = Field(description="How the order was chosen.")
+    specialists: list[SpecialistEntry] = Field(
+        default_factory=list, description="One per class, by class index; empty in bundles without specialists."
+    )
+    specialist_criterion: str | None = Field(None, description="How the specialist subsets were chosen.")
     metrics: EnsembleMetrics
 
     @model_validator(mode="after")
@@ -123,6 +139,15 @@ class Manifest(_Strict):
             raise ValueError("anytime_order must be a permutation of the module ids")
         if self.training.num_modules != len(ids):
             raise ValueError("training.num_modules disagrees with the module list")
+        if self.specialists:
+            names = self.task.class_names
+            if [s.class_index for s in self.specialists] != list(range(len(names))):
+                raise ValueError("specialists must be listed one per class, by class index")
+            for s in self.specialists:
+                if s.class_name != names[s.class_index]:
+                    raise ValueError(f"specialist {s.class_index} is named {s.class_name!r}, the class {names[s.class_index]!r}")
+                if len(set(s.modules)) != len(s.modules) or not set(s.modules) <= set(ids):
+                    raise ValueError(f"specialist {s.class_index}: modules must be distinct module ids")
         return self
 
     @property

@@ -58,9 +58,10 @@ def make_plan(
     """Choose the modules for one request.
 
     Args:
-        order: the bundle's anytime order (all module ids).
+        order: the module ids to choose from, best first: the bundle's anytime order, or a
+            specialist subset in selection order.
         healthy: ids that are loaded and in rotation.
-        num_modules: M, modules in the bundle; bounds the budget.
+        num_modules: len(order), counting quarantined modules; bounds the budget.
         budget: run the first `budget` available modules of the order (default: all).
         drop: simulate failed hardware: make this many (int) or this fraction (float) of
             the available modules unavailable, chosen at random.
@@ -70,7 +71,7 @@ def make_plan(
         if isinstance(budget, bool) or not isinstance(budget, int):
             raise InvalidRequest(f"budget must be an integer, got {budget!r}")
         if not 1 <= budget <= num_modules:
-            raise InvalidRequest(f"budget={budget} must lie in 1..{num_modules} (the bundle has {num_modules} modules)")
+            raise InvalidRequest(f"budget={budget} must lie in 1..{num_modules}: there are {num_modules} modules to choose from")
     available = [j for j in order if j in healthy]
     if not available:
         raise NoModulesAvailable("no module is available: every module is quarantined")

@@ -52,6 +52,26 @@ class PredictResponse(BaseModel):
     latency_ms: float
 
 
+class SpecialistInfo(BaseModel):
+    class_index: int
+    class_name: str
+    subset: list[int] = Field(description="The class's specialist modules, in selection order.")
+    val_f1: float = Field(description="One-vs-all F1 of the subset on the validation split.")
+
+
+class SpecialistAnswer(BaseModel):
+    is_class: bool = Field(description="The subset's most probable class is the queried one.")
+    probability: float = Field(description="The subset's probability of the queried class.")
+
+
+class SpecialistResponse(BaseModel):
+    specialist: SpecialistInfo
+    predictions: list[SpecialistAnswer]
+    modules: ModulesUsed
+    degraded: bool = Field(description="True when fewer modules answered than were requested.")
+    latency_ms: float
+
+
 class ModuleStatusOut(BaseModel):
     model_config = ConfigDict(from_attributes=True)
 
@@ -80,4 +100,5 @@ class ServiceInfo(BaseModel):
     input_shape: list[int]
     lam: float
     test_error: float
+    specialists: bool = Field(description="The bundle answers `?specialist=` queries.")
     providers: list[str]

@@ -48,6 +48,7 @@ class TrainConfig:
     dataset: str = "fashion-mnist"  # dataset name
     data_dir: str | None = None  # IDX folder; None -> $QUORUM_DATA_DIR, then Debian's path
     device: str = "auto"  # auto | cpu | cuda
+    dominance_epoch: int = 3  # check for module dominance after this epoch (trainer/diagnostics.py); 0 = off
     command: str = ""  # the command line that started the run, for the manifest
 
     def __post_init__(self) -> None:
@@ -61,6 +62,8 @@ class TrainConfig:
             raise ConfigError(f"--lr must be > 0, got {self.lr}")
         if not 0 <= self.momentum < 1:
             raise ConfigError(f"--momentum must lie in [0, 1), got {self.momentum}")
+        if self.dominance_epoch < 0:
+            raise ConfigError(f"--dominance-epoch must be >= 0 (0 turns the check off), got {self.dominance_epoch}")
         if self.patience is not None and self.patience < 1:
             raise ConfigError(f"--patience must be >= 1, got {self.patience}")
         if self.device not in ("auto", "cpu", "cuda"):

@@ -1,14 +1,223 @@
-"""Selection on the validation split: which modules to run first."""
+"""Selection of sub-ensembles from every module's logits on held-out data.
+
+Two questions, both answered from every module's logits (N, M, K) and labels (N,), given as
+numpy arrays or torch tensors (the work runs in torch: thousands of candidate sub-ensembles
+are scored per step, and torch's threaded softmax is several times faster than numpy's):
+
+- **Anytime order** (`greedy_anytime_order`): a permutation of the modules such that every
+  prefix is a strong sub-ensemble, so that `budget=b` runs the first b. Built by greedy
+  forward selection: each step adds the module that most lowers the prefix ensemble's
+  negative log-likelihood. We choose the log-likelihood over accuracy because it is the
+  quantity the modular loss trains, it is smooth (accuracy ties constantly among
+  hundreds of 4-unit modules, and ties make the first, most important steps arbitrary),
+  and it rewards a module for fixing a confident mistake, which accuracy cannot see.
+- **Specialists** (`greedy_specialist`, `best_of_random_specialist`): for class c as a
+  one-vs-all problem (positive when the sub-ensemble's argmax is c), a k-subset with high
+  F1. The paper picks the best of 200 random k-subsets; ours grows the subset greedily on
+  F1 and then improves it by single swaps until no swap helps.
+
+The sub-ensemble of a set S predicts softmax(mean_{j in S} logits_j), as the runtime does.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
-__all__ = ["ANYTIME_CRITERION", "anytime_order"]
+import numpy as np
+import torch
 
-ANYTIME_CRITERION = "modules sorted by validation error, ascending (ties by id)"
+__all__ = [
+    "ANYTIME_CRITERION",
+    "SPECIALIST_CRITERION",
+    "Specialist",
+    "best_of_random_specialist",
+    "ensemble_f1",
+    "f1_score",
+    "greedy_anytime_order",
+    "greedy_specialist",
+    "one_vs_all_counts",
+    "random_subsets_f1",
+    "select_specialists",
+]
+
+ANYTIME_CRITERION = (
+    "greedy forward selection on the validation split: each step adds the module that most lowers "
+    "the prefix ensemble's negative log-likelihood"
+)
+SPECIALIST_CRITERION = (
+    "one-vs-all F1 (positive = argmax is the class) on the validation split: greedy forward selection, "
+    "then single swaps until none improves F1; ties broken by the class's binary log-loss"
+)
+
+ArrayLike = np.ndarray | torch.Tensor
 
 
-def anytime_order(module_val_errors: Sequence[float]) -> list[int]:
-    """Module ids ordered so that each prefix holds the individually strongest modules."""
-    return sorted(range(len(module_val_errors)), key=lambda j: (module_val_errors[j], j))
+def _check(logits: ArrayLike, y: ArrayLike) -> tuple[torch.Tensor, torch.Tensor]:
+    logits = torch.as_tensor(logits, dtype=torch.float32)
+    y = torch.as_tensor(y).long()
+    if logits.ndim != 3 or tuple(y.shape) != (logits.shape[0],):
+        raise ValueError(f"need logits (N, M, K) and labels (N,), got {tuple(logits.shape)} and {tuple(y.shape)}")
+    return logits, y
+
+
+@torch.no_grad()
+def greedy_anytime_order(logits: ArrayLike, y: ArrayLike, chunk_elems: int = 1 << 24) -> list[int]:
+    """Module ids in greedy forward-selection order on (logits (N, M, K), labels y).
+
+    Step t adds the module j that minimizes the NLL of softmax((S + logits_j) / t), where S is
+    the sum of the chosen modules' logits. Ties go to the lower id. O(M^2 N K) work, done in
+    chunks of candidates so that memory stays near `chunk_elems` floats.
+    """
+    logits, y = _check(logits, y)
+    n, m, k = logits.shape
+    target = y.view(n, 1, 1)
+    chosen: list[int] = []
+    remaining = list(range(m))
+    total = torch.zeros(n, 1, k)
+    per_chunk = max(1, chunk_elems // (n * k))
+    while remaining:
+        t = len(chosen) + 1
+        nll = torch.cat(
+            [
+                -torch.log_softmax((total + logits[:, cand]) / t, dim=-1)
+                .gather(2, target.expand(n, len(cand), 1))
+                .mean(dim=(0, 2))
+                for cand in (remaining[i : i + per_chunk] for i in range(0, len(remaining), per_chunk))
+            ]
+        )
+        j = remaining.pop(int(torch.argmin(nll)))  # the first minimum: the lowest id among ties
+        chosen.append(j)
+        total += logits[:, j : j + 1]
+    return chosen
+
+
+# ---------------------------------------------------------------- one-vs-all F1
+
+
+def one_vs_all_counts(pred: ArrayLike, y: ArrayLike, c: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """True positives, false positives and false negatives of `pred == c` against `y == c`.
+
+    `pred` is (N,) or (N, C) for C candidate predictors at once; the counts are per column.
+    """
+    pred, y = torch.as_tensor(pred), torch.as_tensor(y)
+    truth = (y == c).unsqueeze(1) if pred.ndim == 2 else y == c
+    positive = pred == c
+    tp = (positive & truth).sum(dim=0)
+    fp = (positive & ~truth).sum(dim=0)
+    fn = (~positive & truth).sum(dim=0)
+    return tp, fp, fn
+
+
+def f1_score(tp: ArrayLike, fp: ArrayLike, fn: ArrayLike) -> torch.Tensor:
+    """F1 = 2TP / (2TP + FP + FN); 0 where there is nothing positive at all."""
+    tp, fp, fn = (torch.as_tensor(a, dtype=torch.float64) for a in (tp, fp, fn))
+    denom = 2 * tp + fp + fn
+    return torch.where(denom > 0, 2 * tp / denom.clamp(min=1), torch.zeros_like(denom))
+
+
+def ensemble_f1(logits: ArrayLike, y: ArrayLike, c: int, subset: Sequence[int] | None = None) -> float:
+    """F1 of class c's one-vs-all problem for the sub-ensemble `subset` (default: all modules)."""
+    logits, y = _check(logits, y)
+    chosen = logits if subset is None else logits[:, list(subset)]
+    pred = chosen.mean(dim=1).argmax(dim=-1)
+    return float(f1_score(*one_vs_all_counts(pred, y, c)))
+
+
+@dataclass(frozen=True)
+class Specialist:
+    """A sub-ensemble chosen for class c, with its F1 on the data it was chosen on."""
+
+    class_index: int
+    modules: list[int]  # module ids, in the order they were added
+    f1: float
+
+
+def _choose(z: torch.Tensor, y: torch.Tensor, c: int) -> tuple[int, tuple[float, float]]:
+    """The best of C candidate sub-ensembles, z (N, C, K) being their mean logits.
+
+    Best = highest F1, ties broken by the lower mean binary log-loss of p(c) (computed only
+    for the tied candidates: the argmax alone decides F1). Returns its index and its key
+    (F1, -log-loss), which orders candidates: larger is better.
+    """
+    f1 = f1_score(*one_vs_all_counts(z.argmax(dim=-1), y, c))
+    top = torch.nonzero(f1 == f1.max()).flatten()
+    log_pc = torch.log_softmax(z[:, top], dim=-1)[..., c]  # (N, T)
+    log_not = torch.log1p(-torch.exp(log_pc.clamp(max=-1e-7)))
+    loss = -torch.where((y == c).unsqueeze(1), log_pc, log_not).mean(dim=0)
+    i = int(torch.argmin(loss))
+    return int(top[i]), (float(f1[top[i]]), -float(loss[i]))
+
+
+@torch.no_grad()
+def greedy_specialist(logits: ArrayLike, y: ArrayLike, c: int, k: int = 20, max_swap_rounds: int = 5) -> Specialist:
+    """Class c's specialist k-subset: greedy forward selection on F1, then single-swap refinement.
+
+    Forward step t adds the module whose addition gives the highest F1 (ties: lower binary
+    log-loss of p(c)). Then each round tries replacing every member by every non-member and
+    makes the best swap if it raises F1 (or keeps F1 and lowers the log-loss); it stops when
+    no swap helps or after `max_swap_rounds` rounds.
+    """
+    logits, y = _check(logits, y)
+    m = logits.shape[1]
+    k = min(k, m)
+    chosen: list[int] = []
+    remaining = list(range(m))
+    total = torch.zeros(logits.shape[0], 1, logits.shape[2])
+    for t in range(1, k + 1):
+        i, _ = _choose((total + logits[:, remaining]) / t, y, c)
+        j = remaining.pop(i)
+        chosen.append(j)
+        total += logits[:, j : j + 1]
+    _, best = _choose(total / k, y, c)
+    for _ in range(max_swap_rounds):
+        if not remaining:
+            break
+        swap: tuple[int, int] | None = None
+        for pos, out in enumerate(chosen):
+            i, key = _choose((total - logits[:, out : out + 1] + logits[:, remaining]) / k, y, c)
+            if key > best:
+                best, swap = key, (pos, i)
+        if swap is None:
+            break
+        pos, i = swap
+        out, new = chosen[pos], remaining[i]
+        chosen[pos], remaining[i] = new, out
+        total += logits[:, new : new + 1] - logits[:, out : out + 1]
+    return Specialist(class_index=c, modules=chosen, f1=best[0])
+
+
+def _random_subsets(m: int, k: int, tries: int, seed: int) -> list[np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return [rng.choice(m, size=min(k, m), replace=False) for _ in range(tries)]
+
+
+@torch.no_grad()
+def random_subsets_f1(logits: ArrayLike, y: ArrayLike, c: int, k: int = 20, tries: int = 200, seed: int = 0) -> torch.Tensor:
+    """F1 of class c for each of `tries` random k-subsets (the same subsets for the same seed)."""
+    logits, y = _check(logits, y)
+    subsets = _random_subsets(logits.shape[1], k, tries, seed)
+    preds = torch.stack([logits[:, s].mean(dim=1).argmax(dim=-1) for s in subsets], dim=1)  # (N, tries)
+    return f1_score(*one_vs_all_counts(preds, y, c))
+
+
+@torch.no_grad()
+def best_of_random_specialist(
+    logits: ArrayLike, y: ArrayLike, c: int, k: int = 20, tries: int = 200, seed: int = 0
+) -> Specialist:
+    """The paper's selection: the best F1 among `tries` random k-subsets (Webb et al. §4.1)."""
+    logits, y = _check(logits, y)
+    f1 = random_subsets_f1(logits, y, c, k, tries, seed)
+    best = int(torch.argmax(f1))
+    subset = _random_subsets(logits.shape[1], k, tries, seed)[best]
+    return Specialist(class_index=c, modules=[int(j) for j in subset], f1=float(f1[best]))
+
+def select_specialists(
+    logits: ArrayLike, y: ArrayLike, k: int = 20, *, num_classes: int | None = None, progress: bool = False
+) -> list[Specialist]:
+    """`greedy_specialist` for every class 0..K-1, in class order."""
+    from tqdm.auto import tqdm
+
+    logits, y = _check(logits, y)
+    classes = range(num_classes or logits.shape[2])
+    return [greedy_specialist(logits, y, c, k) for c in tqdm(classes, desc="specialists", unit="class", disable=not progress)]

@@ -6,12 +6,16 @@ The run directory holds `config.json`, `metrics.jsonl` (one line per epoch), `la
 (everything needed to resume) and `best.pt` (the weights of the epoch with the lowest
 validation ensemble error: the paper's early stopping). Both checkpoints are written
 atomically at the end of every epoch, so a killed run resumes from its last finished epoch.
+Each metrics record holds every module's validation error; after `dominance_epoch` the record
+also holds the module-dominance check of trainer/diagnostics.py, which logs a warning when one
+member carries the ensemble (over-capacity modules for joint training).
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import statistics
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -23,6 +27,7 @@ from tqdm.auto import tqdm
 from quorum.trainer.checkpoint import append_jsonl, atomic_torch_save, read_jsonl, write_jsonl
 from quorum.trainer.config import TrainConfig
 from quorum.trainer.data import Splits, load_fashion_mnist
+from quorum.trainer.diagnostics import check_dominance
 from quorum.trainer.errors import ConfigError, RunDirError, TrainerError
 from quorum.trainer.evaluate import evaluate
 from quorum.trainer.loss import modular_loss
@@ -152,7 +157,8 @@ def train(cfg: TrainConfig, out_dir: str | Path, *, resume: bool = False, progre
             )
 
         ev = evaluate(model, x_val, y_val)
-        record = {
+        module_errors = ev.module_errors.tolist()  # (M,)
+        record: dict[str, Any] = {
             "epoch": epoch + 1,
             "train_loss": train_loss,
             "val_error": ev.ensemble_error,
@@ -160,9 +166,15 @@ def train(cfg: TrainConfig, out_dir: str | Path, *, resume: bool = False, progre
             "val_module_error_mean": float(ev.module_errors.mean()),
             "val_module_error_min": float(ev.module_errors.min()),
             "val_module_error_max": float(ev.module_errors.max()),
+            "val_module_error_median": round(statistics.median(module_errors), 5),
+            "val_module_errors": [round(x, 5) for x in module_errors],
             "lr": cfg.learning_rate,
             "seconds": round(time.perf_counter() - t0, 3),
         }
+        dominance = check_dominance(epoch + 1, module_errors, ev.ensemble_error, cfg.dominance_epoch)
+        if dominance is not None:
+            record["dominance"] = dominance.to_dict()
+            (log.warning if dominance.warning else log.info)(dominance.message(cfg.lam))
         improved = ev.ensemble_error < best_val
         if improved:
             best_val, best_epoch = ev.ensemble_error, epoch + 1

@@ -50,5 +50,6 @@ def info(engine: EngineDep) -> ServiceInfo:
         input_shape=m.input.shape,
         lam=m.training.lam,
         test_error=m.metrics.test_error,
+        specialists=bool(m.specialists),
         providers=engine.providers,
     )

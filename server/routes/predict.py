@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Query, Request
 
+from quorum.runtime.engine import Prediction
 from quorum.server.deps import EngineDep, SettingsDep
 from quorum.server.errors import ApiError
 from quorum.server.schemas import (
@@ -12,13 +13,16 @@ from quorum.server.schemas import (
     ModulesUsed,
     PredictRequest,
     PredictResponse,
+    SpecialistAnswer,
+    SpecialistInfo,
+    SpecialistResponse,
 )
 
 __all__ = ["router"]
 
 router = APIRouter(tags=["predict"])
 
-_QUERY = frozenset({"budget", "drop", "seed"})
+_QUERY = frozenset({"budget", "drop", "seed", "specialist"})
 
 
 def _parse_drop(value: str | None) -> int | float | None:
@@ -35,7 +39,16 @@ def _parse_drop(value: str | None) -> int | float | None:
         raise ApiError(422, f"drop={value!r} is not a number; give a fraction in [0, 1) or a count") from None
 
 
-@router.post("/predict", response_model=PredictResponse)
+def _modules(result: Prediction) -> ModulesUsed:
+    return ModulesUsed(
+        requested=result.requested,
+        used=result.used,
+        dropped=result.dropped,
+        failed=[FailedModuleOut(id=f.id, reason=f.reason) for f in result.failed],
+    )
+
+
+@router.post("/predict", response_model=PredictResponse | SpecialistResponse)
 def predict(
     body: PredictRequest,
     request: Request,
@@ -44,13 +57,32 @@ def predict(
     budget: int | None = Query(None, description="Evaluate the first `budget` available modules of the anytime order."),
     drop: str | None = Query(None, description="Fault injection: a fraction in [0, 1) or a count of modules to drop."),
     seed: int | None = Query(None, description="Seeds the random choice of dropped modules."),
-) -> PredictResponse:
-    """Classify a batch with a budgeted quorum of modules."""
+    specialist: str | None = Query(
+        None,
+        description="A class index or name: answer 'is it this class?' with that class's specialist subset "
+        "(`budget` and `drop` then act on the subset).",
+    ),
+) -> PredictResponse | SpecialistResponse:
+    """Classify a batch with a budgeted quorum of modules, or ask one class's specialists."""
     unknown = sorted(set(request.query_params) - _QUERY)
     if unknown:
         raise ApiError(422, f"unknown query parameter(s) {', '.join(unknown)}; known: {', '.join(sorted(_QUERY))}")
     if len(body.inputs) > settings.max_batch:
         raise ApiError(413, f"batch of {len(body.inputs)} inputs exceeds the limit of {settings.max_batch}; split it")
+    if specialist is not None:
+        spec = engine.predict_specialist(body.inputs, specialist, budget=budget, drop=_parse_drop(drop), seed=seed)
+        return SpecialistResponse(
+            specialist=SpecialistInfo(
+                class_index=spec.class_index, class_name=spec.class_name, subset=spec.subset, val_f1=spec.val_f1
+            ),
+            predictions=[
+                SpecialistAnswer(is_class=bool(yes), probability=float(p))
+                for yes, p in zip(spec.is_class.tolist(), spec.probability.tolist(), strict=True)
+            ],
+            modules=_modules(spec.prediction),
+            degraded=spec.prediction.degraded,
+            latency_ms=round(spec.prediction.latency_ms, 3),
+        )
     result = engine.predict(body.inputs, budget=budget, drop=_parse_drop(drop), seed=seed)
     probs = result.probabilities.tolist()
     return PredictResponse(
@@ -58,12 +90,7 @@ def predict(
             ClassPrediction(label=int(label), class_name=name, probabilities=p)
             for label, name, p in zip(result.labels.tolist(), result.class_names, probs, strict=True)
         ],
-        modules=ModulesUsed(
-            requested=result.requested,
-            used=result.used,
-            dropped=result.dropped,
-            failed=[FailedModuleOut(id=f.id, reason=f.reason) for f in result.failed],
-        ),
+        modules=_modules(result),
         degraded=result.degraded,
         latency_ms=round(result.latency_ms, 3),
     )

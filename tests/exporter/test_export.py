@@ -28,9 +28,14 @@ def test_manifest_describes_every_module(bundle_dir: Path, run_dir: Path):
         assert hashlib.sha256(data).hexdigest() == entry.sha256
         assert entry.params == 784 * 4 + 4 + 4 * 10 + 10 and entry.flops == 2 * (784 * 4 + 4 * 10)
         assert 0 <= entry.parity <= 1e-4
-    # anytime order: modules sorted by validation error
-    errors = [m.modules[j].val_error for j in m.anytime_order]
-    assert errors == sorted(errors)
+    assert sorted(m.anytime_order) == list(range(40)) and "negative log-likelihood" in m.anytime_criterion
+    # one specialist per class: k = 20 distinct modules chosen for F1 on the validation split, so
+    # there they beat random 20-subsets of the same modules
+    assert [s.class_index for s in m.specialists] == list(range(10))
+    assert [s.class_name for s in m.specialists] == m.task.class_names
+    for s in m.specialists:
+        assert len(s.modules) == len(set(s.modules)) == 20
+        assert s.val_f1 > s.random_val_f1 and 0 < s.ensemble_val_f1 <= 1
     assert 0 < m.metrics.test_error < 0.5 and 0 < m.metrics.val_error < 0.5
 
 

@@ -49,6 +49,58 @@ def test_predict_with_drop_reports_dropped_modules(client: TestClient, images):
     assert len(r2.json()["modules"]["dropped"]) == 3 and len(r2.json()["modules"]["used"]) == 5
 
 
+@pytest.mark.parametrize("cls", ["9", "Ankle boot", "ankle BOOT"])
+def test_specialist_query_answers_one_vs_all_from_the_class_subset(client: TestClient, images, bundle_dir: Path, cls):
+    spec = json.loads((bundle_dir / "manifest.json").read_text())["specialists"][9]
+    r = client.post("/predict", params={"specialist": cls}, json={"inputs": images})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["specialist"] == {
+        "class_index": 9,
+        "class_name": "Ankle boot",
+        "subset": spec["modules"],
+        "val_f1": spec["val_f1"],
+    }
+    assert body["modules"]["used"] == spec["modules"] and body["degraded"] is False
+    # the same answer as the subset's full prediction
+    engine = Engine.load(bundle_dir)
+    full = engine.predict_specialist(np.array(images), 9).prediction
+    for answer, probs, label in zip(body["predictions"], full.probabilities, full.labels, strict=True):
+        assert answer["is_class"] == (label == 9)
+        assert answer["probability"] == pytest.approx(float(probs[9]), abs=1e-6)
+
+
+def test_specialist_query_with_budget_and_drop_acts_on_the_subset(client: TestClient, images, bundle_dir: Path):
+    subset = json.loads((bundle_dir / "manifest.json").read_text())["specialists"][0]["modules"]
+    r = client.post("/predict?specialist=0&budget=5", json={"inputs": images})
+    assert r.status_code == 200 and r.json()["modules"]["used"] == subset[:5]
+    r = client.post("/predict?specialist=0&drop=4&seed=2", json={"inputs": images})
+    body = r.json()
+    assert len(body["modules"]["dropped"]) == 4 and set(body["modules"]["dropped"]) <= set(subset)
+    assert body["degraded"] is True and len(body["modules"]["used"]) == 16
+    r = client.post("/predict?specialist=0&budget=21", json={"inputs": images})
+    assert r.status_code == 422 and "1..20" in r.json()["error"]
+
+
+@pytest.mark.parametrize("cls", ["10", "-1", "cat", "", "1.5"])
+def test_unknown_specialist_class_names_the_valid_ones(client: TestClient, images, cls):
+    r = client.post("/predict", params={"specialist": cls}, json={"inputs": images})
+    assert r.status_code == 422, r.text
+    error = r.json()["error"]
+    assert "unknown class" in error and "'T-shirt/top'" in error and "9 ('Ankle boot')" in error
+
+
+def test_bundle_without_specialists_says_so(bundle_copy: Path, images):
+    manifest = json.loads((bundle_copy / "manifest.json").read_text())
+    manifest["specialists"], manifest["specialist_criterion"] = [], None
+    (bundle_copy / "manifest.json").write_text(json.dumps(manifest))
+    with TestClient(create_app(Settings(bundle=bundle_copy))) as c:
+        assert c.get("/").json()["specialists"] is False
+        r = c.post("/predict?specialist=3", json={"inputs": images})
+        assert r.status_code == 422 and "no specialist" in r.json()["error"]
+        assert c.post("/predict", json={"inputs": images}).status_code == 200
+
+
 def _row(value: object = 0) -> list[object]:
     return [value] * 784
 

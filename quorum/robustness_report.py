@@ -1,0 +1,86 @@
+"""Presentation of `quorum robustness` results: the figure, the printed table, the PASS/FAIL lines."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from quorum.robustness import BundleReport
+
+__all__ = ["format_checks", "format_table", "plot_reports"]
+
+
+def _labels(reports: Sequence[BundleReport]) -> list[str]:
+    """Manifest names, or paths where two bundles share a name."""
+    names = [r.name for r in reports]
+    return [r.name if names.count(r.name) == 1 else r.path for r in reports]
+
+
+def plot_reports(reports: Sequence[BundleReport], path: str | os.PathLike[str], split: str = "test") -> None:
+    """(a) accuracy against modules removed at random; (b) anytime prefix against random subsets by budget."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import StrMethodFormatter
+
+    fig, (ax_a, ax_b) = plt.subplots(1, 2, figsize=(12, 4.6), constrained_layout=True)
+    for i, (report, label) in enumerate(zip(reports, _labels(reports), strict=True)):
+        color = f"C{i % 10}"
+        removed = [p.removed for p in report.curve]
+        budget = [p.modules for p in report.curve]
+        mean, lo, hi = ([getattr(p, k) for p in report.curve] for k in ("mean", "min", "max"))
+        name = f"{label} (λ={report.lam:g}, M={report.modules})"
+        ax_a.plot(removed, mean, color=color, marker=".", label=name)
+        ax_a.fill_between(removed, lo, hi, color=color, alpha=0.2, linewidth=0)
+        ax_b.plot(budget, [p.ordered for p in report.curve], color=color, marker=".", label=f"{name}: anytime order")
+        ax_b.plot(budget, mean, color=color, linestyle="--", label=f"{name}: random, mean")
+        ax_b.fill_between(budget, lo, hi, color=color, alpha=0.15, linewidth=0)
+    ylabel = f"{split} accuracy"
+    ax_a.set(xlabel="modules removed at random", ylabel=ylabel, title="(a) removal: mean and min–max over trials")
+    ax_b.set(xscale="log", xlabel="modules evaluated (budget)", ylabel=ylabel)
+    ax_b.xaxis.set_major_formatter(StrMethodFormatter("{x:g}"))  # 1, 10, 100 rather than 10^0, 10^1, 10^2
+    ax_b.set_title("(b) anytime-order prefix vs random subsets")
+    for ax in (ax_a, ax_b):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize="small")
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def format_table(reports: Sequence[BundleReport]) -> str:
+    """A few rows per bundle (removed 0, 50 %, 90 %, M - 1) and the anytime verdict."""
+    labels = _labels(reports)
+    width = max(6, *map(len, labels))
+    head = f"{'bundle':<{width}}  {'λ':>5}  {'removed':>7}  {'left':>4}  {'random mean ± std':>17}  "
+    lines = [head + f"{'min':>6}  {'max':>6}  {'ordered':>7}"]
+    for report, label in zip(reports, labels, strict=True):
+        for p in report.summary:
+            lines.append(
+                f"{label:<{width}}  {report.lam:>5g}  {p.removed:>7}  {p.modules:>4}  "
+                f"{p.mean:>8.4f} ± {p.std:<6.4f}  {p.min:>6.4f}  {p.max:>6.4f}  {p.ordered:>7.4f}"
+            )
+        losses = [p for p in report.curve if p.removed > 0 and p.ordered <= p.mean]
+        budgets = ", ".join(str(p.modules) for p in losses)
+        verdict = (
+            "yes"
+            if report.ordered_beats_random
+            else f"no: it loses at {len(losses)} of {len(report.curve) - 1} budgets ({budgets})"
+        )
+        lines.append(f"{label}: anytime order beats the random mean at every budget < {report.modules}: {verdict}")
+    return "\n".join(lines)
+
+
+def format_checks(reports: Sequence[BundleReport]) -> list[str]:
+    """One PASS/FAIL line per (bundle, requirement)."""
+    lines = []
+    for report, label in zip(reports, _labels(reports), strict=True):
+        for c in report.checks:
+            verdict = "PASS" if c.passed else "FAIL"
+            lines.append(
+                f"{verdict} {label}: {c.requirement}: measured {c.metric} {c.measured:.4f} "
+                f"({c.removed} of {report.modules} modules removed)"
+            )
+    return lines

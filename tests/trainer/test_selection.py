@@ -1,0 +1,132 @@
+"""Selection algorithms on small constructed logits whose right answer is known."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from quorum.trainer.selection import (
+    best_of_random_specialist,
+    ensemble_f1,
+    f1_score,
+    greedy_anytime_order,
+    greedy_specialist,
+    one_vs_all_counts,
+    select_specialists,
+)
+
+N, M, K = 600, 12, 4
+
+
+def _noise(seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Labels and logits of M weak modules: a small push towards the true class plus noise."""
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, K, N)
+    logits = rng.normal(0, 1, (N, M, K)).astype(np.float32)
+    logits[np.arange(N), :, y] += 0.3
+    return logits, y
+
+
+def test_planted_strong_module_comes_first():
+    logits, y = _noise()
+    logits[np.arange(N), 7, y] += 4.0  # module 7 is nearly always right and confident
+    order = greedy_anytime_order(logits, y)
+    assert order[0] == 7
+    assert sorted(order) == list(range(M))
+
+
+def test_order_prefers_a_complementary_module_to_a_copy():
+    # modules 0 and 1 are identical and good; module 2 is as good but errs elsewhere:
+    # after 0, adding 2 helps the pair more than adding 0's copy.
+    logits, y = _noise(1)
+    right = np.zeros((N, K), np.float32)
+    right[np.arange(N), y] = 3.0
+    half = np.arange(N) < N // 2
+    logits[:, 0] = logits[:, 1] = np.where(half[:, None], right, 0.0) + 0.01  # tie-break: 0 before 1
+    logits[:, 2] = np.where(~half[:, None], right, 0.0)
+    order = greedy_anytime_order(logits, y)
+    assert order[:2] == [0, 2]
+
+
+def test_order_is_the_same_in_chunks_and_from_torch():
+    logits, y = _noise(2)
+    assert greedy_anytime_order(logits, y) == greedy_anytime_order(torch.from_numpy(logits), y, chunk_elems=N * K)
+
+
+def test_f1_from_counts_and_one_vs_all():
+    y = np.array([0, 0, 1, 1, 2, 2])
+    pred = np.array([0, 1, 1, 1, 0, 2])
+    tp, fp, fn = one_vs_all_counts(pred, y, 0)
+    assert (int(tp), int(fp), int(fn)) == (1, 1, 1)
+    assert float(f1_score(tp, fp, fn)) == pytest.approx(0.5)
+    tp, fp, fn = one_vs_all_counts(pred, y, 1)  # precision 2/3, recall 1
+    assert float(f1_score(tp, fp, fn)) == pytest.approx(2 * (2 / 3) / (2 / 3 + 1))
+    assert float(f1_score(0, 0, 0)) == 0.0  # nothing positive, nothing predicted
+    # columns of candidates at once
+    both = np.stack([pred, y], axis=1)
+    assert f1_score(*one_vs_all_counts(both, y, 0)).tolist() == pytest.approx([0.5, 1.0])
+
+
+def test_ensemble_f1_averages_logits_before_the_argmax():
+    y = np.array([0, 1])
+    logits = np.zeros((2, 2, 2), np.float32)
+    logits[:, 0] = [[3, 0], [3, 0]]  # says class 0 strongly, always
+    logits[:, 1] = [[0, 1], [0, 5]]  # says class 1, strongly on the second image
+    assert ensemble_f1(logits, y, 1) == pytest.approx(1.0)  # mean: [1.5, .5] -> 0; [1.5, 2.5] -> 1
+    assert ensemble_f1(logits, y, 1, subset=[0]) == 0.0
+
+
+def _planted_specialists(seed: int = 3) -> tuple[np.ndarray, np.ndarray]:
+    """Modules 2, 5 and 9 are experts on class 1 (strong evidence for and against it); others are noise."""
+    logits, y = _noise(seed)
+    for j in (2, 5, 9):
+        logits[:, j, 1] += np.where(y == 1, 3.0, -3.0)
+    return logits, y
+
+
+def test_greedy_specialist_finds_the_planted_experts():
+    logits, y = _planted_specialists()
+    spec = greedy_specialist(logits, y, c=1, k=3)
+    assert sorted(spec.modules) == [2, 5, 9]
+    assert spec.f1 == pytest.approx(ensemble_f1(logits, y, 1, spec.modules))
+    assert spec.f1 > ensemble_f1(logits, y, 1)  # the experts beat the whole ensemble on class 1
+
+
+def test_best_of_random_is_reproducible_and_no_better_than_greedy_here():
+    logits, y = _planted_specialists()
+    a = best_of_random_specialist(logits, y, c=1, k=3, tries=50, seed=4)
+    b = best_of_random_specialist(logits, y, c=1, k=3, tries=50, seed=4)
+    assert a == b and len(set(a.modules)) == 3
+    assert a.f1 == pytest.approx(ensemble_f1(logits, y, 1, a.modules))
+    assert greedy_specialist(logits, y, c=1, k=3).f1 >= a.f1
+
+
+def test_swaps_repair_a_greedy_start():
+    # Greedy's first pick is the module with the best F1 alone: module 0, a decent generalist.
+    # The best pair is two complementary experts (1 and 2), each right on half the positives;
+    # only a swap can drop module 0 again.
+    logits, y = _noise(5)
+    pos = np.flatnonzero(y == 0)
+    first, second = pos[: len(pos) // 2], pos[len(pos) // 2 :]
+    logits[:, 0, 0] += np.where(y == 0, 2.5, -0.4)
+    for j, part in ((1, first), (2, second)):
+        logits[:, j, 0] -= 2.0
+        logits[part, j, 0] += 8.0
+    without = greedy_specialist(logits, y, c=0, k=2, max_swap_rounds=0)
+    with_swaps = greedy_specialist(logits, y, c=0, k=2)
+    assert without.modules[0] == 0 and sorted(with_swaps.modules) == [1, 2]
+    assert with_swaps.f1 > without.f1 + 0.1
+    assert with_swaps.f1 == pytest.approx(ensemble_f1(logits, y, 0, with_swaps.modules))
+
+
+def test_k_larger_than_m_takes_every_module_and_select_covers_every_class():
+    logits, y = _noise(6)
+    assert sorted(greedy_specialist(logits, y, c=0, k=50).modules) == list(range(M))
+    specs = select_specialists(logits, y, k=2)
+    assert [s.class_index for s in specs] == list(range(K)) and all(len(s.modules) == 2 for s in specs)
+
+
+def test_bad_shapes_are_rejected():
+    with pytest.raises(ValueError, match=r"logits \(N, M, K\)"):
+        greedy_anytime_order(np.zeros((4, 3)), np.zeros(4))
