@@ -1,4 +1,4 @@
-"""The `quorum` command: train | export | serve | demo | sweep | robustness | report.
+"""The `quorum` command: train | export | serve | demo | sweep | robustness | specialists | report.
 
 Heavy imports happen inside each subcommand, so `quorum serve` never loads torch and
 `quorum --help` answers at once.
@@ -176,6 +176,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
     p = sub.add_parser(
+        "specialists",
+        help="one-vs-all specialist sub-ensembles: ours against the paper's best-of-200 and baselines",
+        description="Webb et al.'s Fig. 5 for one or more bundles: every class is a one-vs-all problem scored by "
+        "F1. The test set is split into two random halves; k-module subsets are selected on one and every method "
+        "is reported on the other: one random module, a random k-subset, the best of --tries random k-subsets "
+        "(the paper), ours (greedy forward selection on F1 plus single swaps) and the full ensemble. Writes "
+        "specialists.json, specialists.md and specialists.png (mean F1 against λ) to --out.",
+        epilog="Example: quorum specialists bundles/lam0 bundles/lam0.5 bundles/lam0.9 bundles/lam0.99 bundles/lam1 "
+        "--out reports/specialists",
+    )
+    p.add_argument("bundles", nargs="+", metavar="BUNDLE", help="bundle directories written by `quorum export`")
+    p.add_argument("--out", required=True, help="folder for specialists.json, .md and .png")
+    p.add_argument("-k", type=int, default=20, help="modules per specialist subset (default: 20)")
+    p.add_argument("--tries", type=int, default=200, help="random subsets for the paper's best-of (default: 200)")
+    p.add_argument("--seed", type=int, default=0, help="seeds the test-set halves and random subsets (default: 0)")
+    p.add_argument("--limit", type=int, help="only the first N test images (quick looks)")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="ONNX Runtime device")
+    p.add_argument("--data-dir", help="Fashion-MNIST folder (default: $QUORUM_DATA_DIR or Debian's)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+    p = sub.add_parser(
         "report",
         help="plot a run's ensemble vs member error; module entropy and dominance",
         description="Read a run's metrics.jsonl and best.pt; write report.png (validation error per epoch of the "
@@ -303,6 +324,22 @@ def _cmd_robustness(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_specialists(args: argparse.Namespace) -> int:
+    from quorum.trainer.specialists import SpecialistsConfig, run_specialists
+
+    try:
+        cfg = SpecialistsConfig(k=args.k, tries=args.tries, seed=args.seed, device=args.device)
+    except ValueError as e:
+        print(f"quorum specialists: error: {e}", file=sys.stderr)
+        return 2
+    _, markdown = run_specialists(
+        args.bundles, args.out, cfg, data_dir=args.data_dir, limit=args.limit, progress=not args.quiet
+    )
+    print(markdown)
+    print(f"wrote {args.out}/specialists.json, specialists.md and specialists.png")
+    return 0
+
+
 def _cmd_report(args: argparse.Namespace) -> int:
     from quorum.trainer.report import make_report
 
@@ -322,6 +359,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "demo": _cmd_demo,
         "sweep": _cmd_sweep,
         "robustness": _cmd_robustness,
+        "specialists": _cmd_specialists,
         "report": _cmd_report,
     }[args.command]
     try:

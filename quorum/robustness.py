@@ -38,6 +38,7 @@ __all__ = [
     "Requirement",
     "RobustnessConfig",
     "SubsetScorer",
+    "bundle_module_logits",
     "evaluate",
     "removal_grid",
     "run_robustness",
@@ -220,7 +221,7 @@ class SubsetScorer:
         return self.accuracy(list(keep))
 
 
-def _module_logits(engine: Engine, x_raw: np.ndarray, ids: list[int], progress: bool) -> np.ndarray:
+def bundle_module_logits(engine: Engine, x_raw: np.ndarray, ids: list[int], progress: bool) -> np.ndarray:
     """(N, M, K) logits of the modules `ids`, as a view of a module-major array (SubsetScorer's layout)."""
     by_module = np.empty((len(ids), len(x_raw), engine.manifest.num_classes), np.float32)  # (M, N, K)
     name = engine.manifest.name
@@ -255,7 +256,7 @@ def evaluate(
     checks_at = [(req, req.removed(m)) for req in requirements]  # bad drops fail before the slow part
     grid = removal_grid(m, cfg.step)
     summary_at = sorted({0, drop_count(0.5, m), drop_count(0.9, m), m - 1})
-    scorer = SubsetScorer(_module_logits(engine, x_raw, ids, progress), labels)
+    scorer = SubsetScorer(bundle_module_logits(engine, x_raw, ids, progress), labels)
 
     column = {j: c for c, j in enumerate(ids)}
     order = [column[j] for j in engine.manifest.anytime_order if j in column]  # healthy ids only

@@ -47,7 +47,7 @@ class Dominance:
 
     epoch: int  # 1-based epoch whose errors were checked
     ensemble_error: float  # e: error of the combined prediction
-    best_module: int  # index of the module with the lowest error
+    best_module: int  # index of the module with the lowest error; -1 when unknown (older runs)
     best_error: float  # b: that module's error
     median_error: float  # m: median module error
     gap_ratio: float  # (b - e) / (m - e); inf when the median module is no worse than the ensemble
@@ -68,7 +68,8 @@ class Dominance:
     def message(self, lam: float) -> str:
         """What the check found, in one line for the log; names a λ to try when it fired."""
         numbers = (
-            f"at epoch {self.epoch} module {self.best_module} has validation error {self.best_error:.4f}, "
+            f"at epoch {self.epoch} {'the best module' if self.best_module < 0 else f'module {self.best_module}'} "
+            f"has validation error {self.best_error:.4f}, "
             f"the ensemble {self.ensemble_error:.4f}, the median module {self.median_error:.4f}"
         )
         if not self.warning:

@@ -158,7 +158,7 @@ def plot_errors(
     ax.set_xticks(epochs if len(epochs) <= 20 else ax.get_xticks())
     ax.grid(alpha=0.3)
     ax.set_title(title)
-    ax.legend(fontsize="small")
+    ax.legend(fontsize="small", loc="center right", framealpha=0.9)
     fig.savefig(path, dpi=120)
 
 
