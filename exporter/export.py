@@ -89,7 +89,7 @@ def export_run(
     module_errors = val.module_errors.tolist()
     # Both selections use the validation split, so the bundle's test metrics stay unbiased.
     t0 = time.perf_counter()
-    order = greedy_anytime_order(val_logits, data.val.y)
+    order = greedy_anytime_order(val_logits, data.val.y, progress=progress)
     specialists = [
         SpecialistEntry(
             class_index=s.class_index,

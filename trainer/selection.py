@@ -62,13 +62,17 @@ def _check(logits: ArrayLike, y: ArrayLike) -> tuple[torch.Tensor, torch.Tensor]
 
 
 @torch.no_grad()
-def greedy_anytime_order(logits: ArrayLike, y: ArrayLike, chunk_elems: int = 1 << 24) -> list[int]:
+def greedy_anytime_order(
+    logits: ArrayLike, y: ArrayLike, chunk_elems: int = 1 << 24, *, progress: bool = False
+) -> list[int]:
     """Module ids in greedy forward-selection order on (logits (N, M, K), labels y).
 
     Step t adds the module j that minimizes the NLL of softmax((S + logits_j) / t), where S is
     the sum of the chosen modules' logits. Ties go to the lower id. O(M^2 N K) work, done in
     chunks of candidates so that memory stays near `chunk_elems` floats.
     """
+    from tqdm.auto import tqdm
+
     logits, y = _check(logits, y)
     n, m, k = logits.shape
     target = y.view(n, 1, 1)
@@ -76,8 +80,7 @@ def greedy_anytime_order(logits: ArrayLike, y: ArrayLike, chunk_elems: int = 1 <
     remaining = list(range(m))
     total = torch.zeros(n, 1, k)
     per_chunk = max(1, chunk_elems // (n * k))
-    while remaining:
-        t = len(chosen) + 1
+    for t in tqdm(range(1, m + 1), desc="anytime order", unit="module", disable=not progress):
         nll = torch.cat(
             [
                 -torch.log_softmax((total + logits[:, cand]) / t, dim=-1)
