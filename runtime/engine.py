@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import threading
 import time
 from dataclasses import dataclass, field
@@ -123,7 +124,7 @@ class Engine:
     # ---------------------------------------------------------------- loading
 
     @classmethod
-    def load(cls, bundle_dir: str | Path, *, device: str = "auto") -> Engine:
+    def load(cls, bundle_dir: str | os.PathLike[str], *, device: str = "auto") -> Engine:
         """Verify and load a bundle. Raises BundleError only when no module is healthy."""
         bundle_dir = Path(bundle_dir)
         manifest = Manifest.load(bundle_dir)

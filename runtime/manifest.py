@@ -145,7 +145,9 @@ class Manifest(_Strict):
                 raise ValueError("specialists must be listed one per class, by class index")
             for s in self.specialists:
                 if s.class_name != names[s.class_index]:
-                    raise ValueError(f"specialist {s.class_index} is named {s.class_name!r}, the class {names[s.class_index]!r}")
+                    raise ValueError(
+                        f"specialist {s.class_index} is named {s.class_name!r}, the class {names[s.class_index]!r}"
+                    )
                 if len(set(s.modules)) != len(s.modules) or not set(s.modules) <= set(ids):
                     raise ValueError(f"specialist {s.class_index}: modules must be distinct module ids")
         return self

@@ -71,7 +71,9 @@ def make_plan(
         if isinstance(budget, bool) or not isinstance(budget, int):
             raise InvalidRequest(f"budget must be an integer, got {budget!r}")
         if not 1 <= budget <= num_modules:
-            raise InvalidRequest(f"budget={budget} must lie in 1..{num_modules}: there are {num_modules} modules to choose from")
+            raise InvalidRequest(
+                f"budget={budget} must lie in 1..{num_modules}: there are {num_modules} modules to choose from"
+            )
     available = [j for j in order if j in healthy]
     if not available:
         raise NoModulesAvailable("no module is available: every module is quarantined")

@@ -26,8 +26,10 @@ def engine(bundle_dir: Path) -> Engine:
 
 def _run(bundle: Path, out: Path, *extra: str) -> int:
     return main(
-        ["robustness", str(bundle), "--out", str(out), "--limit", str(LIMIT), "--trials", str(TRIALS), "--quiet"]
-        + ["--device", "cpu", *extra]
+        [
+            *("robustness", str(bundle), "--out", str(out), "--limit", str(LIMIT), "--trials", str(TRIALS)),
+            *("--quiet", "--device", "cpu", *extra),
+        ]
     )
 
 

@@ -27,6 +27,7 @@ from quorum.trainer.run import LoadedRun, load_best
 
 __all__ = ["Report", "dominance_from_metrics", "make_report", "plot_errors"]
 
+
 @dataclass
 class Report:
     run_dir: Path
@@ -150,8 +151,13 @@ def plot_errors(
         ax.plot(epochs, [r["val_module_error_mean"] for r in metrics], "o-", color="tab:gray", label="module mean")
     ax.plot(epochs, [r["val_error"] for r in metrics], "o-", color="tab:blue", linewidth=2, label="ensemble")
     if dominance is not None:
-        style = {"color": "tab:red" if dominance.warning else "tab:gray", "linestyle": ":"}
-        ax.axvline(dominance.epoch, **style, label="dominance check" + (": fired" if dominance.warning else ""))
+        color = "tab:red" if dominance.warning else "tab:gray"
+        ax.axvline(
+            dominance.epoch,
+            color=color,
+            linestyle=":",
+            label="dominance check" + (": fired" if dominance.warning else ""),
+        )
     ax.set_xlabel("epoch")
     ax.set_ylabel("validation error")
     ax.set_ylim(0, 1)

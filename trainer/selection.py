@@ -226,7 +226,9 @@ def _random_subsets(m: int, k: int, tries: int, seed: int) -> list[np.ndarray]:
 
 
 @torch.no_grad()
-def random_subsets_f1(logits: ArrayLike, y: ArrayLike, c: int, k: int = 20, tries: int = 200, seed: int = 0) -> torch.Tensor:
+def random_subsets_f1(
+    logits: ArrayLike, y: ArrayLike, c: int, k: int = 20, tries: int = 200, seed: int = 0
+) -> torch.Tensor:
     """F1 of class c for each of `tries` random k-subsets (the same subsets for the same seed)."""
     logits, y = _check(logits, y)
     n, m, num_classes = logits.shape
@@ -248,6 +250,7 @@ def best_of_random_specialist(
     subset = _random_subsets(logits.shape[1], k, tries, seed)[best]
     return Specialist(class_index=c, modules=[int(j) for j in subset], f1=float(f1[best]))
 
+
 def select_specialists(
     logits: ArrayLike, y: ArrayLike, k: int = 20, *, num_classes: int | None = None, progress: bool = False
 ) -> list[Specialist]:
@@ -256,4 +259,7 @@ def select_specialists(
 
     logits, y = _check(logits, y)
     classes = range(num_classes or logits.shape[2])
-    return [greedy_specialist(logits, y, c, k) for c in tqdm(classes, desc="specialists", unit="class", disable=not progress)]
+    return [
+        greedy_specialist(logits, y, c, k)
+        for c in tqdm(classes, desc="specialists", unit="class", disable=not progress)
+    ]

@@ -216,7 +216,9 @@ def _plan(cfg: SweepConfig, runs_root: Path, progress: bool) -> tuple[list[_Job]
                 else:
                     reused += 1
                     if len(metrics) > cfg.epochs:
-                        log.warning("%s ran %d epochs (> --epochs %d); reused as it is", run_dir, len(metrics), cfg.epochs)
+                        log.warning(
+                            "%s ran %d epochs (> --epochs %d); reused as it is", run_dir, len(metrics), cfg.epochs
+                        )
     return jobs, reused
 
 
@@ -294,10 +296,11 @@ def format_markdown(cells: list[Cell], runs: list[RunResult]) -> str:
     epochs = ", ".join(str(e) for e in sorted({r.epochs for r in runs}))
     default = all(abs(r.lr - default_lr(r.modules, r.lam)) < 1e-12 for r in runs)
     lr = "0.02·M (the trainer's default)" if default else ", ".join(f"{x:g}" for x in sorted({r.lr for r in runs}))
+    devices, torches = "; ".join(sorted({r.device for r in runs})), ", ".join(sorted({r.torch for r in runs}))
     header = (
         f"Fashion-MNIST test error at the best validation epoch, mean ± standard error over trials. "
         f"{epochs} epochs, {trials} trials (seeds {', '.join(map(str, seeds))}), SGD lr {lr}, momentum 0.9, "
-        f"batch 100; {'; '.join(sorted({r.device for r in runs}))}; torch {', '.join(sorted({r.torch for r in runs}))}; "
+        f"batch 100; {devices}; torch {torches}; "
         f"{datetime.now(UTC).date().isoformat()}. Paper (Webb et al., Table 2): {PAPER_SETTINGS}."
     )
     cols = " | ".join(f"λ = {lam:g}" for lam in lams)
@@ -307,7 +310,11 @@ def format_markdown(cells: list[Cell], runs: list[RunResult]) -> str:
         label = f"{name} (M = 1: trained once per trial, same for every λ)" if shared else name
         row = " | ".join(_fmt_error(by_key.get((name, lam)), trials) for lam in lams)
         lines.append(f"| {label} | {row} | {_fmt_paper(name)} |")
-    lines += ["", "Ensemble test NLL / mean of the modules' test NLLs (nats), mean over trials (the paper's Fig. 3):", ""]
+    lines += [
+        "",
+        "Ensemble test NLL / mean of the modules' test NLLs (nats), mean over trials (the paper's Fig. 3):",
+        "",
+    ]
     lines += [f"| configuration | {cols} |", "| --- |" + " --- |" * len(lams)]
     for name in names:
         nll = [by_key.get((name, lam)) for lam in lams]

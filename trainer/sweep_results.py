@@ -246,7 +246,7 @@ def aggregate(results: Iterable[RunResult], lams: Iterable[float]) -> list[Cell]
     groups: dict[tuple[int, int, float | None], list[RunResult]] = defaultdict(list)
     for r in results:
         groups[(r.modules, r.hidden, None if r.lam_independent else r.lam)].append(r)
-    cells = []
+    cells: list[Cell] = []
     for (_, _, lam), runs in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][1], kv[0][2] or 0.0)):
         cells.extend(_cell(runs, column) for column in (sorted(set(lams)) if lam is None else [lam]))
     return cells
