@@ -17,6 +17,7 @@ def _atomic(path: Path, write: Any) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, 0o644)  # mkstemp makes 0600; results and checkpoints are for everyone to read
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
