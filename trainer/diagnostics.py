@@ -31,6 +31,7 @@ __all__ = [
     "EntropyStats",
     "check_dominance",
     "entropy_stats",
+    "oracle_accuracy",
     "suggest_lambda",
 ]
 
@@ -145,6 +146,18 @@ def _mean_entropy(logits: torch.Tensor) -> torch.Tensor:
     logp = torch.log_softmax(logits.double(), dim=-1)
     h = -(logp.exp() * logp).sum(-1)  # finite logits give finite logp: no 0·(-inf)
     return h.mean(0)
+
+
+@torch.no_grad()
+def oracle_accuracy(logits: torch.Tensor, y: torch.Tensor) -> float:
+    """Fraction of examples that at least one module (N, M, K) classifies right (Lee et al.'s oracle).
+
+    Against the ensemble's accuracy it shows how much the members specialize: members that
+    are right on different examples give an oracle far above each of them.
+    """
+    if logits.dim() != 3 or tuple(y.shape) != (logits.shape[0],):
+        raise ValueError(f"need logits (N, M, K) and labels (N,), got {tuple(logits.shape)} and {tuple(y.shape)}")
+    return float((logits.argmax(dim=-1) == y.unsqueeze(1)).any(dim=1).double().mean())
 
 
 @torch.no_grad()

@@ -20,7 +20,7 @@ from typing import Any
 
 from quorum.trainer.checkpoint import atomic_write_text
 from quorum.trainer.data import load_fashion_mnist
-from quorum.trainer.diagnostics import Dominance, EntropyStats, check_dominance, entropy_stats
+from quorum.trainer.diagnostics import Dominance, EntropyStats, check_dominance, entropy_stats, oracle_accuracy
 from quorum.trainer.errors import RunDirError
 from quorum.trainer.evaluate import evaluate_logits, module_logits
 from quorum.trainer.run import LoadedRun, load_best
@@ -38,6 +38,7 @@ class Report:
     val_error: float  # ensemble validation error at best_epoch
     test_error: float  # ensemble test error
     test_module_errors: list[float]  # (M,) each module's test error
+    oracle_accuracy: float  # test images that at least one module gets right
     entropy: EntropyStats  # on the test set, in nats
     num_classes: int  # K: entropies lie in [0, ln K]
     dominance_epoch: int  # 0 = check off
@@ -57,6 +58,7 @@ class Report:
             "test_error": self.test_error,
             "test_module_error": {"min": min(errs), "median": statistics.median(errs), "max": max(errs)},
             "test_module_errors": errs,
+            "oracle_accuracy": self.oracle_accuracy,
             "entropy_nats": self.entropy.to_dict(),
             "entropy_max_nats": math.log(self.num_classes),
             "dominance_epoch": self.dominance_epoch,
@@ -70,7 +72,8 @@ class Report:
         lines = [
             f"{self.run_dir}: {self.name}, λ={self.lam:g}, {self.epochs_done} epochs, best epoch {self.best_epoch}",
             f"  ensemble error: validation {self.val_error:.4f}, test {self.test_error:.4f}",
-            f"  module test error: min {min(errs):.4f}, median {statistics.median(errs):.4f}, max {max(errs):.4f}",
+            f"  module test error: min {min(errs):.4f}, median {statistics.median(errs):.4f}, max {max(errs):.4f}; "
+            f"oracle accuracy (any module right) {self.oracle_accuracy:.4f}",
             f"  module output entropy on the test set (nats, max ln {self.num_classes} = "
             f"{math.log(self.num_classes):.4f}): min {h.min:.4f}, max {h.max:.4f}, mean {h.mean:.4f}, "
             f"std {h.std:.4f}; ensemble {h.ensemble:.4f}",
@@ -198,6 +201,7 @@ def make_report(run_dir: str | Path, out_dir: str | Path | None = None, *, data_
         val_error=min(r["val_error"] for r in run.metrics),  # best.pt holds the epoch with the lowest
         test_error=ev.ensemble_error,
         test_module_errors=ev.module_errors.tolist(),
+        oracle_accuracy=oracle_accuracy(logits, y),
         entropy=entropy_stats(logits),
         num_classes=logits.shape[-1],
         dominance_epoch=cfg.dominance_epoch,

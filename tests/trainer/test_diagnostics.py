@@ -9,7 +9,7 @@ import torch
 
 from quorum.cli import main
 from quorum.trainer.checkpoint import read_jsonl, write_jsonl
-from quorum.trainer.diagnostics import Dominance, check_dominance, entropy_stats, suggest_lambda
+from quorum.trainer.diagnostics import Dominance, check_dominance, entropy_stats, oracle_accuracy, suggest_lambda
 from quorum.trainer.report import dominance_from_metrics
 
 LN10 = math.log(10)
@@ -73,6 +73,18 @@ def test_entropy_of_uniform_and_confident_logits():
     assert len(mixed.per_module) == 2
 
 
+def test_oracle_accuracy_counts_an_example_when_any_module_is_right():
+    y = torch.tensor([0, 1, 2, 0])
+    logits = torch.zeros(4, 2, 3)
+    logits[:, 0] = torch.nn.functional.one_hot(torch.tensor([0, 0, 0, 1]), 3)  # predicts 0, 0, 0, 1
+    logits[:, 1] = torch.nn.functional.one_hot(torch.tensor([1, 1, 2, 2]), 3)  # predicts 1, 1, 2, 2
+    # module 0 right on example 0, module 1 right on examples 1 and 2, nobody on example 3
+    assert oracle_accuracy(logits, y) == pytest.approx(0.75)
+    assert oracle_accuracy(logits[:, :1], y) == pytest.approx(0.25)
+    with pytest.raises(ValueError, match="labels"):
+        oracle_accuracy(logits, y[:3])
+
+
 def test_entropy_refuses_wrong_shapes():
     with pytest.raises(ValueError, match=r"\(N, M, K\)"):
         entropy_stats(torch.zeros(5, 10))
@@ -107,8 +119,10 @@ def test_report_writes_plot_and_entropy(tiny_run: Path, tmp_path: Path, capsys: 
         assert 0 <= h[k] <= LN10
     assert h["min"] <= h["mean"] <= h["max"] and len(h["per_module"]) == 8
     assert 0 <= rep["test_error"] <= 1 and rep["dominance_source"] == "recorded"
+    # some module is right wherever the best module is, so the oracle is at least its accuracy
+    assert 1 - min(rep["test_module_errors"]) <= rep["oracle_accuracy"] <= 1
     out = capsys.readouterr().out
-    assert "entropy" in out and "dominance" in out
+    assert "entropy" in out and "dominance" in out and "oracle accuracy" in out
 
 
 def test_report_of_an_older_run_falls_back_to_min_mean_max(tiny_run: Path, tmp_path: Path):
