@@ -124,12 +124,13 @@ def plot_errors(
     title: str,
     dominance: Dominance | None = None,
 ) -> None:
-    """Ensemble vs member validation error over epochs, written to `path` (PNG)."""
+    """Ensemble vs member validation error over epochs (left) and the ensemble's learning curve (right), as PNG."""
     from matplotlib.figure import Figure  # no pyplot: no global state, no GUI backend
+    from matplotlib.ticker import MaxNLocator
 
     epochs = [r["epoch"] for r in metrics]
-    fig = Figure(figsize=(7, 4.5), layout="constrained")
-    ax = fig.add_subplot()
+    fig = Figure(figsize=(12, 4.5), layout="constrained")
+    ax, curve = fig.subplots(1, 2, width_ratios=[3, 2])
     ax.fill_between(
         epochs,
         [r["val_module_error_min"] for r in metrics],
@@ -161,13 +162,30 @@ def plot_errors(
             linestyle=":",
             label="dominance check" + (": fired" if dominance.warning else ""),
         )
-    ax.set_xlabel("epoch")
     ax.set_ylabel("validation error")
     ax.set_ylim(0, 1)
-    ax.set_xticks(epochs if len(epochs) <= 20 else ax.get_xticks())
-    ax.grid(alpha=0.3)
     ax.set_title(title)
     ax.legend(fontsize="small", loc="center right", framealpha=0.9)
+
+    val = [100 * r["val_error"] for r in metrics]
+    best = min(range(len(val)), key=val.__getitem__)
+    curve.plot(epochs, val, "o-", color="tab:blue", markersize=3)
+    curve.plot(
+        epochs[best],
+        val[best],
+        "*",
+        color="tab:red",
+        markersize=14,
+        label=f"best: {val[best]:.2f} % at epoch {epochs[best]}",
+    )
+    curve.set_ylabel("ensemble validation error (%)")
+    curve.set_title("learning curve")
+    curve.legend(fontsize="small")
+    for a in (ax, curve):
+        a.set_xlabel("epoch")
+        a.set_xlim(0.5, epochs[-1] + 0.5)
+        a.xaxis.set_major_locator(MaxNLocator(integer=True))
+        a.grid(alpha=0.3)
     fig.savefig(path, dpi=120)
 
 
