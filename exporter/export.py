@@ -53,9 +53,10 @@ log = logging.getLogger(__name__)
 # grow large (only the mean over modules is trained): sums of terms in the hundreds that cancel.
 # float32 resolves ~7 digits, so two correct implementations that sum in another order differ
 # by ~1e-6 of that scale (torch's batched and standalone modules differ as much as ONNX Runtime
-# does). The relative term allows that and nothing more; a wrong graph is off by O(1).
+# does), more where the terms cancel from above the final logit: 1.2e-6 was measured on a
+# 40-epoch λ = 1 run. The relative term allows ten times 1e-6; a wrong graph is off by O(1).
 PARITY_ATOL = 1e-4
-PARITY_RTOL = 1e-6
+PARITY_RTOL = 1e-5
 SPECIALIST_SIZE = 20  # modules per class specialist (Webb et al. §4.1's k), or M if smaller
 
 

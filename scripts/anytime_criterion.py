@@ -1,0 +1,77 @@
+"""Which greedy criterion makes the better anytime order: log-likelihood or accuracy?
+
+Decided without the test set: each order is built on one half of a run's validation split and
+scored on the other half, at every budget of the robustness grid (M - s, M - 2s, ..., s = M/20),
+against the mean of 20 random subsets of the same size. Prints, per run and criterion, the
+budgets where the ordered prefix does not beat random, and the mean and worst margin.
+
+    python scripts/anytime_criterion.py runs/a [runs/b ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import numpy as np
+import torch
+
+from quorum.trainer.data import load_fashion_mnist
+from quorum.trainer.evaluate import module_logits
+from quorum.trainer.run import load_best
+from quorum.trainer.selection import greedy_anytime_order
+
+
+@torch.no_grad()
+def greedy_accuracy_order(logits: torch.Tensor, y: torch.Tensor) -> list[int]:
+    """Greedy forward selection on the prefix ensemble's accuracy; NLL breaks ties."""
+    n, m, _ = logits.shape
+    target = y.view(n, 1, 1)
+    chosen, remaining = [], list(range(m))
+    total = torch.zeros(n, 1, logits.shape[2])
+    while remaining:
+        z = (total + logits[:, remaining]) / (len(chosen) + 1)
+        acc = (z.argmax(-1) == y.view(n, 1)).double().mean(0)
+        nll = -torch.log_softmax(z, -1).gather(2, target.expand(n, len(remaining), 1)).mean(dim=(0, 2)).double()
+        j = remaining.pop(int(torch.argmax(acc - 1e-9 * nll)))
+        chosen.append(j)
+        total += logits[:, j : j + 1]
+    return chosen
+
+
+def margins(order: list[int], logits: torch.Tensor, y: torch.Tensor, trials: int = 20) -> list[tuple[int, float]]:
+    """(budget, prefix accuracy - mean accuracy of random subsets of that size) on the grid."""
+    m = logits.shape[1]
+    step = max(1, round(m / 20))
+    rng = np.random.default_rng(0)
+
+    def accuracy(ids: list[int] | np.ndarray) -> float:
+        return float((logits[:, list(ids)].mean(1).argmax(-1) == y).double().mean())
+
+    return [
+        (b, accuracy(order[:b]) - float(np.mean([accuracy(rng.choice(m, b, replace=False)) for _ in range(trials)])))
+        for b in range(m - step, 0, -step)
+    ]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("runs", nargs="+", help="run directories written by `quorum train`")
+    args = parser.parse_args()
+    for run_dir in args.runs:
+        run = load_best(run_dir)
+        cfg = run.config
+        data = load_fashion_mnist(cfg.data_dir, val_size=cfg.val_size, subset=cfg.subset, seed=cfg.seed)
+        logits, y = module_logits(run.model, data.val.x), data.val.y
+        perm = torch.from_numpy(np.random.default_rng(1).permutation(len(y)))
+        a, b = perm[: len(y) // 2], perm[len(y) // 2 :]
+        for name, build in (("log-likelihood", greedy_anytime_order), ("accuracy", greedy_accuracy_order)):
+            result = margins(build(logits[a], y[a]), logits[b], y[b])
+            losses = [budget for budget, d in result if d <= 0]
+            mean, worst = np.mean([d for _, d in result]), min(d for _, d in result)
+            print(
+                f"{run_dir} {name}: loses at budgets {losses}; margin mean {mean:+.4f}, worst {worst:+.4f}", flush=True
+            )
+
+
+if __name__ == "__main__":
+    main()
