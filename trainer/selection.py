@@ -251,14 +251,12 @@ def best_of_random_specialist(
     return Specialist(class_index=c, modules=[int(j) for j in subset], f1=float(f1[best]))
 
 
-def select_specialists(
-    logits: ArrayLike, y: ArrayLike, k: int = 20, *, num_classes: int | None = None, progress: bool = False
-) -> list[Specialist]:
+def select_specialists(logits: ArrayLike, y: ArrayLike, k: int = 20, *, progress: bool = False) -> list[Specialist]:
     """`greedy_specialist` for every class 0..K-1, in class order."""
     from tqdm.auto import tqdm
 
     logits, y = _check(logits, y)
-    classes = range(num_classes or logits.shape[2])
+    classes = range(logits.shape[2])
     return [
         greedy_specialist(logits, y, c, k)
         for c in tqdm(classes, desc="specialists", unit="class", disable=not progress)
