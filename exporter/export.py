@@ -17,17 +17,20 @@ import time
 from pathlib import Path
 
 import numpy as np
-import onnxruntime as ort
 from tqdm.auto import tqdm
 
 from quorum.exporter.errors import ExportError
-from quorum.exporter.onnx_graphs import INPUT_NAME, OUTPUT_NAME, export_template, serialize, with_weights
+from quorum.exporter.onnx_graphs import INPUT_NAME, OUTPUT_NAME, cpu_session, export_template, serialize, with_weights
+from quorum.exporter.packed import INDEX_NAME, PACKED_FILE, build_packed, packed_parity
 from quorum.runtime.manifest import (
+    PARITY_ATOL,
+    PARITY_RTOL,
     EnsembleMetrics,
     InputSpec,
     Manifest,
     ModuleEntry,
     OutputSpec,
+    PackedEntry,
     SpecialistEntry,
     TaskSpec,
     TrainingInfo,
@@ -48,23 +51,7 @@ __all__ = ["PARITY_ATOL", "PARITY_RTOL", "SPECIALIST_SIZE", "export_run"]
 
 log = logging.getLogger(__name__)
 
-# Parity between torch and ONNX Runtime, per module: max |Δ logit| <= ATOL + RTOL * max |logit|.
-# The absolute 1e-4 holds for modules of ordinary scale. At high λ a single module's logits
-# grow large (only the mean over modules is trained): sums of terms in the hundreds that cancel.
-# float32 resolves ~7 digits, so two correct implementations that sum in another order differ
-# by ~1e-6 of that scale (torch's batched and standalone modules differ as much as ONNX Runtime
-# does), more where the terms cancel from above the final logit: 1.2e-6 was measured on a
-# 40-epoch λ = 1 run. The relative term allows ten times 1e-6; a wrong graph is off by O(1).
-PARITY_ATOL = 1e-4
-PARITY_RTOL = 1e-5
 SPECIALIST_SIZE = 20  # modules per class specialist (Webb et al. §4.1's k), or M if smaller
-
-
-def _parity_session(data: bytes) -> ort.InferenceSession:
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = 1
-    opts.log_severity_level = 3
-    return ort.InferenceSession(data, opts, providers=["CPUExecutionProvider"])
 
 
 def export_run(
@@ -111,13 +98,15 @@ def export_run(
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))  # same filesystem: rename is atomic
     try:
         (tmp / "modules").mkdir()
-        entries = []
+        entries, protos, ort_logits = [], [], []
         for j in tqdm(range(M), desc="export", unit="module", disable=not progress):
             module = model.module(j)
-            data_bytes, digest = serialize(with_weights(template, module, f"Quorum module {j} of {M}"))
+            protos.append(with_weights(template, module, f"Quorum module {j} of {M}"))
+            data_bytes, digest = serialize(protos[-1])
             rel = f"modules/m{j:03d}.onnx"
             (tmp / rel).write_bytes(data_bytes)
-            got = _parity_session(data_bytes).run([OUTPUT_NAME], {INPUT_NAME: x_parity.numpy()})[0]
+            got = cpu_session(data_bytes).run([OUTPUT_NAME], {INPUT_NAME: x_parity.numpy()})[0]
+            ort_logits.append(got)
             diff = _check_parity(j, got, val_logits[:parity_samples, j].numpy())
             entries.append(
                 ModuleEntry(
@@ -130,6 +119,9 @@ def export_run(
                     parity=diff,
                 )
             )
+        packed_bytes, packed_digest = serialize(build_packed(protos, INPUT_NAME, OUTPUT_NAME))
+        (tmp / PACKED_FILE).write_bytes(packed_bytes)
+        parity = packed_parity(packed_bytes, x_parity.numpy(), np.stack(ort_logits))
         manifest = Manifest(
             name=out_dir.name,
             created=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
@@ -161,6 +153,7 @@ def export_run(
             anytime_criterion=ANYTIME_CRITERION,
             specialists=specialists,
             specialist_criterion=SPECIALIST_CRITERION,
+            packed=PackedEntry(file=PACKED_FILE, sha256=packed_digest, index_input=INDEX_NAME, parity=parity),
             metrics=EnsembleMetrics(
                 val_error=val.ensemble_error,
                 test_error=test.ensemble_error,

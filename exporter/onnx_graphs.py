@@ -18,13 +18,15 @@ from collections.abc import Iterator
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 import torch
 from onnx import numpy_helper
 from torch import nn
 
 from quorum.exporter.errors import ExportError
+from quorum.runtime.providers import session_options
 
-__all__ = ["INPUT_NAME", "OPSET", "OUTPUT_NAME", "export_template", "serialize", "with_weights"]
+__all__ = ["INPUT_NAME", "OPSET", "OUTPUT_NAME", "cpu_session", "export_template", "serialize", "with_weights"]
 
 INPUT_NAME = "input"
 OUTPUT_NAME = "logits"
@@ -95,3 +97,8 @@ def serialize(proto: onnx.ModelProto) -> tuple[bytes, str]:
         raise ExportError(f"exported graph fails onnx.checker: {e}") from e
     data = proto.SerializeToString()
     return data, hashlib.sha256(data).hexdigest()
+
+
+def cpu_session(data: bytes) -> ort.InferenceSession:
+    """A CPU session over a serialized graph, set up as the runtime sets up its own, for parity checks."""
+    return ort.InferenceSession(data, session_options(), providers=["CPUExecutionProvider"])

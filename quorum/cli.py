@@ -1,4 +1,4 @@
-"""The `quorum` command: train | export | serve | demo | sweep | robustness | specialists | report.
+"""The `quorum` command: train | export | pack | serve | demo | sweep | robustness | specialists | report.
 
 Heavy imports happen inside each subcommand, so `quorum serve` never loads torch and
 `quorum --help` answers at once.
@@ -97,6 +97,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default=None, help="address to bind (default: 127.0.0.1)")
     p.add_argument("--port", type=int, default=None, help="port (default: 8000)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default=None, help="ONNX Runtime device")
+    p.add_argument(
+        "--executor",
+        choices=["auto", "packed", "isolated"],
+        default=None,
+        help="packed: any budget in one call of the bundle's packed graph; isolated: one session per module, "
+        "concurrent, each under --module-timeout-ms; auto (default): packed when the bundle has one that verifies",
+    )
+    p.add_argument("--module-timeout-ms", type=float, default=None, help="isolated path's deadline (default: 1000)")
+
+    p = sub.add_parser(
+        "pack",
+        help="add a packed graph (all modules in one ONNX graph) to an older bundle",
+        description="Write BUNDLE/packed.onnx from the bundle's verified module graphs and list it in the "
+        "manifest, so the runtime answers any budget in one call. `quorum export` already does this.",
+    )
+    p.add_argument("bundle", help="bundle directory written by `quorum export`")
 
     p = sub.add_parser(
         "demo",
@@ -250,8 +266,24 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     from quorum.server.main import serve
     from quorum.server.settings import Settings
 
-    overrides = {k: v for k, v in {"host": args.host, "port": args.port, "device": args.device}.items() if v}
+    given = {
+        "host": args.host,
+        "port": args.port,
+        "device": args.device,
+        "executor": args.executor,
+        "module_timeout_ms": args.module_timeout_ms,
+    }
+    overrides = {k: v for k, v in given.items() if v is not None}
     serve(Settings(bundle=args.bundle, **overrides))
+    return 0
+
+
+def _cmd_pack(args: argparse.Namespace) -> int:
+    from quorum.exporter.packed import pack_bundle
+
+    m = pack_bundle(args.bundle)
+    assert m.packed is not None
+    print(f"{args.bundle}: {m.packed.file} holds {len(m.modules)} modules (parity {m.packed.parity:.1e})")
     return 0
 
 
@@ -356,6 +388,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "train": _cmd_train,
         "export": _cmd_export,
         "serve": _cmd_serve,
+        "pack": _cmd_pack,
         "demo": _cmd_demo,
         "sweep": _cmd_sweep,
         "robustness": _cmd_robustness,

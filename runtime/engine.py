@@ -15,7 +15,7 @@ import logging
 import os
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -23,7 +23,8 @@ import numpy as np
 import onnxruntime as ort
 
 from quorum.runtime.errors import BundleError, InvalidRequest, NoModulesAvailable
-from quorum.runtime.manifest import Manifest, ModuleEntry
+from quorum.runtime.executors import IsolatedExecutor, ModuleRun, PackedExecutor
+from quorum.runtime.manifest import PARITY_ATOL, PARITY_RTOL, Manifest, ModuleEntry, probe_input
 from quorum.runtime.plan import make_plan
 from quorum.runtime.providers import CUDA, requested_providers, session_options
 
@@ -95,20 +96,37 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+Executor = Literal["auto", "packed", "isolated"]
+
+
 class Engine:
-    """A loaded bundle, ready to answer budgeted predictions. Safe to call from many threads."""
+    """A loaded bundle, ready to answer budgeted predictions. Safe to call from many threads.
+
+    `executor` says how modules run: "packed" (one call of the bundle's packed graph for any
+    subset), "isolated" (one session per module, concurrent, each under a deadline), or
+    "auto": packed when the bundle has a packed graph that verifies, else isolated.
+    """
 
     def __init__(
         self,
         bundle_dir: Path,
         manifest: Manifest,
-        sessions: dict[int, ort.InferenceSession],
+        isolated: IsolatedExecutor,
         modules: list[ModuleState],
+        packed: PackedExecutor | None = None,
+        packed_note: str | None = None,
     ):
         self.bundle_dir = bundle_dir
         self.manifest = manifest
-        self.modules = modules
-        self._sessions = sessions
+        self._states = modules
+        # Counters of the packed path, one slot per module, added to in one vectorized step.
+        self._packed_calls = np.zeros(len(modules), np.int64)
+        self._packed_ms = np.zeros(len(modules), np.float64)
+        self._sessions = isolated.sessions
+        self._isolated = isolated
+        self._packed = packed
+        self.executor: Literal["packed", "isolated"] = "packed" if packed else "isolated"
+        self.packed_note = packed_note  # why the packed graph is not used, if it is not
         self._lock = threading.Lock()  # guards the counters in `modules`
         spec = manifest.input
         self._input_shape = tuple(spec.shape)
@@ -119,44 +137,107 @@ class Engine:
         self._mean = np.asarray(spec.mean, dtype=np.float32).reshape(bshape)
         self._std = np.asarray(spec.std, dtype=np.float32).reshape(bshape)
         self._class_names = np.asarray(manifest.task.class_names, dtype=object)
-        self.providers = sorted({p for s in sessions.values() for p in s.get_providers()[:1]})
+        # Orders filtered by health once, at load, not per request.
+        healthy = frozenset(self._sessions)
+        self._anytime = [j for j in manifest.anytime_order if j in healthy]
+        self._specialists = [[j for j in s.modules if j in healthy] for s in manifest.specialists]
+        self.providers = sorted({p for s in self._sessions.values() for p in s.get_providers()[:1]})
 
     # ---------------------------------------------------------------- loading
 
     @classmethod
-    def load(cls, bundle_dir: str | os.PathLike[str], *, device: str = "auto") -> Engine:
-        """Verify and load a bundle. Raises BundleError only when no module is healthy."""
+    def load(
+        cls,
+        bundle_dir: str | os.PathLike[str],
+        *,
+        device: str = "auto",
+        executor: Executor = "auto",
+        workers: int | None = None,
+        module_timeout_ms: float = 1000.0,
+    ) -> Engine:
+        """Verify and load a bundle. Raises BundleError only when no module is healthy, or when
+        `executor="packed"` is asked for and the bundle's packed graph is missing or does not verify.
+
+        Args:
+            device: "auto" (CUDA where it loads), "cpu" or "cuda".
+            executor: "auto", "packed" or "isolated" (see the class docstring).
+            workers: concurrent module runs per request on the isolated path (default: cores).
+            module_timeout_ms: the isolated path's deadline for a request's module runs.
+        """
+        if executor not in ("auto", "packed", "isolated"):
+            raise ValueError(f"executor must be auto, packed or isolated, got {executor!r}")
         bundle_dir = Path(bundle_dir)
         manifest = Manifest.load(bundle_dir)
         providers = requested_providers(device)
         opts = session_options()
         sessions: dict[int, ort.InferenceSession] = {}
-        modules: list[ModuleState] = []
+        states = {e.id: ModuleState(e.id, e.file, "healthy") for e in manifest.modules}
+
+        def quarantine(j: int, why: str) -> None:
+            log.warning("module %d quarantined: %s", j, why)
+            states[j].status, states[j].reason = "quarantined", why
+            sessions.pop(j, None)
+
         for entry in manifest.modules:
             try:
                 session = cls._load_module(bundle_dir, manifest, entry, opts, providers)
             except _Quarantine as q:
-                log.warning("module %d quarantined: %s", entry.id, q)
-                modules.append(ModuleState(entry.id, entry.file, "quarantined", reason=str(q)))
+                quarantine(entry.id, str(q))
                 continue
             if CUDA in providers and session.get_providers()[0] != CUDA:
                 log.info("CUDA execution provider did not load; running on the CPU")
                 providers = [p for p in providers if p != CUDA]
             sessions[entry.id] = session
-            modules.append(ModuleState(entry.id, entry.file, "healthy"))
+        isolated = IsolatedExecutor(
+            sessions,
+            manifest.input.name,
+            manifest.output.name,
+            workers=workers,
+            timeout_s=module_timeout_ms / 1e3,
+        )
+        # Every module must answer a probe input, finite and in shape, within the deadline.
+        probe = probe_input(manifest.input)
+        probe_logits: dict[int, np.ndarray] = {}
+        for run in isolated.run(sorted(sessions), probe):
+            if run.error is not None or run.logits is None:
+                quarantine(run.id, f"{manifest.modules[run.id].file} fails on a probe input: {run.error}")
+            elif run.logits.shape != (probe.shape[0], manifest.num_classes) or not np.isfinite(run.logits).all():
+                quarantine(
+                    run.id, f"{manifest.modules[run.id].file} gives non-finite or misshapen logits on a probe input"
+                )
+            else:
+                probe_logits[run.id] = run.logits
+        modules = list(states.values())
         if not sessions:
             reasons = "; ".join(f"m{m.id}: {m.reason}" for m in modules[:5])
+            isolated.close()
             raise BundleError(f"{bundle_dir}: no healthy module ({reasons}{'; ...' if len(modules) > 5 else ''})")
         n_bad = len(modules) - len(sessions)
         log.info("loaded %s: %d/%d modules healthy on %s", bundle_dir, len(sessions), len(modules), providers[0])
         if n_bad:
             log.warning("%d module(s) quarantined; serving with the rest", n_bad)
-        return cls(bundle_dir, manifest, sessions, modules)
+        packed, note = None, "executor=isolated was asked for"
+        if executor != "isolated":
+            try:
+                packed = cls._load_packed(bundle_dir, manifest, opts, providers, probe, probe_logits)
+                note = None
+            except _Quarantine as q:
+                note = str(q)
+                if executor == "packed":
+                    isolated.close()
+                    raise BundleError(f"{bundle_dir}: executor=packed asked for, but {note}") from None
+                log.warning("packed graph not used (%s); running modules one session each", note)
+        return cls(bundle_dir, manifest, isolated, modules, packed, note)
 
     @staticmethod
     def _load_module(
-        bundle_dir: Path, manifest: Manifest, entry: ModuleEntry, opts: ort.SessionOptions, providers: list[str]
+        bundle_dir: Path,
+        manifest: Manifest,
+        entry: ModuleEntry,
+        opts: ort.SessionOptions,
+        providers: list[str],
     ) -> ort.InferenceSession:
+        """Verify module `entry`'s file and load it."""
         root = bundle_dir.resolve()
         path = (bundle_dir / entry.file).resolve()
         if not path.is_relative_to(root):
@@ -178,7 +259,53 @@ class Engine:
             raise _Quarantine(f"{entry.file} has no output {manifest.output.name!r}")
         return session
 
+    @staticmethod
+    def _load_packed(
+        bundle_dir: Path,
+        manifest: Manifest,
+        opts: ort.SessionOptions,
+        providers: list[str],
+        probe: np.ndarray,
+        probe_logits: dict[int, np.ndarray],
+    ) -> PackedExecutor:
+        """Load the packed graph and check it, module by module, against the healthy module files."""
+        entry = manifest.packed
+        if entry is None:
+            raise _Quarantine("the bundle has no packed graph (add one with `quorum pack BUNDLE`)")
+        path = (bundle_dir / entry.file).resolve()
+        if not path.is_relative_to(bundle_dir.resolve()) or not path.is_file():
+            raise _Quarantine(f"packed graph {entry.file} is missing")
+        if (digest := _sha256(path)) != entry.sha256:
+            raise _Quarantine(f"checksum mismatch for {entry.file}: manifest {entry.sha256[:12]}…, file {digest[:12]}…")
+        try:
+            session = ort.InferenceSession(str(path), opts, providers=providers)
+            packed = PackedExecutor(session, manifest.input.name, entry.index_input, manifest.output.name)
+            # The module files are the unit of verification: the packed graph must answer for
+            # every healthy module what its file answers.
+            for j, expected in probe_logits.items():
+                diff = float(np.abs(packed.run([j], probe) - expected).max())
+                if not diff <= PARITY_ATOL + PARITY_RTOL * float(np.abs(expected).max()):
+                    raise _Quarantine(f"{entry.file} disagrees with {manifest.modules[j].file} by {diff:.2e}")
+        except _Quarantine:
+            raise
+        except Exception as e:
+            raise _Quarantine(f"ONNX Runtime cannot run {entry.file}: {type(e).__name__}: {e}") from e
+        return packed
+
     # ---------------------------------------------------------------- serving
+
+    @property
+    def modules(self) -> list[ModuleState]:
+        """A snapshot of every module's state and counters, by id."""
+        with self._lock:
+            return [
+                replace(
+                    m,
+                    calls=m.calls + int(self._packed_calls[m.id]),
+                    total_ms=m.total_ms + float(self._packed_ms[m.id]),
+                )
+                for m in self._states
+            ]
 
     @property
     def healthy_ids(self) -> frozenset[int]:
@@ -235,7 +362,7 @@ class Engine:
                 of the available modules made unavailable at random.
             seed: seeds the choice of dropped modules.
         """
-        return self._predict(x_raw, self.manifest.anytime_order, budget, drop, seed)
+        return self._predict(x_raw, self._anytime, self.num_modules, budget, drop, seed)
 
     def predict_specialist(
         self,
@@ -258,7 +385,7 @@ class Engine:
                 "`quorum export` to select them"
             )
         spec = self.manifest.specialists[c]
-        pred = self._predict(x_raw, spec.modules, budget, drop, seed)
+        pred = self._predict(x_raw, self._specialists[c], len(spec.modules), budget, drop, seed)
         return SpecialistPrediction(
             class_index=c,
             class_name=spec.class_name,
@@ -285,24 +412,22 @@ class Engine:
         raise InvalidRequest(f"unknown class {cls!r}; give an index or a name: {valid}")
 
     def _predict(
-        self, x_raw: Any, order: list[int], budget: int | None, drop: float | int | None, seed: int | None
+        self,
+        x_raw: Any,
+        available: list[int],
+        num_modules: int,
+        budget: int | None,
+        drop: float | int | None,
+        seed: int | None,
     ) -> Prediction:
+        """Predict with modules from `available` (healthy ids, best first) out of `num_modules`."""
         t0 = time.perf_counter()
         x = self.preprocess(x_raw)
-        plan = make_plan(order, self.healthy_ids, len(order), budget=budget, drop=drop, seed=seed)
-        used: list[int] = []
-        outputs: list[np.ndarray] = []
-        failed: list[FailedModule] = []
-        for j in plan.selected:
-            logits, error = self._run_module(j, x)
-            if error is None:
-                used.append(j)
-                outputs.append(logits)
-            else:
-                failed.append(FailedModule(j, error))
-        if not outputs:
+        plan = make_plan(available, None, num_modules, budget=budget, drop=drop, seed=seed)
+        mean, used, failed = self._combine(plan.selected, x)
+        if not used:
             raise NoModulesAvailable("no module answered: " + "; ".join(f"m{f.id}: {f.reason}" for f in failed[:5]))
-        probs = softmax(np.mean(np.stack(outputs), axis=0))  # (N, K)
+        probs = softmax(mean)  # (N, K)
         labels = probs.argmax(axis=1)
         return Prediction(
             probabilities=probs,
@@ -315,6 +440,51 @@ class Engine:
             degraded=len(used) < plan.requested,
             latency_ms=(time.perf_counter() - t0) * 1e3,
         )
+
+    def _run_packed(self, ids: list[int], x: np.ndarray) -> np.ndarray | None:
+        """Mean logits of `ids` from the packed graph, or None when its answer is not usable."""
+        assert self._packed is not None
+        t0 = time.perf_counter()
+        index = np.array(ids, dtype=np.int64)
+        try:
+            mean = self._packed.run(index, x)
+            ok = mean.shape == (x.shape[0], self.manifest.num_classes) and bool(np.isfinite(mean).all())
+        except Exception as e:
+            log.warning("packed graph failed (%s: %s); running the modules one by one", type(e).__name__, e)
+            return None
+        share = (time.perf_counter() - t0) * 1e3 / len(ids)
+        with self._lock:
+            self._packed_calls[index] += 1
+            self._packed_ms[index] += share
+        return mean if ok else None
+
+    def mean_logits(self, x_raw: Any, ids: list[int]) -> np.ndarray:
+        """Mean logits (N, K) of exactly the modules `ids`, through this engine's executor.
+
+        For evaluating chosen subsets offline. Unlike `predict`, a module that is not healthy
+        or that fails raises: an evaluation must not silently change its subset.
+        """
+        if not ids or (missing := [j for j in ids if j not in self._sessions]):
+            raise InvalidRequest(f"module(s) {ids and missing} are not healthy modules of this bundle")
+        mean, _, failed = self._combine(list(ids), self.preprocess(x_raw))
+        if failed:
+            raise NoModulesAvailable("module(s) failed: " + "; ".join(f"m{f.id}: {f.reason}" for f in failed[:5]))
+        return mean
+
+    def _combine(self, ids: list[int], x: np.ndarray) -> tuple[np.ndarray, list[int], list[FailedModule]]:
+        """Mean logits of the modules of `ids` that answer; the ids used; the failures.
+
+        The packed graph answers in one call; when it is absent, raises or gives non-finite
+        values, the modules run one session each, so that every failure has a module and a reason.
+        """
+        if self._packed is not None and (mean := self._run_packed(ids, x)) is not None:
+            return mean, ids, []
+        runs = self._checked(self._isolated.run(ids, x), x.shape[0])
+        used = [r.id for r in runs if r.error is None]
+        failed = [FailedModule(r.id, r.error) for r in runs if r.error is not None]
+        answers = [r.logits for r in runs if r.error is None and r.logits is not None]
+        mean = np.mean(np.stack(answers), axis=0) if answers else np.empty((x.shape[0], 0), np.float32)
+        return mean, used, failed
 
     def module_logits(self, x_raw: Any, ids: list[int] | None = None, batch_size: int = 1000) -> np.ndarray:
         """Logits of each module in `ids` (default: every healthy module, by id): (N, len(ids), K).
@@ -334,30 +504,34 @@ class Engine:
                 out[i : i + batch_size, col] = self._sessions[j].run([name_out], {name_in: x[i : i + batch_size]})[0]
         return out
 
-    def _run_module(self, j: int, x: np.ndarray) -> tuple[np.ndarray, str | None]:
-        """Run module j; return its logits (N, K) and None, or an error message."""
-        t0 = time.perf_counter()
-        error: str | None = None
-        logits = np.empty(0, np.float32)
-        try:
-            logits = self._sessions[j].run([self.manifest.output.name], {self.manifest.input.name: x})[0]
-            if logits.shape != (x.shape[0], self.manifest.num_classes):
-                error = f"output shape {logits.shape}, expected {(x.shape[0], self.manifest.num_classes)}"
-            elif not np.isfinite(logits).all():
-                error = "non-finite output"
-        except Exception as e:
-            error = f"{type(e).__name__}: {e}"
-        ms = (time.perf_counter() - t0) * 1e3
+    def _checked(self, runs: list[ModuleRun], n: int) -> list[ModuleRun]:
+        """Turn a wrong shape or non-finite logits into an error, and count every run."""
+        shape = (n, self.manifest.num_classes)
+        for r in runs:
+            if r.error is None and r.logits is not None and r.logits.shape != shape:
+                r.error = f"output shape {r.logits.shape}, expected {shape}"
+        answered = [r for r in runs if r.error is None and r.logits is not None]
+        if answered:  # one vectorized check for the common case, where all are finite
+            finite = np.isfinite(np.stack([r.logits for r in answered])).all(axis=(1, 2))
+            for r, ok in zip(answered, finite.tolist(), strict=True):
+                if not ok:
+                    r.error = "non-finite output"
         with self._lock:
-            state = self.modules[j]
-            state.calls += 1
-            state.total_ms += ms
-            if error is not None:
-                state.failures += 1
-                state.last_error = error
-        if error is not None:
-            log.warning("module %d failed: %s", j, error)
-        return logits, error
+            for r in runs:
+                state = self._states[r.id]
+                state.calls += 1
+                state.total_ms += r.ms
+                if r.error is not None:
+                    state.failures += 1
+                    state.last_error = r.error
+        for r in runs:
+            if r.error is not None:
+                log.warning("module %d failed: %s", r.id, r.error)
+        return runs
+
+    def close(self) -> None:
+        """Release the worker threads of the isolated path."""
+        self._isolated.close()
 
 
 class _Quarantine(Exception):

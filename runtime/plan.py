@@ -48,7 +48,7 @@ def drop_count(drop: float | int, available: int) -> int:
 
 def make_plan(
     order: Sequence[int],
-    healthy: set[int] | frozenset[int],
+    healthy: set[int] | frozenset[int] | None,
     num_modules: int,
     *,
     budget: int | None = None,
@@ -60,7 +60,7 @@ def make_plan(
     Args:
         order: the module ids to choose from, best first: the bundle's anytime order, or a
             specialist subset in selection order.
-        healthy: ids that are loaded and in rotation.
+        healthy: ids that are loaded and in rotation; None when `order` holds only those.
         num_modules: len(order), counting quarantined modules; bounds the budget.
         budget: run the first `budget` available modules of the order (default: all).
         drop: simulate failed hardware: make this many (int) or this fraction (float) of
@@ -74,7 +74,7 @@ def make_plan(
             raise InvalidRequest(
                 f"budget={budget} must lie in 1..{num_modules}: there are {num_modules} modules to choose from"
             )
-    available = [j for j in order if j in healthy]
+    available = list(order) if healthy is None else [j for j in order if j in healthy]
     if not available:
         raise NoModulesAvailable("no module is available: every module is quarantined")
     dropped: list[int] = []

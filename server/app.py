@@ -15,9 +15,20 @@ from quorum.server.limits import BodySizeLimit
 from quorum.server.routes import health, predict
 from quorum.server.settings import Settings
 
-__all__ = ["create_app"]
+__all__ = ["create_app", "load_engine"]
 
 log = logging.getLogger(__name__)
+
+
+def load_engine(settings: Settings) -> Engine:
+    """The engine that `settings` describe."""
+    return Engine.load(
+        settings.bundle,
+        device=settings.device,
+        executor=settings.executor,
+        workers=settings.workers,
+        module_timeout_ms=settings.module_timeout_ms,
+    )
 
 
 def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
@@ -26,7 +37,7 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         if app.state.engine is None:
-            app.state.engine = Engine.load(settings.bundle, device=settings.device)
+            app.state.engine = load_engine(settings)
         yield
 
     app = FastAPI(

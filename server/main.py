@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import uvicorn
 
-from quorum.runtime.engine import Engine
-from quorum.server.app import create_app
+from quorum.server.app import create_app, load_engine
 from quorum.server.settings import Settings
 
 __all__ = ["serve"]
@@ -13,6 +12,6 @@ __all__ = ["serve"]
 
 def serve(settings: Settings) -> None:
     """Load the bundle and serve until interrupted. Fails fast if the bundle cannot be served."""
-    engine = Engine.load(settings.bundle, device=settings.device)  # errors surface before binding
+    engine = load_engine(settings)  # errors surface before binding
     app = create_app(settings, engine=engine)
     uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level)

@@ -18,6 +18,13 @@ class Settings(BaseSettings):
     host: str = Field("127.0.0.1", description="Address to bind.")
     port: int = Field(8000, ge=0, le=65535, description="Port to bind (0: any free port).")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="ONNX Runtime device.")
+    executor: Literal["auto", "packed", "isolated"] = Field(
+        "auto", description="packed: one call of the bundle's packed graph; isolated: one session per module."
+    )
+    workers: int | None = Field(
+        None, ge=1, description="Concurrent module runs per request (isolated; default: cores)."
+    )
+    module_timeout_ms: float = Field(1000.0, gt=0, description="Deadline for a request's module runs (isolated).")
     max_batch: int = Field(256, ge=1, description="Most inputs in one request (413 beyond).")
     max_body_bytes: int = Field(8 * 1024 * 1024, ge=1024, description="Largest request body (413 beyond).")
     log_level: str = Field("info", description="uvicorn log level.")

@@ -1,0 +1,176 @@
+"""The packed graph: every module of a bundle in one ONNX graph that runs any subset in one call.
+
+    packed.onnx:  input (N, D) float32, modules (b,) int64  ->  logits (N, K) float32
+
+`logits` is the mean of the chosen modules' logits, exactly what the runtime combines from
+per-module graphs. The graph gathers the chosen modules' weights from stacked (M, ...)
+initializers and evaluates them as one wide network:
+
+    h      = relu(x @ W1[idx].reshape(b·H, D)ᵀ + b1[idx].reshape(b·H))     one GEMM, (N, b·H)
+    logits = h @ W2ᵀ[idx].reshape(b·H, K) / b + mean(b2[idx])               one GEMM, (N, K)
+
+because the sum over modules of h_j @ W2_jᵀ is the product of the concatenated hidden units
+with the stacked second layers. Arithmetic grows with b; the fixed cost is one runtime call.
+
+The weights are read from the per-module graphs themselves (after their checksums are
+verified), so the packed graph holds exactly what the per-module files hold; the runtime
+checks that again at load, module by module, before it trusts the packed graph.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from quorum.exporter.errors import ExportError
+from quorum.exporter.onnx_graphs import OPSET, cpu_session, serialize
+from quorum.runtime.manifest import PARITY_ATOL, PARITY_RTOL, Manifest, PackedEntry, probe_input
+
+__all__ = ["INDEX_NAME", "PACKED_FILE", "build_packed", "pack_bundle", "packed_parity"]
+
+PACKED_FILE = "packed.onnx"
+INDEX_NAME = "modules"
+
+
+def _mlp_weights(proto: onnx.ModelProto, input_name: str, output_name: str) -> tuple[np.ndarray, ...]:
+    """(W1 (H, D), b1 (H,), W2 (K, H), b2 (K,)) of a per-module `[Flatten] Gemm Relu Gemm` graph."""
+    nodes = [n for n in proto.graph.node if n.op_type != "Flatten"]
+    ops = [n.op_type for n in proto.graph.node]
+    if [n.op_type for n in nodes] != ["Gemm", "Relu", "Gemm"] or ops[: len(ops) - 3] not in ([], ["Flatten"]):
+        raise ExportError(f"no packed graph for modules of ops {ops}: packing knows the mlp architecture only")
+    for gemm in (nodes[0], nodes[2]):
+        attrs = {a.name: helper.get_attribute_value(a) for a in gemm.attribute}
+        if attrs.get("transB") != 1 or attrs.get("transA", 0) != 0 or attrs.get("alpha", 1.0) != 1.0:
+            raise ExportError(f"unexpected Gemm attributes {attrs} in the module graph")
+        if attrs.get("beta", 1.0) != 1.0 or len(gemm.input) != 3:
+            raise ExportError(f"unexpected Gemm attributes {attrs} in the module graph")
+    if nodes[2].output[0] != output_name or not proto.graph.input or proto.graph.input[0].name != input_name:
+        raise ExportError(f"module graph does not map {input_name!r} to {output_name!r}")
+    inits = {i.name: numpy_helper.to_array(i) for i in proto.graph.initializer}
+    try:
+        return tuple(inits[name] for name in (*nodes[0].input[1:], *nodes[2].input[1:]))
+    except KeyError as e:
+        raise ExportError(f"module graph's Gemm reads {e}, which is not an initializer") from None
+
+
+def build_packed(protos: Sequence[onnx.ModelProto], input_name: str, output_name: str) -> onnx.ModelProto:
+    """One graph holding every module of `protos` (module j = protos[j]); see the module docstring."""
+    if not protos:
+        raise ExportError("no modules to pack")
+    weights = [_mlp_weights(p, input_name, output_name) for p in protos]
+    shapes = {tuple(w.shape for w in ws) for ws in weights}
+    if len(shapes) != 1:
+        raise ExportError(f"modules differ in shape ({len(shapes)} shapes); packing needs one architecture")
+    W1, b1, W2, b2 = (np.ascontiguousarray(np.stack(ws), dtype=np.float32) for ws in zip(*weights, strict=True))
+    M, H, D = W1.shape
+    K = W2.shape[1]
+    W2t = np.ascontiguousarray(W2.transpose(0, 2, 1))  # (M, H, K): rows of module j's layer 2, stacked
+    flat = len(protos[0].graph.input[0].type.tensor_type.shape.dim) > 2  # (N, C, H, W) -> (N, D)
+
+    def const(name: str, value: np.ndarray) -> onnx.TensorProto:
+        return numpy_helper.from_array(np.asarray(value), name)
+
+    nodes = [
+        # b = len(idx), as a float for the mean and as a shape for the reshapes
+        helper.make_node("Shape", [INDEX_NAME], ["b_shape"]),
+        helper.make_node("Cast", ["b_shape"], ["b_float"], to=TensorProto.FLOAT),
+        helper.make_node("Reciprocal", ["b_float"], ["inv_b"]),
+        # layer 1: gather the chosen modules' rows and run them as one GEMM
+        helper.make_node("Gather", ["W1", INDEX_NAME], ["W1_b"], axis=0),  # (b, H, D)
+        helper.make_node("Reshape", ["W1_b", "shape_rows_D"], ["W1_rows"]),  # (b·H, D)
+        helper.make_node("Gather", ["B1", INDEX_NAME], ["B1_b"], axis=0),  # (b, H)
+        helper.make_node("Reshape", ["B1_b", "shape_flat"], ["B1_rows"]),  # (b·H,)
+        helper.make_node("Gemm", ["x2d", "W1_rows", "B1_rows"], ["pre"], transB=1),  # (N, b·H)
+        helper.make_node("Relu", ["pre"], ["hidden"]),
+        # layer 2 summed over modules: one GEMM with the stacked second layers
+        helper.make_node("Gather", ["W2t", INDEX_NAME], ["W2_b"], axis=0),  # (b, H, K)
+        helper.make_node("Reshape", ["W2_b", "shape_rows_K"], ["W2_rows"]),  # (b·H, K)
+        helper.make_node("MatMul", ["hidden", "W2_rows"], ["sum_logits"]),  # (N, K)
+        helper.make_node("Mul", ["sum_logits", "inv_b"], ["mean_wx"]),
+        helper.make_node("Gather", ["B2", INDEX_NAME], ["B2_b"], axis=0),  # (b, K)
+        helper.make_node("ReduceMean", ["B2_b", "axis0"], ["mean_b2"], keepdims=0),  # (K,)
+        helper.make_node("Add", ["mean_wx", "mean_b2"], [output_name]),
+    ]
+    if flat:
+        nodes.insert(0, helper.make_node("Flatten", [input_name], ["x2d"], axis=1))
+    else:
+        nodes.insert(0, helper.make_node("Identity", [input_name], ["x2d"]))
+    initializers = [
+        const("W1", W1),
+        const("B1", b1),
+        const("W2t", W2t),
+        const("B2", b2),
+        const("shape_rows_D", np.array([-1, D], np.int64)),
+        const("shape_rows_K", np.array([-1, K], np.int64)),
+        const("shape_flat", np.array([-1], np.int64)),
+        const("axis0", np.array([0], np.int64)),
+    ]
+    x_in = protos[0].graph.input[0]
+    graph = helper.make_graph(
+        nodes,
+        "quorum_packed",
+        [x_in, helper.make_tensor_value_info(INDEX_NAME, TensorProto.INT64, ["b"])],
+        [helper.make_tensor_value_info(output_name, TensorProto.FLOAT, [_batch_dim(x_in), K])],
+        initializers,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="quorum")
+    model.ir_version = protos[0].ir_version  # what the per-module graphs use, and ONNX Runtime reads
+    model.doc_string = f"Quorum packed graph: {M} modules of {D}-{H}-{K}; mean logits of the modules indexed"
+    return model
+
+
+def _batch_dim(value: onnx.ValueInfoProto) -> str | int:
+    """The batch dimension of a graph input, as a name or a number."""
+    dim = value.type.tensor_type.shape.dim[0]
+    return dim.dim_param or dim.dim_value
+
+
+def pack_bundle(bundle_dir: str | Path) -> Manifest:
+    """Add `packed.onnx` to a bundle exported before packed graphs existed; list it in the manifest.
+
+    Every module file must match its checksum: the packed graph is made from them. Parity is
+    measured against the module graphs on random inputs in the raw range (no dataset needed).
+    """
+    bundle_dir = Path(bundle_dir)
+    manifest = Manifest.load(bundle_dir)
+    protos = []
+    for entry in manifest.modules:
+        data = (bundle_dir / entry.file).read_bytes()
+        if hashlib.sha256(data).hexdigest() != entry.sha256:
+            raise ExportError(f"{entry.file} does not match its checksum; re-export the bundle before packing it")
+        protos.append(onnx.load_from_string(data))
+    data, digest = serialize(build_packed(protos, manifest.input.name, manifest.output.name))
+    x = probe_input(manifest.input, n=256)
+    module_logits = np.stack(
+        [cpu_session(p.SerializeToString()).run(None, {manifest.input.name: x})[0] for p in protos]
+    )
+    parity = packed_parity(data, x, module_logits)
+    tmp = bundle_dir / f".{PACKED_FILE}.tmp"
+    tmp.write_bytes(data)
+    tmp.replace(bundle_dir / PACKED_FILE)
+    entry = PackedEntry(file=PACKED_FILE, sha256=digest, index_input=INDEX_NAME, parity=parity)
+    manifest = manifest.model_copy(update={"packed": entry})
+    manifest.dump(bundle_dir)
+    return manifest
+
+
+def packed_parity(packed: bytes, x: np.ndarray, module_logits: np.ndarray) -> float:
+    """Max |Δ| of the packed graph's mean logits on x against the module graphs' (M, N, K), for
+    the full ensemble and its two halves; ExportError beyond the parity tolerance."""
+    session = cpu_session(packed)
+    inputs = [i.name for i in session.get_inputs()]
+    M, worst = module_logits.shape[0], 0.0
+    for ids in (np.arange(M), np.arange(0, M, 2), np.arange(1, M, 2)):
+        if not len(ids):
+            continue
+        got = session.run(None, {inputs[0]: x, inputs[1]: ids.astype(np.int64)})[0]
+        diff = float(np.abs(got - module_logits[ids].mean(axis=0)).max()) if np.isfinite(got).all() else np.inf
+        if not diff <= PARITY_ATOL + PARITY_RTOL * float(np.abs(module_logits[ids]).max()):
+            raise ExportError(f"the packed graph's mean logits differ from the module graphs' by {diff:.2e}")
+        worst = max(worst, diff)
+    return worst

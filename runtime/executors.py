@@ -1,0 +1,130 @@
+"""How the chosen modules run: packed (one call for any subset) or isolated (one session each).
+
+- `PackedExecutor`: one ONNX Runtime session over every module stacked (the bundle's
+  `packed.onnx`). It takes the input and the ids of the modules to combine and returns
+  their mean logits, so any budget or subset costs one call whose arithmetic grows with b.
+- `IsolatedExecutor`: one session per module, run concurrently by a few workers that share
+  one thread pool, each run under a deadline. A module that raises, returns garbage or hangs
+  fails alone: the others still answer, and a hung run is told to terminate.
+
+Executors only run graphs and report what happened; the engine decides what a failure means.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections.abc import Sequence
+from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
+from dataclasses import dataclass
+
+import numpy as np
+import onnxruntime as ort
+
+__all__ = ["IsolatedExecutor", "ModuleRun", "PackedExecutor", "default_workers"]
+
+
+def default_workers() -> int:
+    """Concurrent module runs per request: one per core this process may use."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # pragma: no cover - not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+@dataclass
+class ModuleRun:
+    """The outcome of one module's run: logits (N, K), or an error."""
+
+    id: int
+    logits: np.ndarray | None
+    error: str | None
+    ms: float
+
+
+class PackedExecutor:
+    """Mean logits of any subset of modules in one call of the packed graph."""
+
+    def __init__(self, session: ort.InferenceSession, input_name: str, index_name: str, output_name: str):
+        self.session = session
+        self._input, self._index, self._output = input_name, index_name, output_name
+
+    def run(self, ids: Sequence[int] | np.ndarray, x: np.ndarray) -> np.ndarray:
+        """Mean of modules `ids`' logits on x: (N, K). Raises whatever ONNX Runtime raises."""
+        index = ids if isinstance(ids, np.ndarray) else np.array(ids, dtype=np.int64)
+        out: np.ndarray = self.session.run([self._output], {self._input: x, self._index: index})[0]
+        return out
+
+
+class IsolatedExecutor:
+    """One session per module; `workers` runs at a time on a shared pool; a deadline per request.
+
+    Each request starts up to `workers` drains that take the next module from the request's
+    list until it is empty. If the deadline passes first, modules still running are told to
+    terminate (ONNX Runtime's RunOptions.terminate) and, with those never started, are
+    reported as timed out; the request answers with what finished. The pool keeps spare
+    threads, so a few hung runs cannot starve later requests.
+    """
+
+    def __init__(
+        self,
+        sessions: dict[int, ort.InferenceSession],
+        input_name: str,
+        output_name: str,
+        *,
+        workers: int | None = None,
+        timeout_s: float = 1.0,
+    ):
+        self.sessions = sessions
+        self.workers = workers or default_workers()
+        self.timeout_s = timeout_s
+        self._input, self._output = input_name, output_name
+        self._pool = ThreadPoolExecutor(max_workers=4 * self.workers + 4, thread_name_prefix="quorum-module")
+
+    def run_one(self, j: int, x: np.ndarray, options: ort.RunOptions | None = None) -> ModuleRun:
+        """Run module j on the calling thread."""
+        t0 = time.perf_counter()
+        try:
+            logits = self.sessions[j].run([self._output], {self._input: x}, options)[0]
+            return ModuleRun(j, logits, None, (time.perf_counter() - t0) * 1e3)
+        except Exception as e:
+            return ModuleRun(j, None, f"{type(e).__name__}: {e}", (time.perf_counter() - t0) * 1e3)
+
+    def run(self, ids: Sequence[int], x: np.ndarray) -> list[ModuleRun]:
+        """Run modules `ids` on x; one ModuleRun per id, in the order of `ids`."""
+        ids = list(ids)
+        results: dict[int, ModuleRun] = {}
+        running: dict[int, ort.RunOptions] = {}
+        lock = threading.Lock()
+        queue = iter(ids)
+        stop = threading.Event()
+
+        def drain() -> None:
+            while not stop.is_set():
+                with lock:
+                    j = next(queue, None)
+                    if j is None:
+                        return
+                    options = running[j] = ort.RunOptions()
+                    options.log_severity_level = 4  # a terminated run is reported here, not logged by ORT
+                result = self.run_one(j, x, options)
+                with lock:
+                    running.pop(j, None)
+                    results[j] = result
+
+        drains = [self._pool.submit(drain) for _ in range(min(self.workers, len(ids)))]
+        wait(drains, timeout=self.timeout_s, return_when=FIRST_EXCEPTION)
+        with lock:
+            stop.set()
+            for options in running.values():
+                options.terminate = True  # the run stops at its next node and raises in its worker
+            late = [j for j in ids if j not in results]
+            for j in late:
+                started = j in running
+                why = f"no answer within {self.timeout_s * 1e3:g} ms" if started else "not started before the deadline"
+                results[j] = ModuleRun(j, None, f"timeout: {why}", self.timeout_s * 1e3 if started else 0.0)
+        return [results[j] for j in ids]
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)

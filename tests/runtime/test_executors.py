@@ -1,0 +1,264 @@
+"""The packed and isolated executors: parity with each other and with torch, verification of the
+packed graph against the module files, and faults that only show at request time."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from onnx import TensorProto, helper, numpy_helper
+
+from quorum.exporter.packed import pack_bundle
+from quorum.runtime.engine import Engine, softmax
+from quorum.runtime.errors import BundleError
+from quorum.runtime.manifest import Manifest
+from quorum.trainer.evaluate import module_logits
+from quorum.trainer.run import load_best
+
+PARITY = 1e-5  # packed against isolated, on logits and probabilities
+
+
+@pytest.fixture(scope="module")
+def packed(bundle_dir: Path) -> Engine:
+    return Engine.load(bundle_dir, device="cpu", executor="packed")
+
+
+@pytest.fixture(scope="module")
+def isolated(bundle_dir: Path) -> Engine:
+    return Engine.load(bundle_dir, device="cpu", executor="isolated")
+
+
+def _rewrite(bundle: Path, j: int, data: bytes) -> None:
+    """Replace module j's file and its checksum, so that only later checks can catch it."""
+    (bundle / f"modules/m{j:03d}.onnx").write_bytes(data)
+    raw = json.loads((bundle / "manifest.json").read_text())
+    raw["modules"][j]["sha256"] = hashlib.sha256(data).hexdigest()
+    (bundle / "manifest.json").write_text(json.dumps(raw))
+
+
+def test_export_writes_a_packed_graph(packed: Engine):
+    assert packed.manifest.packed is not None and packed.manifest.packed.parity < 1e-5
+    assert packed.executor == "packed" and packed.packed_note is None
+
+
+@pytest.mark.parametrize("batch", [1, 7, 64])
+def test_packed_isolated_and_torch_agree_on_random_subsets(packed, isolated, run_dir, test_images, batch):
+    x_raw = test_images[0][:batch]
+    model = load_best(run_dir).model
+    torch_logits = module_logits(model, torch.from_numpy(isolated.preprocess(x_raw))).numpy()  # (N, M, K)
+    rng = np.random.default_rng(batch)
+    for size in (1, 2, 13, 40):
+        ids = sorted(rng.choice(40, size=size, replace=False).tolist())
+        a, b = packed.mean_logits(x_raw, ids), isolated.mean_logits(x_raw, ids)
+        reference = torch_logits[:, ids].mean(axis=1)
+        np.testing.assert_allclose(a, b, rtol=0, atol=PARITY)
+        np.testing.assert_allclose(softmax(a), softmax(b), rtol=0, atol=PARITY)
+        np.testing.assert_allclose(a, reference, rtol=0, atol=1e-4)  # export parity
+        if size == 1:
+            np.testing.assert_array_equal(a, b)  # one module: the same arithmetic on both paths
+
+
+def test_predict_is_the_same_on_both_executors(packed, isolated, test_images):
+    x = test_images[0][:32]
+    for budget in (1, 5, 40):
+        p, q = packed.predict(x, budget=budget), isolated.predict(x, budget=budget, drop=None)
+        assert p.used == q.used and p.requested == q.requested
+        np.testing.assert_allclose(p.probabilities, q.probabilities, rtol=0, atol=PARITY)
+    p, q = packed.predict(x, budget=30, drop=0.5, seed=3), isolated.predict(x, budget=30, drop=0.5, seed=3)
+    assert p.dropped == q.dropped and p.used == q.used and len(p.used) == 20 and p.degraded
+
+
+def _flip_bytes(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    for i in range(100, len(data), 997):
+        data[i] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def test_a_quarantined_module_never_runs_in_the_packed_path(bundle_copy: Path, isolated: Engine, test_images):
+    m = Manifest.load(bundle_copy)
+    bad = m.anytime_order[0]
+    _flip_bytes(bundle_copy / m.modules[bad].file)
+    engine = Engine.load(bundle_copy, device="cpu", executor="packed")
+    assert engine.executor == "packed" and bad not in engine.healthy_ids
+
+    x = test_images[0][:16]
+    r = engine.predict(x)
+    assert bad not in r.used and len(r.used) == 39 and r.degraded
+    np.testing.assert_allclose(r.probabilities, softmax(isolated.mean_logits(x, r.used)), rtol=0, atol=PARITY)
+    calls = {s.id: s.calls for s in engine.modules}
+    assert calls[bad] == 0 and all(calls[j] == 1 for j in r.used)
+
+
+def test_a_packed_graph_that_disagrees_with_a_module_file_is_not_used(bundle_copy: Path, test_images):
+    # Module 0's file now holds module 1's weights, with a matching checksum: the files are the
+    # unit of verification, so the packed graph (which still holds module 0) must not be trusted.
+    _rewrite(bundle_copy, 0, (bundle_copy / "modules/m001.onnx").read_bytes())
+    engine = Engine.load(bundle_copy, device="cpu")
+    assert engine.executor == "isolated" and "disagrees with modules/m000.onnx" in (engine.packed_note or "")
+    assert engine.predict(test_images[0][:4]).used  # still serving, from the module files
+    with pytest.raises(BundleError, match=r"executor=packed asked for, but packed\.onnx disagrees"):
+        Engine.load(bundle_copy, device="cpu", executor="packed")
+
+
+def test_a_corrupt_or_absent_packed_graph_falls_back_to_isolated(bundle_copy: Path):
+    _flip_bytes(bundle_copy / "packed.onnx")
+    engine = Engine.load(bundle_copy, device="cpu")
+    assert engine.executor == "isolated" and "checksum mismatch for packed.onnx" in (engine.packed_note or "")
+
+    raw = json.loads((bundle_copy / "manifest.json").read_text())
+    del raw["packed"]  # a bundle exported before packed graphs existed
+    (bundle_copy / "manifest.json").write_text(json.dumps(raw))
+    (bundle_copy / "packed.onnx").unlink()
+    engine = Engine.load(bundle_copy, device="cpu")
+    assert engine.executor == "isolated" and "quorum pack" in (engine.packed_note or "")
+
+
+def test_pack_adds_a_packed_graph_to_an_older_bundle(bundle_copy: Path, packed: Engine, test_images):
+    raw = json.loads((bundle_copy / "manifest.json").read_text())
+    del raw["packed"]
+    (bundle_copy / "manifest.json").write_text(json.dumps(raw))
+    (bundle_copy / "packed.onnx").unlink()
+    manifest = pack_bundle(bundle_copy)
+    assert manifest.packed is not None and manifest.packed.parity < 1e-5
+    engine = Engine.load(bundle_copy, device="cpu", executor="packed")
+    x = test_images[0][:8]
+    np.testing.assert_array_equal(engine.predict(x).probabilities, packed.predict(x).probabilities)
+
+
+def test_pack_refuses_a_module_file_that_fails_its_checksum(bundle_copy: Path):
+    _flip_bytes(bundle_copy / "modules/m003.onnx")
+    with pytest.raises(Exception, match="does not match its checksum"):
+        pack_bundle(bundle_copy)
+
+
+# ---------------------------------------------------------------- faults at request time
+#
+# Real graphs that behave on the load-time probe (random pixels, never exactly 0) and misbehave
+# on real images, whose background pixels are 0: a fault that only shows in service.
+
+
+def _zero_pixel_flag(proto: onnx.ModelProto, manifest: Manifest) -> tuple[onnx.ModelProto, str]:
+    """Rename the module's output to `orig` and add `any_zero` (N, 1): 1.0 where a raw pixel is 0."""
+    spec = manifest.input
+    zero = (np.float32(0) * np.float32(spec.scale) - np.float32(spec.mean[0])) / np.float32(spec.std[0])
+    g = proto.graph
+    for node in g.node:
+        node.output[:] = ["orig" if o == manifest.output.name else o for o in node.output]
+    g.initializer.extend(
+        [numpy_helper.from_array(np.float32(zero).reshape(()), "zero"), numpy_helper.from_array(np.array([1]), "ax1")]
+    )
+    g.node.extend(
+        [
+            helper.make_node("Equal", [spec.name, "zero"], ["is_zero"]),
+            helper.make_node("Cast", ["is_zero"], ["is_zero_f"], to=TensorProto.FLOAT),
+            helper.make_node("ReduceMax", ["is_zero_f", "ax1"], ["any_zero"], keepdims=1),
+        ]
+    )
+    return proto, "any_zero"
+
+
+def _nan_on_zero_pixels(proto: onnx.ModelProto, manifest: Manifest) -> bytes:
+    proto, flag = _zero_pixel_flag(proto, manifest)
+    g = proto.graph
+    g.initializer.extend([numpy_helper.from_array(np.float32(1).reshape(()), "one_f")])
+    g.node.extend(
+        [
+            helper.make_node("Sub", ["one_f", flag], ["keep"]),
+            helper.make_node("Log", ["keep"], ["log_keep"]),  # -inf where a pixel is 0
+            helper.make_node("Sub", ["log_keep", "log_keep"], ["nan_or_zero"]),  # -inf - -inf = NaN
+            helper.make_node("Add", ["orig", "nan_or_zero"], [manifest.output.name]),
+        ]
+    )
+    return proto.SerializeToString()
+
+
+def _hang_on_zero_pixels(proto: onnx.ModelProto, manifest: Manifest) -> bytes:
+    proto, flag = _zero_pixel_flag(proto, manifest)
+    body = helper.make_graph(
+        [helper.make_node("Identity", ["c_in"], ["c_out"]), helper.make_node("Add", ["v_in", "step"], ["v_out"])],
+        "spin",
+        [
+            helper.make_tensor_value_info("i", TensorProto.INT64, []),
+            helper.make_tensor_value_info("c_in", TensorProto.BOOL, []),
+            helper.make_tensor_value_info("v_in", TensorProto.FLOAT, [1]),
+        ],
+        [
+            helper.make_tensor_value_info("c_out", TensorProto.BOOL, []),
+            helper.make_tensor_value_info("v_out", TensorProto.FLOAT, [1]),
+        ],
+        [numpy_helper.from_array(np.zeros(1, np.float32), "step")],
+    )
+    g = proto.graph
+    g.initializer.extend(
+        [
+            numpy_helper.from_array(np.array([10**12], np.int64), "forever"),
+            numpy_helper.from_array(np.array(True), "true"),
+            numpy_helper.from_array(np.zeros(1, np.float32), "v0"),
+        ]
+    )
+    g.node.extend(
+        [
+            helper.make_node("ReduceMax", [flag], ["any_zero_all"], keepdims=0),
+            helper.make_node("Cast", ["any_zero_all"], ["any_zero_i"], to=TensorProto.INT64),
+            helper.make_node("Mul", ["any_zero_i", "forever"], ["trips"]),  # 0 on the probe
+            helper.make_node("Squeeze", ["trips"], ["trip_count"]),
+            helper.make_node("Loop", ["trip_count", "true", "v0"], ["v"], body=body),
+            helper.make_node("Add", ["orig", "v"], [manifest.output.name]),
+        ]
+    )
+    return proto.SerializeToString()
+
+
+def test_a_module_returning_nan_in_service_is_dropped_from_the_answer(bundle_copy: Path, test_images):
+    m = Manifest.load(bundle_copy)
+    j = m.anytime_order[0]
+    _rewrite(bundle_copy, j, _nan_on_zero_pixels(onnx.load(bundle_copy / m.modules[j].file), m))
+    engine = Engine.load(bundle_copy, device="cpu", executor="isolated")
+    assert j in engine.healthy_ids  # finite on the probe
+
+    r = engine.predict(test_images[0][:3], budget=5)
+    assert [f.id for f in r.failed] == [j] and "non-finite" in r.failed[0].reason
+    assert r.used == m.anytime_order[1:5] and r.degraded and np.isfinite(r.probabilities).all()
+    state = engine.modules[j]
+    assert state.failures == 1 and state.last_error == "non-finite output"
+
+
+def test_nan_weights_are_caught_at_load(bundle_copy: Path):
+    m = Manifest.load(bundle_copy)
+    proto = onnx.load(bundle_copy / m.modules[7].file)
+    for i, init in enumerate(proto.graph.initializer):
+        proto.graph.initializer[i].CopyFrom(
+            numpy_helper.from_array(np.full_like(numpy_helper.to_array(init), np.nan), init.name)
+        )
+    _rewrite(bundle_copy, 7, proto.SerializeToString())
+    engine = Engine.load(bundle_copy, device="cpu")
+    state = engine.modules[7]
+    assert state.status == "quarantined" and "non-finite" in (state.reason or "")
+    assert engine.executor == "packed"  # the packed graph agrees with every module still healthy
+
+
+def test_a_hung_module_times_out_and_the_rest_answer(bundle_copy: Path, test_images):
+    m = Manifest.load(bundle_copy)
+    j = m.anytime_order[1]
+    _rewrite(bundle_copy, j, _hang_on_zero_pixels(onnx.load(bundle_copy / m.modules[j].file), m))
+    engine = Engine.load(bundle_copy, device="cpu", executor="isolated", workers=2, module_timeout_ms=300)
+    assert j in engine.healthy_ids  # answers the probe at once
+    x = test_images[0][:2]
+    try:
+        for _ in range(3):  # the hung runs are terminated, so they do not starve later requests
+            t0 = time.perf_counter()
+            r = engine.predict(x, budget=8)
+            elapsed = time.perf_counter() - t0
+            assert [f.id for f in r.failed] == [j] and r.failed[0].reason.startswith("timeout")
+            assert r.used == [k for k in m.anytime_order[:8] if k != j] and r.degraded
+            assert elapsed < 2.0
+        assert engine.modules[j].failures == 3
+    finally:
+        engine.close()
