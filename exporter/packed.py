@@ -153,8 +153,8 @@ def pack_bundle(bundle_dir: str | Path) -> Manifest:
     tmp = bundle_dir / f".{PACKED_FILE}.tmp"
     tmp.write_bytes(data)
     tmp.replace(bundle_dir / PACKED_FILE)
-    entry = PackedEntry(file=PACKED_FILE, sha256=digest, index_input=INDEX_NAME, parity=parity)
-    manifest = manifest.model_copy(update={"packed": entry})
+    packed = PackedEntry(file=PACKED_FILE, sha256=digest, index_input=INDEX_NAME, parity=parity)
+    manifest = manifest.model_copy(update={"packed": packed})
     manifest.dump(bundle_dir)
     return manifest
 

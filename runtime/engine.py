@@ -216,7 +216,8 @@ class Engine:
         log.info("loaded %s: %d/%d modules healthy on %s", bundle_dir, len(sessions), len(modules), providers[0])
         if n_bad:
             log.warning("%d module(s) quarantined; serving with the rest", n_bad)
-        packed, note = None, "executor=isolated was asked for"
+        packed: PackedExecutor | None = None
+        note: str | None = "executor=isolated was asked for"
         if executor != "isolated":
             try:
                 packed = cls._load_packed(bundle_dir, manifest, opts, providers, probe, probe_logits)
@@ -510,10 +511,10 @@ class Engine:
         for r in runs:
             if r.error is None and r.logits is not None and r.logits.shape != shape:
                 r.error = f"output shape {r.logits.shape}, expected {shape}"
-        answered = [r for r in runs if r.error is None and r.logits is not None]
+        answered = [(r, r.logits) for r in runs if r.error is None and r.logits is not None]
         if answered:  # one vectorized check for the common case, where all are finite
-            finite = np.isfinite(np.stack([r.logits for r in answered])).all(axis=(1, 2))
-            for r, ok in zip(answered, finite.tolist(), strict=True):
+            finite: list[bool] = np.isfinite(np.stack([a for _, a in answered])).all(axis=(1, 2)).tolist()
+            for (r, _), ok in zip(answered, finite, strict=True):
                 if not ok:
                     r.error = "non-finite output"
         with self._lock:
