@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Query, Request
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, Query, Request
 
 from quorum.runtime.engine import Prediction
+from quorum.server.body import OPENAPI_REQUEST_BODY, read_inputs
 from quorum.server.deps import EngineDep, SettingsDep
 from quorum.server.errors import ApiError
 from quorum.server.schemas import (
     ClassPrediction,
     FailedModuleOut,
     ModulesUsed,
-    PredictRequest,
     PredictResponse,
     SpecialistAnswer,
     SpecialistInfo,
@@ -48,12 +50,26 @@ def _modules(result: Prediction) -> ModulesUsed:
     )
 
 
-@router.post("/predict", response_model=PredictResponse | SpecialistResponse)
+async def _inputs(request: Request, settings: SettingsDep) -> Any:
+    return await read_inputs(request, settings.max_batch)
+
+
+@router.post(
+    "/predict",
+    response_model=PredictResponse | SpecialistResponse,
+    openapi_extra={"requestBody": OPENAPI_REQUEST_BODY},
+    responses={
+        400: {"description": "The body is not valid JSON or .npy."},
+        413: {"description": "The body or the batch exceeds its limit."},
+        415: {"description": "An unsupported Content-Type."},
+        422: {"description": "Wrong shape, dtype or values; a bad query parameter."},
+        503: {"description": "No module could answer."},
+    },
+)
 def predict(
-    body: PredictRequest,
+    inputs: Annotated[Any, Depends(_inputs)],
     request: Request,
     engine: EngineDep,
-    settings: SettingsDep,
     budget: int | None = Query(None, description="Evaluate the first `budget` available modules of the anytime order."),
     drop: str | None = Query(None, description="Fault injection: a fraction in [0, 1) or a count of modules to drop."),
     seed: int | None = Query(None, description="Seeds the random choice of dropped modules."),
@@ -63,14 +79,17 @@ def predict(
         "(`budget` and `drop` then act on the subset).",
     ),
 ) -> PredictResponse | SpecialistResponse:
-    """Classify a batch with a budgeted quorum of modules, or ask one class's specialists."""
+    """Classify a batch with a budgeted quorum of modules, or ask one class's specialists.
+
+    The body is JSON `{"inputs": [...]}`, or binary: raw bytes (`application/octet-stream`
+    with headers `X-Shape: N,784` and `X-Dtype: float32|uint8`) or a `.npy` file
+    (`application/x-npy`).
+    """
     unknown = sorted(set(request.query_params) - _QUERY)
     if unknown:
         raise ApiError(422, f"unknown query parameter(s) {', '.join(unknown)}; known: {', '.join(sorted(_QUERY))}")
-    if len(body.inputs) > settings.max_batch:
-        raise ApiError(413, f"batch of {len(body.inputs)} inputs exceeds the limit of {settings.max_batch}; split it")
     if specialist is not None:
-        spec = engine.predict_specialist(body.inputs, specialist, budget=budget, drop=_parse_drop(drop), seed=seed)
+        spec = engine.predict_specialist(inputs, specialist, budget=budget, drop=_parse_drop(drop), seed=seed)
         return SpecialistResponse(
             specialist=SpecialistInfo(
                 class_index=spec.class_index, class_name=spec.class_name, subset=spec.subset, val_f1=spec.val_f1
@@ -83,7 +102,7 @@ def predict(
             degraded=spec.prediction.degraded,
             latency_ms=round(spec.prediction.latency_ms, 3),
         )
-    result = engine.predict(body.inputs, budget=budget, drop=_parse_drop(drop), seed=seed)
+    result = engine.predict(inputs, budget=budget, drop=_parse_drop(drop), seed=seed)
     probs = result.probabilities.tolist()
     return PredictResponse(
         predictions=[

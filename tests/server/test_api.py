@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import io
 import json
 import subprocess
 import sys
@@ -145,8 +146,9 @@ def test_bad_requests_get_4xx_with_an_error_message(client: TestClient, query, b
         (b"", {"content-type": "application/json"}, 422),
         (b'{"inputs": [[1]]}', {}, 415),
         (b'{"inputs": [[1]]}', {"content-type": "application/x-www-form-urlencoded"}, 415),
-        (b'{"inputs": [[NaN' + b", 0" * 783 + b"]]}", {"content-type": "application/json"}, 422),
-        (b'{"inputs": [[Infinity' + b", 0" * 783 + b"]]}", {"content-type": "application/json"}, 422),
+        (b'{"inputs": [[NaN' + b", 0" * 783 + b"]]}", {"content-type": "application/json"}, 400),  # not JSON
+        (b'{"inputs": [[Infinity' + b", 0" * 783 + b"]]}", {"content-type": "application/json"}, 400),
+        (b'{"inputs": [[1e999' + b", 0" * 783 + b"]]}", {"content-type": "application/json"}, 400),
         (b"inputs=1", {"content-type": "text/plain"}, 415),
         (b"\xff\xfe\x00", {"content-type": "application/json"}, 400),
         (b'{"inputs": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", {"content-type": "application/json"}, 400),
@@ -156,6 +158,58 @@ def test_bad_requests_get_4xx_with_an_error_message(client: TestClient, query, b
 def test_malformed_bodies(client: TestClient, content, headers, status):
     r = client.post("/predict", content=content, headers=headers)
     assert r.status_code == status, r.text
+    assert r.json()["error"]
+
+
+def _npy(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, array)
+    return buf.getvalue()
+
+
+def _raw(shape: str | None, dtype: str | None = None) -> dict[str, str]:
+    headers = {"content-type": "application/octet-stream"}
+    headers.update({k: v for k, v in (("x-shape", shape), ("x-dtype", dtype)) if v is not None})
+    return headers
+
+
+def test_binary_bodies_give_the_same_answer_as_json(client: TestClient, test_images):
+    x = test_images[0][:5]
+    want = client.post("/predict?budget=7", json={"inputs": x.tolist()}).json()
+    bodies = [
+        (x.astype("<f4").tobytes(), {"content-type": "application/octet-stream", "x-shape": "5,784"}),
+        (x.tobytes(), {"content-type": "application/octet-stream", "x-shape": "5, 784", "x-dtype": "uint8"}),
+        (_npy(x), {"content-type": "application/x-npy"}),
+        (_npy(x.astype(np.float32)), {"content-type": "application/x-npy"}),
+    ]
+    for content, headers in bodies:
+        r = client.post("/predict?budget=7", content=content, headers=headers)
+        assert r.status_code == 200, r.text
+        got = r.json()
+        assert got["predictions"] == want["predictions"] and got["modules"] == want["modules"]
+
+
+@pytest.mark.parametrize(
+    ("content", "headers", "status", "message"),
+    [
+        (b"\0" * 3136, _raw(None), 422, "X-Shape"),
+        (b"\0" * 3136, _raw("1x784"), 422, "X-Shape"),
+        (b"\0" * 3136, _raw("0,784"), 422, "positive"),
+        (b"\0" * 3135, _raw("1,784"), 422, "3135 bytes"),
+        (b"\0" * 3136, _raw("1,784", "f8"), 422, "X-Dtype"),
+        (b"\0" * 3136, _raw("2,1568", "uint8"), 422, "shape"),
+        (b"\0" * 784 * 65, _raw("65,784", "uint8"), 413, "limit"),
+        (b"\0" * 3136, _raw("1,28,28"), 422, "shape"),
+        (b"not a npy file", {"content-type": "application/x-npy"}, 400, ".npy"),
+        (_npy(np.array(3.0)), {"content-type": "application/x-npy"}, 422, "batch axis"),
+        (_npy(np.array(["a"] * 784).reshape(1, 784)), {"content-type": "application/x-npy"}, 422, "real numbers"),
+        (_npy(np.full((1, 784), np.nan, np.float32)), {"content-type": "application/x-npy"}, 422, "finite"),
+    ],
+)
+def test_malformed_binary_bodies(client: TestClient, content, headers, status, message):
+    r = client.post("/predict", content=content, headers=headers)
+    assert r.status_code == status, r.text
+    assert message in r.json()["error"]
     assert "error" in r.json()
 
 

@@ -1,0 +1,107 @@
+"""Request bodies of /predict: JSON, raw float32/uint8 bytes, or a .npy file.
+
+    application/json           {"inputs": [[...], ...]}                      parsed with orjson
+    application/octet-stream   little-endian bytes, row-major; shape in the X-Shape header
+                               ("64,784"), dtype in X-Dtype (float32 or uint8; default float32)
+    application/x-npy          one array saved by numpy.save (no pickles)
+
+JSON is what every client can send; the binary bodies skip text parsing and the conversion of
+nested lists to an array, which dominate the cost of a large batch (docs/RESULTS.md measures it).
+Each format checks only its own framing here; the engine checks shape, dtype and values.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+from typing import Any
+
+import numpy as np
+import orjson
+from fastapi import Request
+
+from quorum.server.errors import ApiError
+from quorum.server.schemas import PredictRequest
+
+__all__ = ["BINARY_DTYPES", "MEDIA_TYPES", "OPENAPI_REQUEST_BODY", "read_inputs"]
+
+BINARY_DTYPES = {"float32": np.dtype("<f4"), "uint8": np.dtype("u1")}
+MEDIA_TYPES = ("application/json", "application/octet-stream", "application/x-npy")
+
+OPENAPI_REQUEST_BODY: dict[str, Any] = {
+    "required": True,
+    "content": {
+        "application/json": {"schema": PredictRequest.model_json_schema()},
+        "application/octet-stream": {
+            "schema": {"type": "string", "format": "binary"},
+            "description": "Row-major little-endian values; headers X-Shape (e.g. 64,784) and X-Dtype.",
+        },
+        "application/x-npy": {"schema": {"type": "string", "format": "binary"}},
+    },
+}
+
+
+async def read_inputs(request: Request, max_batch: int) -> Any:
+    """The request's batch of raw inputs: a nested list (JSON) or an array (binary bodies)."""
+    content_type = request.headers.get("content-type", "")
+    media = content_type.split(";")[0].strip().lower()
+    body = await request.body()
+    if media == "application/json" or media.endswith("+json"):
+        inputs = _json_inputs(body)
+    elif media == "application/octet-stream":
+        inputs = _raw_inputs(body, request.headers.get("x-shape"), request.headers.get("x-dtype"))
+    elif media == "application/x-npy":
+        inputs = _npy_inputs(body)
+    else:
+        raise ApiError(415, f"Content-Type must be one of {', '.join(MEDIA_TYPES)}; got {content_type or 'none'!r}")
+    if len(inputs) > max_batch:
+        raise ApiError(413, f"batch of {len(inputs)} inputs exceeds the limit of {max_batch}; split it")
+    return inputs
+
+
+def _json_inputs(body: bytes) -> list[Any]:
+    if not body.strip():
+        raise ApiError(422, 'request body is empty; send JSON like {"inputs": [[...], ...]}')
+    try:
+        data = orjson.loads(body)
+    except orjson.JSONDecodeError as e:
+        raise ApiError(400, f"request body is not valid JSON: {e}") from None
+    if not isinstance(data, dict):
+        raise ApiError(422, f'body: expected a JSON object like {{"inputs": [...]}}, got {type(data).__name__}')
+    if extra := sorted(set(data) - {"inputs"}):
+        raise ApiError(422, f"body {', '.join(map(str, extra))}: unknown field(s); the body holds only `inputs`")
+    if "inputs" not in data:
+        raise ApiError(422, "body inputs: field required")
+    inputs = data["inputs"]
+    if not isinstance(inputs, list):
+        raise ApiError(422, f"body inputs: expected a list of inputs, got {type(inputs).__name__}")
+    return inputs
+
+
+def _raw_inputs(body: bytes, shape_header: str | None, dtype_header: str | None) -> np.ndarray:
+    if shape_header is None:
+        raise ApiError(422, "an application/octet-stream body needs an X-Shape header, e.g. X-Shape: 64,784")
+    try:
+        shape = tuple(int(d) for d in shape_header.replace(" ", "").split(","))
+    except ValueError:
+        raise ApiError(422, f"X-Shape must be comma-separated integers like 64,784; got {shape_header!r}") from None
+    if any(d < 1 for d in shape):
+        raise ApiError(422, f"X-Shape must hold positive sizes; got {shape_header!r}")
+    name = (dtype_header or "float32").strip().lower()
+    if name not in BINARY_DTYPES:
+        raise ApiError(422, f"X-Dtype must be one of {', '.join(BINARY_DTYPES)}; got {dtype_header!r}")
+    dtype = BINARY_DTYPES[name]
+    expected = math.prod(shape) * dtype.itemsize
+    if len(body) != expected:
+        raise ApiError(422, f"body holds {len(body)} bytes; X-Shape {shape_header} of {name} needs {expected}")
+    return np.frombuffer(body, dtype=dtype).reshape(shape)
+
+
+def _npy_inputs(body: bytes) -> np.ndarray:
+    try:
+        array = np.load(io.BytesIO(body), allow_pickle=False)
+    except Exception as e:  # numpy raises ValueError, EOFError, OSError... for a damaged file
+        raise ApiError(400, f"request body is not a .npy array: {e}") from None
+    if not isinstance(array, np.ndarray) or array.ndim < 1:
+        raise ApiError(422, "the .npy body must hold one array with a batch axis first")
+    return array
