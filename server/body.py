@@ -25,7 +25,7 @@ from quorum.server.schemas import PredictRequest
 
 __all__ = ["BINARY_DTYPES", "MEDIA_TYPES", "OPENAPI_REQUEST_BODY", "read_inputs"]
 
-BINARY_DTYPES = {"float32": np.dtype("<f4"), "uint8": np.dtype("u1")}
+BINARY_DTYPES: dict[str, np.dtype[Any]] = {"float32": np.dtype("<f4"), "uint8": np.dtype("u1")}
 MEDIA_TYPES = ("application/json", "application/octet-stream", "application/x-npy")
 
 OPENAPI_REQUEST_BODY: dict[str, Any] = {
@@ -46,6 +46,7 @@ async def read_inputs(request: Request, max_batch: int) -> Any:
     content_type = request.headers.get("content-type", "")
     media = content_type.split(";")[0].strip().lower()
     body = await request.body()
+    inputs: list[Any] | np.ndarray
     if media == "application/json" or media.endswith("+json"):
         inputs = _json_inputs(body)
     elif media == "application/octet-stream":
