@@ -31,13 +31,13 @@ from quorum.exporter.errors import ExportError
 from quorum.exporter.onnx_graphs import OPSET, cpu_session, serialize
 from quorum.runtime.manifest import PARITY_ATOL, PARITY_RTOL, Manifest, PackedEntry, probe_input
 
-__all__ = ["INDEX_NAME", "PACKED_FILE", "build_packed", "pack_bundle", "packed_parity"]
+__all__ = ["INDEX_NAME", "PACKED_FILE", "build_packed", "mlp_weights", "pack_bundle", "packed_parity"]
 
 PACKED_FILE = "packed.onnx"
 INDEX_NAME = "modules"
 
 
-def _mlp_weights(proto: onnx.ModelProto, input_name: str, output_name: str) -> tuple[np.ndarray, ...]:
+def mlp_weights(proto: onnx.ModelProto, input_name: str, output_name: str) -> tuple[np.ndarray, ...]:
     """(W1 (H, D), b1 (H,), W2 (K, H), b2 (K,)) of a per-module `[Flatten] Gemm Relu Gemm` graph."""
     nodes = [n for n in proto.graph.node if n.op_type != "Flatten"]
     ops = [n.op_type for n in proto.graph.node]
@@ -62,7 +62,7 @@ def build_packed(protos: Sequence[onnx.ModelProto], input_name: str, output_name
     """One graph holding every module of `protos` (module j = protos[j]); see the module docstring."""
     if not protos:
         raise ExportError("no modules to pack")
-    weights = [_mlp_weights(p, input_name, output_name) for p in protos]
+    weights = [mlp_weights(p, input_name, output_name) for p in protos]
     shapes = {tuple(w.shape for w in ws) for ws in weights}
     if len(shapes) != 1:
         raise ExportError(f"modules differ in shape ({len(shapes)} shapes); packing needs one architecture")

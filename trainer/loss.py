@@ -52,8 +52,9 @@ def modular_loss(logits: torch.Tensor, target: torch.Tensor, lam: float) -> torc
     joint = F.cross_entropy(ensemble_logits(logits), target)
     if lam == 1.0:
         return joint
-    # cross_entropy over (B, K, M) against (B, M) targets: the mean over B*M is mean_j CE_j.
-    members = F.cross_entropy(logits.transpose(1, 2), target.unsqueeze(1).expand(B, M))
+    # cross_entropy over (M, K, B) against (M, B) targets: the mean over M*B is mean_j CE_j.
+    # (M, K, B) is how the batched models store their logits, so this reads them in place.
+    members = F.cross_entropy(logits.permute(1, 2, 0), target.unsqueeze(0).expand(M, B))
     if lam == 0.0:
         return members
     return lam * joint + (1.0 - lam) * members

@@ -17,11 +17,13 @@ import logging
 import math
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 from tqdm.auto import tqdm
 
 from quorum.trainer.checkpoint import append_jsonl, atomic_torch_save, read_jsonl, write_jsonl
@@ -33,7 +35,7 @@ from quorum.trainer.evaluate import evaluate
 from quorum.trainer.loss import modular_loss
 from quorum.trainer.models import Ensemble, create
 
-__all__ = ["TrainResult", "build_model", "resolve_device", "train"]
+__all__ = ["TrainResult", "build_model", "resolve_device", "train", "train_epoch"]
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +59,36 @@ def resolve_device(name: str) -> torch.device:
 
 def build_model(cfg: TrainConfig, in_shape: tuple[int, ...], num_classes: int) -> Ensemble:
     return create(cfg.arch, num_modules=cfg.modules, hidden=cfg.hidden, in_shape=in_shape, num_classes=num_classes)
+
+
+def train_epoch(
+    model: nn.Module,
+    opt: torch.optim.Optimizer,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    batch_size: int,
+    generator: torch.Generator,
+    *,
+    progress: bool = False,
+    desc: str = "epoch",
+) -> float:
+    """One pass over (x, y) in minibatches shuffled by `generator`; the mean training loss.
+
+    The loss is accumulated on the device and read once at the end: no per-batch host sync.
+    """
+    model.train()
+    n = len(y)
+    perm = torch.randperm(n, generator=generator).to(x.device)
+    loss_sum = torch.zeros((), device=x.device)
+    for i in tqdm(range(math.ceil(n / batch_size)), desc=desc, leave=False, disable=not progress, unit="batch"):
+        idx = perm[i * batch_size : (i + 1) * batch_size]
+        loss = loss_fn(model(x[idx]), y[idx])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        loss_sum += loss.detach() * idx.numel()
+    return float(loss_sum) / n
 
 
 def _load_data(cfg: TrainConfig) -> Splits:
@@ -115,8 +147,6 @@ def train(cfg: TrainConfig, out_dir: str | Path, *, resume: bool = False, progre
 
     x_train, y_train = data.train.x.to(device), data.train.y.to(device)
     x_val, y_val = data.val.x.to(device), data.val.y.to(device)
-    n = len(y_train)
-    steps = math.ceil(n / cfg.batch_size)
     meta = {
         "config": cfg.to_dict(),
         "norm": asdict(data.norm),
@@ -135,20 +165,19 @@ def train(cfg: TrainConfig, out_dir: str | Path, *, resume: bool = False, progre
     )
     for epoch in epochs:
         t0 = time.perf_counter()
-        model.train()
         # Shuffle from (seed, epoch) alone, so a resumed run sees the same batches.
         gen = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)
-        perm = torch.randperm(n, generator=gen).to(device)
-        loss_sum = torch.zeros((), device=device)  # accumulated on device: no per-batch sync
-        for i in tqdm(range(steps), desc=f"epoch {epoch + 1}", leave=False, disable=not progress, unit="batch"):
-            idx = perm[i * cfg.batch_size : (i + 1) * cfg.batch_size]
-            logits = model(x_train[idx])  # (B, M, K)
-            loss = modular_loss(logits, y_train[idx], cfg.lam)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            loss_sum += loss.detach() * idx.numel()
-        train_loss = float(loss_sum) / n  # one host sync per epoch
+        train_loss = train_epoch(
+            model,
+            opt,
+            x_train,
+            y_train,
+            lambda logits, y: modular_loss(logits, y, cfg.lam),
+            cfg.batch_size,
+            gen,
+            progress=progress,
+            desc=f"epoch {epoch + 1}",
+        )
         if not math.isfinite(train_loss):
             kept_note = f" best.pt still holds epoch {best_epoch}." if best_epoch else ""
             raise TrainerError(

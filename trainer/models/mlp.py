@@ -2,6 +2,11 @@
 
 Layer 1 of every module is one matmul 784 -> M*H; layer 2 is one batched matmul over
 (M, H, K). No Python loop over modules in `forward`.
+
+Activations are laid out module-major, (M, H, B) then (M, K, B), so that both matmuls and
+their gradients run on contiguous operands (a batch-major layout sent torch's CPU bmm
+backward down a slow per-module path: half the epoch time; see docs/RESULTS.md). `forward`
+returns a (B, M, K) view of the (M, K, B) logits.
 """
 
 from __future__ import annotations
@@ -50,10 +55,11 @@ class BatchedMLP(Ensemble):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B = x.shape[0]
-        h = torch.relu(self.fc1(x.reshape(B, self.in_features)))  # (B, M*H)
-        h = h.view(B, self.num_modules, self.hidden).transpose(0, 1)  # (M, B, H)
-        logits = torch.baddbmm(self.b2.unsqueeze(1), h, self.w2)  # (M, B, K)
-        return logits.transpose(0, 1)  # (B, M, K)
+        x2d = x.reshape(B, self.in_features)
+        h = torch.relu(torch.addmm(self.fc1.bias.unsqueeze(1), self.fc1.weight, x2d.t()))  # (M*H, B)
+        h = h.view(self.num_modules, self.hidden, B)  # (M, H, B)
+        logits = torch.baddbmm(self.b2.unsqueeze(2), self.w2.transpose(1, 2), h)  # (M, K, B)
+        return logits.permute(2, 0, 1)  # (B, M, K)
 
     @torch.no_grad()
     def module(self, j: int) -> nn.Module:
