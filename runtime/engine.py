@@ -322,27 +322,27 @@ class Engine:
             x = np.asarray(x_raw)
         except (ValueError, TypeError) as e:  # ragged nesting
             raise InvalidRequest(f"inputs must be a rectangular array of numbers: {e}") from None
-        if x.dtype == object or not (
-            np.issubdtype(x.dtype, np.number) and not np.issubdtype(x.dtype, np.complexfloating)
-        ):
+        kind = x.dtype.kind  # i, u: integers; f: floats; anything else is refused
+        if kind not in "iuf":
             raise InvalidRequest(f"inputs must be real numbers, got dtype {x.dtype}")
         shape = self._input_shape
         if x.ndim != len(shape) + 1 or tuple(x.shape[1:]) != shape or x.shape[0] < 1:
             raise InvalidRequest(
                 f"inputs must have shape (N, {', '.join(map(str, shape))}) with N >= 1, got {tuple(x.shape)}"
             )
-        x = x.astype(np.float32, copy=False)
-        if not np.isfinite(x).all():
+        if kind == "f" and not np.isfinite(x).all():
             bad = np.argwhere(~np.isfinite(x))[0]
             raise InvalidRequest(f"inputs must be finite; input {bad[0]} holds {x[tuple(bad)]} at {tuple(bad[1:])}")
         lo_hi = self.manifest.input.raw_range
         if lo_hi is not None:
             lo, hi = lo_hi
-            if x.min() < lo or x.max() > hi:
+            fits = kind == "u" and lo <= 0 and np.iinfo(x.dtype).max <= hi  # e.g. uint8 pixels in [0, 255]
+            if not fits and (x.min() < lo or x.max() > hi):
                 raise InvalidRequest(
                     f"inputs must be raw values in [{lo:g}, {hi:g}] (found {x.min():g}..{x.max():g}); "
                     "send unnormalized values: the runtime applies the manifest's normalization"
                 )
+        x = x.astype(np.float32, copy=False)
         out: np.ndarray = (x * self._scale - self._mean) / self._std
         return out.astype(np.float32, copy=False)
 

@@ -25,5 +25,13 @@ def get_settings(request: Request) -> Settings:
     return settings
 
 
-EngineDep = Annotated[Engine, Depends(get_engine)]
-SettingsDep = Annotated[Settings, Depends(get_settings)]
+async def _engine(request: Request) -> Engine:  # async: FastAPI runs sync dependencies in its thread pool
+    return get_engine(request)
+
+
+async def _settings(request: Request) -> Settings:
+    return get_settings(request)
+
+
+EngineDep = Annotated[Engine, Depends(_engine)]
+SettingsDep = Annotated[Settings, Depends(_settings)]

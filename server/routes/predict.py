@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Any
 
-from fastapi import APIRouter, Depends, Query, Request
+from fastapi import APIRouter, Request
+from starlette.concurrency import run_in_threadpool
 
-from quorum.runtime.engine import Prediction
+from quorum.runtime.engine import Engine, Prediction
 from quorum.server.body import OPENAPI_REQUEST_BODY, read_inputs
-from quorum.server.deps import EngineDep, SettingsDep
+from quorum.server.deps import get_engine, get_settings
 from quorum.server.errors import ApiError
 from quorum.server.schemas import (
     ClassPrediction,
@@ -25,6 +26,39 @@ __all__ = ["router"]
 router = APIRouter(tags=["predict"])
 
 _QUERY = frozenset({"budget", "drop", "seed", "specialist"})
+# Query parameters are read from the request by hand (FastAPI's per-parameter solving cost a
+# fifth of the throughput of a one-image request; docs/RESULTS.md) and documented here.
+_QUERY_DOCS: list[dict[str, Any]] = [
+    {
+        "name": "budget",
+        "in": "query",
+        "required": False,
+        "schema": {"type": "integer", "minimum": 1},
+        "description": "Evaluate the first `budget` available modules of the anytime order (default: all).",
+    },
+    {
+        "name": "drop",
+        "in": "query",
+        "required": False,
+        "schema": {"anyOf": [{"type": "number", "minimum": 0, "exclusiveMaximum": 1}, {"type": "integer"}]},
+        "description": "Fault injection: a fraction in [0, 1) or a count of modules made unavailable at random.",
+    },
+    {
+        "name": "seed",
+        "in": "query",
+        "required": False,
+        "schema": {"type": "integer"},
+        "description": "Seeds the random choice of dropped modules.",
+    },
+    {
+        "name": "specialist",
+        "in": "query",
+        "required": False,
+        "schema": {"type": "string"},
+        "description": "A class index or name: answer 'is it this class?' with that class's specialist subset "
+        "(`budget` and `drop` then act on the subset).",
+    },
+]
 
 
 def _parse_drop(value: str | None) -> int | float | None:
@@ -50,14 +84,10 @@ def _modules(result: Prediction) -> ModulesUsed:
     )
 
 
-async def _inputs(request: Request, settings: SettingsDep) -> Any:
-    return await read_inputs(request, settings.max_batch)
-
-
 @router.post(
     "/predict",
     response_model=PredictResponse | SpecialistResponse,
-    openapi_extra={"requestBody": OPENAPI_REQUEST_BODY},
+    openapi_extra={"requestBody": OPENAPI_REQUEST_BODY, "parameters": _QUERY_DOCS},
     responses={
         400: {"description": "The body is not valid JSON or .npy."},
         413: {"description": "The body or the batch exceeds its limit."},
@@ -66,48 +96,63 @@ async def _inputs(request: Request, settings: SettingsDep) -> Any:
         503: {"description": "No module could answer."},
     },
 )
-def predict(
-    inputs: Annotated[Any, Depends(_inputs)],
-    request: Request,
-    engine: EngineDep,
-    budget: int | None = Query(None, description="Evaluate the first `budget` available modules of the anytime order."),
-    drop: str | None = Query(None, description="Fault injection: a fraction in [0, 1) or a count of modules to drop."),
-    seed: int | None = Query(None, description="Seeds the random choice of dropped modules."),
-    specialist: str | None = Query(
-        None,
-        description="A class index or name: answer 'is it this class?' with that class's specialist subset "
-        "(`budget` and `drop` then act on the subset).",
-    ),
-) -> PredictResponse | SpecialistResponse:
+async def predict(request: Request) -> PredictResponse | SpecialistResponse:
     """Classify a batch with a budgeted quorum of modules, or ask one class's specialists.
 
     The body is JSON `{"inputs": [...]}`, or binary: raw bytes (`application/octet-stream`
     with headers `X-Shape: N,784` and `X-Dtype: float32|uint8`) or a `.npy` file
     (`application/x-npy`).
     """
-    unknown = sorted(set(request.query_params) - _QUERY)
+    # The engine and settings are read here rather than injected: each FastAPI dependency
+    # costs a measurable share of a sub-millisecond request (docs/RESULTS.md, HTTP).
+    engine, settings = get_engine(request), get_settings(request)
+    q = request.query_params
+    unknown = sorted(set(q) - _QUERY)
     if unknown:
         raise ApiError(422, f"unknown query parameter(s) {', '.join(unknown)}; known: {', '.join(sorted(_QUERY))}")
+    budget, seed = _int_param(q.get("budget"), "budget"), _int_param(q.get("seed"), "seed")
+    inputs = await read_inputs(request, settings.max_batch)
+    args = (engine, inputs, budget, _parse_drop(q.get("drop")), seed, q.get("specialist"))
+    if engine.executor == "packed":
+        # One bounded call (~0.1-3 ms): answered on the event loop, which saves a thread
+        # hand-off that costs as much as the work (docs/RESULTS.md, HTTP).
+        return _answer(*args)
+    return await run_in_threadpool(_answer, *args)  # isolated: waits on module deadlines
+
+
+def _int_param(value: str | None, name: str) -> int | None:
+    if value is None:
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        raise ApiError(422, f"query {name}={value!r} is not an integer") from None
+
+
+def _answer(
+    engine: Engine, inputs: Any, budget: int | None, drop: int | float | None, seed: int | None, specialist: str | None
+) -> PredictResponse | SpecialistResponse:
     if specialist is not None:
-        spec = engine.predict_specialist(inputs, specialist, budget=budget, drop=_parse_drop(drop), seed=seed)
+        spec = engine.predict_specialist(inputs, specialist, budget=budget, drop=drop, seed=seed)
         return SpecialistResponse(
             specialist=SpecialistInfo(
                 class_index=spec.class_index, class_name=spec.class_name, subset=spec.subset, val_f1=spec.val_f1
             ),
             predictions=[
-                SpecialistAnswer(is_class=bool(yes), probability=float(p))
+                SpecialistAnswer(is_class=yes, probability=p)
                 for yes, p in zip(spec.is_class.tolist(), spec.probability.tolist(), strict=True)
             ],
             modules=_modules(spec.prediction),
             degraded=spec.prediction.degraded,
             latency_ms=round(spec.prediction.latency_ms, 3),
         )
-    result = engine.predict(inputs, budget=budget, drop=_parse_drop(drop), seed=seed)
-    probs = result.probabilities.tolist()
+    result = engine.predict(inputs, budget=budget, drop=drop, seed=seed)
     return PredictResponse(
         predictions=[
-            ClassPrediction(label=int(label), class_name=name, probabilities=p)
-            for label, name, p in zip(result.labels.tolist(), result.class_names, probs, strict=True)
+            ClassPrediction(label=label, class_name=name, probabilities=p)
+            for label, name, p in zip(
+                result.labels.tolist(), result.class_names, result.probabilities.tolist(), strict=True
+            )
         ],
         modules=_modules(result),
         degraded=result.degraded,
