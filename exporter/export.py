@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from quorum.exporter.errors import ExportError
 from quorum.exporter.onnx_graphs import INPUT_NAME, OUTPUT_NAME, cpu_session, export_template, serialize, with_weights
-from quorum.exporter.packed import INDEX_NAME, PACKED_FILE, build_packed, packed_parity
+from quorum.exporter.packed import write_packed
 from quorum.runtime.manifest import (
     PARITY_ATOL,
     PARITY_RTOL,
@@ -30,7 +30,6 @@ from quorum.runtime.manifest import (
     Manifest,
     ModuleEntry,
     OutputSpec,
-    PackedEntry,
     SpecialistEntry,
     TaskSpec,
     TrainingInfo,
@@ -119,9 +118,7 @@ def export_run(
                     parity=diff,
                 )
             )
-        packed_bytes, packed_digest = serialize(build_packed(protos, INPUT_NAME, OUTPUT_NAME))
-        (tmp / PACKED_FILE).write_bytes(packed_bytes)
-        parity = packed_parity(packed_bytes, x_parity.numpy(), np.stack(ort_logits))
+        packed = write_packed(tmp, protos, INPUT_NAME, OUTPUT_NAME, x_parity.numpy(), np.stack(ort_logits))
         manifest = Manifest(
             name=out_dir.name,
             created=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
@@ -153,7 +150,7 @@ def export_run(
             anytime_criterion=ANYTIME_CRITERION,
             specialists=specialists,
             specialist_criterion=SPECIALIST_CRITERION,
-            packed=PackedEntry(file=PACKED_FILE, sha256=packed_digest, index_input=INDEX_NAME, parity=parity),
+            packed=packed,
             metrics=EnsembleMetrics(
                 val_error=val.ensemble_error,
                 test_error=test.ensemble_error,

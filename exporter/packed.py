@@ -31,10 +31,22 @@ from quorum.exporter.errors import ExportError
 from quorum.exporter.onnx_graphs import OPSET, cpu_session, serialize
 from quorum.runtime.manifest import PARITY_ATOL, PARITY_RTOL, Manifest, PackedEntry, probe_input
 
-__all__ = ["INDEX_NAME", "PACKED_FILE", "build_packed", "mlp_weights", "pack_bundle", "packed_parity"]
+__all__ = [
+    "CORE_FILE",
+    "INDEX_NAME",
+    "PACKED_FILE",
+    "WEIGHTS",
+    "build_packed",
+    "mlp_weights",
+    "pack_bundle",
+    "packed_parity",
+    "write_packed",
+]
 
 PACKED_FILE = "packed.onnx"
+CORE_FILE = "packed_core.onnx"
 INDEX_NAME = "modules"
+WEIGHTS = ["W1_rows", "B1_rows", "W2_rows", "inv_b", "mean_b2"]  # the core's inputs after the data
 
 
 def mlp_weights(proto: onnx.ModelProto, input_name: str, output_name: str) -> tuple[np.ndarray, ...]:
@@ -58,8 +70,16 @@ def mlp_weights(proto: onnx.ModelProto, input_name: str, output_name: str) -> tu
         raise ExportError(f"module graph's Gemm reads {e}, which is not an initializer") from None
 
 
-def build_packed(protos: Sequence[onnx.ModelProto], input_name: str, output_name: str) -> onnx.ModelProto:
-    """One graph holding every module of `protos` (module j = protos[j]); see the module docstring."""
+def build_packed(
+    protos: Sequence[onnx.ModelProto], input_name: str, output_name: str
+) -> tuple[onnx.ModelProto, onnx.ModelProto]:
+    """The packed graph of the modules `protos` (module j = protos[j]), and its core.
+
+    The packed graph gathers the indexed modules' weights (also returned as outputs) and
+    computes their mean logits; the core graph computes the same from weights given as inputs,
+    node for node, so a runtime that keeps the gathered weights of a frequent subset skips the
+    gather and gets bit-identical logits.
+    """
     if not protos:
         raise ExportError("no modules to pack")
     weights = [mlp_weights(p, input_name, output_name) for p in protos]
@@ -75,53 +95,69 @@ def build_packed(protos: Sequence[onnx.ModelProto], input_name: str, output_name
     def const(name: str, value: np.ndarray) -> onnx.TensorProto:
         return numpy_helper.from_array(np.asarray(value), name)
 
-    nodes = [
-        # b = len(idx), as a float for the mean and as a shape for the reshapes
+    gather = [
+        # 1/b for the mean, b = len(idx)
         helper.make_node("Shape", [INDEX_NAME], ["b_shape"]),
         helper.make_node("Cast", ["b_shape"], ["b_float"], to=TensorProto.FLOAT),
-        helper.make_node("Reciprocal", ["b_float"], ["inv_b"]),
-        # layer 1: gather the chosen modules' rows and run them as one GEMM
+        helper.make_node("Reciprocal", ["b_float"], [WEIGHTS[3]]),  # inv_b (1,)
+        # the chosen modules' rows of every layer, stacked
         helper.make_node("Gather", ["W1", INDEX_NAME], ["W1_b"], axis=0),  # (b, H, D)
-        helper.make_node("Reshape", ["W1_b", "shape_rows_D"], ["W1_rows"]),  # (b·H, D)
+        helper.make_node("Reshape", ["W1_b", "shape_rows_D"], [WEIGHTS[0]]),  # W1_rows (b·H, D)
         helper.make_node("Gather", ["B1", INDEX_NAME], ["B1_b"], axis=0),  # (b, H)
-        helper.make_node("Reshape", ["B1_b", "shape_flat"], ["B1_rows"]),  # (b·H,)
-        helper.make_node("Gemm", ["x2d", "W1_rows", "B1_rows"], ["pre"], transB=1),  # (N, b·H)
-        helper.make_node("Relu", ["pre"], ["hidden"]),
-        # layer 2 summed over modules: one GEMM with the stacked second layers
+        helper.make_node("Reshape", ["B1_b", "shape_flat"], [WEIGHTS[1]]),  # B1_rows (b·H,)
         helper.make_node("Gather", ["W2t", INDEX_NAME], ["W2_b"], axis=0),  # (b, H, K)
-        helper.make_node("Reshape", ["W2_b", "shape_rows_K"], ["W2_rows"]),  # (b·H, K)
-        helper.make_node("MatMul", ["hidden", "W2_rows"], ["sum_logits"]),  # (N, K)
-        helper.make_node("Mul", ["sum_logits", "inv_b"], ["mean_wx"]),
+        helper.make_node("Reshape", ["W2_b", "shape_rows_K"], [WEIGHTS[2]]),  # W2_rows (b·H, K)
         helper.make_node("Gather", ["B2", INDEX_NAME], ["B2_b"], axis=0),  # (b, K)
-        helper.make_node("ReduceMean", ["B2_b", "axis0"], ["mean_b2"], keepdims=0),  # (K,)
-        helper.make_node("Add", ["mean_wx", "mean_b2"], [output_name]),
-    ]
-    if flat:
-        nodes.insert(0, helper.make_node("Flatten", [input_name], ["x2d"], axis=1))
-    else:
-        nodes.insert(0, helper.make_node("Identity", [input_name], ["x2d"]))
-    initializers = [
-        const("W1", W1),
-        const("B1", b1),
-        const("W2t", W2t),
-        const("B2", b2),
-        const("shape_rows_D", np.array([-1, D], np.int64)),
-        const("shape_rows_K", np.array([-1, K], np.int64)),
-        const("shape_flat", np.array([-1], np.int64)),
-        const("axis0", np.array([0], np.int64)),
+        helper.make_node("ReduceMean", ["B2_b", "axis0"], [WEIGHTS[4]], keepdims=0),  # mean_b2 (K,)
     ]
     x_in = protos[0].graph.input[0]
-    graph = helper.make_graph(
-        nodes,
+    # (N, C, H, W) inputs are flattened to (N, D) first
+    first = [helper.make_node("Flatten", [input_name], ["x2d"], axis=1)] if flat else []
+    x2d = "x2d" if flat else input_name
+    core = [
+        *first,
+        helper.make_node("Gemm", [x2d, WEIGHTS[0], WEIGHTS[1]], ["pre"], transB=1),  # (N, b·H): one GEMM
+        helper.make_node("Relu", ["pre"], ["hidden"]),
+        # layer 2 summed over modules: the concatenated hidden units times the stacked rows
+        helper.make_node("MatMul", ["hidden", WEIGHTS[2]], ["sum_logits"]),  # (N, K)
+        helper.make_node("Mul", ["sum_logits", WEIGHTS[3]], ["mean_wx"]),
+        helper.make_node("Add", ["mean_wx", WEIGHTS[4]], [output_name]),
+    ]
+    weight_info = [
+        helper.make_tensor_value_info(WEIGHTS[0], TensorProto.FLOAT, ["bH", D]),
+        helper.make_tensor_value_info(WEIGHTS[1], TensorProto.FLOAT, ["bH"]),
+        helper.make_tensor_value_info(WEIGHTS[2], TensorProto.FLOAT, ["bH", K]),
+        helper.make_tensor_value_info(WEIGHTS[3], TensorProto.FLOAT, [1]),
+        helper.make_tensor_value_info(WEIGHTS[4], TensorProto.FLOAT, [K]),
+    ]
+    logits = helper.make_tensor_value_info(output_name, TensorProto.FLOAT, [_batch_dim(x_in), K])
+    packed = helper.make_graph(
+        gather + core,
         "quorum_packed",
         [x_in, helper.make_tensor_value_info(INDEX_NAME, TensorProto.INT64, ["b"])],
-        [helper.make_tensor_value_info(output_name, TensorProto.FLOAT, [_batch_dim(x_in), K])],
-        initializers,
+        [logits, *weight_info],  # the gathered weights too, for the runtime's cache
+        [
+            const("W1", W1),
+            const("B1", b1),
+            const("W2t", W2t),
+            const("B2", b2),
+            const("shape_rows_D", np.array([-1, D], np.int64)),
+            const("shape_rows_K", np.array([-1, K], np.int64)),
+            const("shape_flat", np.array([-1], np.int64)),
+            const("axis0", np.array([0], np.int64)),
+        ],
     )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="quorum")
-    model.ir_version = protos[0].ir_version  # what the per-module graphs use, and ONNX Runtime reads
-    model.doc_string = f"Quorum packed graph: {M} modules of {D}-{H}-{K}; mean logits of the modules indexed"
-    return model
+    core_graph = helper.make_graph(core, "quorum_packed_core", [x_in, *weight_info], [logits])
+    models = []
+    for graph, doc in (
+        (packed, f"Quorum packed graph: {M} modules of {D}-{H}-{K}; mean logits of the modules indexed"),
+        (core_graph, "Quorum packed core: mean logits from gathered weights (the packed graph's second half)"),
+    ):
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="quorum")
+        model.ir_version = protos[0].ir_version  # what the per-module graphs use, and ONNX Runtime reads
+        model.doc_string = doc
+        models.append(model)
+    return models[0], models[1]
 
 
 def _batch_dim(value: onnx.ValueInfoProto) -> str | int:
@@ -144,19 +180,51 @@ def pack_bundle(bundle_dir: str | Path) -> Manifest:
         if hashlib.sha256(data).hexdigest() != entry.sha256:
             raise ExportError(f"{entry.file} does not match its checksum; re-export the bundle before packing it")
         protos.append(onnx.load_from_string(data))
-    data, digest = serialize(build_packed(protos, manifest.input.name, manifest.output.name))
     x = probe_input(manifest.input, n=256)
     module_logits = np.stack(
         [cpu_session(p.SerializeToString()).run(None, {manifest.input.name: x})[0] for p in protos]
     )
-    parity = packed_parity(data, x, module_logits)
-    tmp = bundle_dir / f".{PACKED_FILE}.tmp"
-    tmp.write_bytes(data)
-    tmp.replace(bundle_dir / PACKED_FILE)
-    packed = PackedEntry(file=PACKED_FILE, sha256=digest, index_input=INDEX_NAME, parity=parity)
+    packed = write_packed(bundle_dir, protos, manifest.input.name, manifest.output.name, x, module_logits)
     manifest = manifest.model_copy(update={"packed": packed})
     manifest.dump(bundle_dir)
     return manifest
+
+
+def write_packed(
+    bundle_dir: Path,
+    protos: Sequence[onnx.ModelProto],
+    input_name: str,
+    output_name: str,
+    x: np.ndarray,
+    module_logits: np.ndarray,
+) -> PackedEntry:
+    """Build, check and write packed.onnx and packed_core.onnx into `bundle_dir`; their manifest entry.
+
+    Checked on x against the module graphs' logits (M, N, K): the packed graph's mean logits
+    within the parity tolerance, and the core's bit-identical to the packed graph's.
+    """
+    packed, core = build_packed(protos, input_name, output_name)
+    packed_bytes, packed_digest = serialize(packed)
+    core_bytes, core_digest = serialize(core)
+    parity = packed_parity(packed_bytes, x, module_logits)
+    index = np.arange(len(protos), dtype=np.int64)
+    logits, *weights = cpu_session(packed_bytes).run(None, {input_name: x, INDEX_NAME: index})
+    again = cpu_session(core_bytes).run(None, {input_name: x, **dict(zip(WEIGHTS, weights, strict=True))})[0]
+    if not np.array_equal(logits, again):
+        raise ExportError("the packed core does not reproduce the packed graph's logits")
+    for name, data in ((PACKED_FILE, packed_bytes), (CORE_FILE, core_bytes)):
+        tmp = bundle_dir / f".{name}.tmp"
+        tmp.write_bytes(data)
+        tmp.replace(bundle_dir / name)
+    return PackedEntry(
+        file=PACKED_FILE,
+        sha256=packed_digest,
+        index_input=INDEX_NAME,
+        parity=parity,
+        core_file=CORE_FILE,
+        core_sha256=core_digest,
+        weights=WEIGHTS,
+    )
 
 
 def packed_parity(packed: bytes, x: np.ndarray, module_logits: np.ndarray) -> float:
@@ -168,7 +236,7 @@ def packed_parity(packed: bytes, x: np.ndarray, module_logits: np.ndarray) -> fl
     for ids in (np.arange(M), np.arange(0, M, 2), np.arange(1, M, 2)):
         if not len(ids):
             continue
-        got = session.run(None, {inputs[0]: x, inputs[1]: ids.astype(np.int64)})[0]
+        got = session.run(None, {inputs[0]: x, inputs[1]: ids.astype(np.int64)})[0]  # logits come first
         diff = float(np.abs(got - module_logits[ids].mean(axis=0)).max()) if np.isfinite(got).all() else np.inf
         if not diff <= PARITY_ATOL + PARITY_RTOL * float(np.abs(module_logits[ids]).max()):
             raise ExportError(f"the packed graph's mean logits differ from the module graphs' by {diff:.2e}")

@@ -41,14 +41,16 @@ class ModuleState:
     file: str
     status: Literal["healthy", "quarantined"]
     reason: str | None = None  # why it is quarantined
-    calls: int = 0  # runs attempted
+    calls: int = 0  # answers it was asked to take part in, on either path
     failures: int = 0  # runs that raised or returned non-finite values
     last_error: str | None = None
-    total_ms: float = 0.0  # time spent in its runs
+    total_ms: float = 0.0  # time spent in its runs of its own session (the packed path times whole calls)
+    timed_runs: int = 0  # runs of its own session
 
     @property
     def mean_ms(self) -> float | None:
-        return round(self.total_ms / self.calls, 4) if self.calls else None
+        """Mean time of a run of its own session; None if it has run only inside packed calls."""
+        return round(self.total_ms / self.timed_runs, 4) if self.timed_runs else None
 
 
 @dataclass(frozen=True)
@@ -119,9 +121,10 @@ class Engine:
         self.bundle_dir = bundle_dir
         self.manifest = manifest
         self._states = modules
-        # Counters of the packed path, one slot per module, added to in one vectorized step.
+        # Counters of the packed path: calls per module, added to in one vectorized step; time
+        # per call of the whole graph (a module's share of one fused call is not measurable).
         self._packed_calls = np.zeros(len(modules), np.int64)
-        self._packed_ms = np.zeros(len(modules), np.float64)
+        self.packed_stats = {"calls": 0, "ms": 0.0}
         self._sessions = isolated.sessions
         self._isolated = isolated
         self._packed = packed
@@ -154,6 +157,7 @@ class Engine:
         executor: Executor = "auto",
         workers: int | None = None,
         module_timeout_ms: float = 1000.0,
+        packed_cache_mb: float = 64.0,
     ) -> Engine:
         """Verify and load a bundle. Raises BundleError only when no module is healthy, or when
         `executor="packed"` is asked for and the bundle's packed graph is missing or does not verify.
@@ -163,6 +167,8 @@ class Engine:
             executor: "auto", "packed" or "isolated" (see the class docstring).
             workers: concurrent module runs per request on the isolated path (default: cores).
             module_timeout_ms: the isolated path's deadline for a request's module runs.
+            packed_cache_mb: memory for the gathered weights of subsets asked for again (budgets
+                on the anytime order, specialists); 0 turns the cache off.
         """
         if executor not in ("auto", "packed", "isolated"):
             raise ValueError(f"executor must be auto, packed or isolated, got {executor!r}")
@@ -221,6 +227,7 @@ class Engine:
         if executor != "isolated":
             try:
                 packed = cls._load_packed(bundle_dir, manifest, opts, providers, probe, probe_logits)
+                cls._load_core(bundle_dir, manifest, packed, opts, providers, probe, int(packed_cache_mb * 2**20))
                 note = None
             except _Quarantine as q:
                 note = str(q)
@@ -293,6 +300,37 @@ class Engine:
             raise _Quarantine(f"ONNX Runtime cannot run {entry.file}: {type(e).__name__}: {e}") from e
         return packed
 
+    @staticmethod
+    def _load_core(
+        bundle_dir: Path,
+        manifest: Manifest,
+        packed: PackedExecutor,
+        opts: ort.SessionOptions,
+        providers: list[str],
+        probe: np.ndarray,
+        cache_bytes: int,
+    ) -> None:
+        """Attach the packed core, if the bundle has one that reproduces the packed graph exactly."""
+        entry = manifest.packed
+        if entry is None or entry.core_file is None or not entry.weights or cache_bytes <= 0:
+            return
+        path = (bundle_dir / entry.core_file).resolve()
+        try:
+            if not path.is_relative_to(bundle_dir.resolve()) or _sha256(path) != entry.core_sha256:
+                raise ValueError(f"{entry.core_file} is missing or fails its checksum")
+            core = ort.InferenceSession(str(path), opts, providers=providers)
+            index = np.arange(len(manifest.modules), dtype=np.int64)
+            logits, *weights = packed.session.run(
+                [manifest.output.name, *entry.weights], {manifest.input.name: probe, entry.index_input: index}
+            )
+            feeds = {manifest.input.name: probe, **dict(zip(entry.weights, weights, strict=True))}
+            if not np.array_equal(core.run([manifest.output.name], feeds)[0], logits):
+                raise ValueError(f"{entry.core_file} does not reproduce {entry.file}")
+        except Exception as e:
+            log.warning("packed core not used, no weight cache (%s)", e)
+            return
+        packed.attach_core(core, entry.weights, cache_bytes)
+
     # ---------------------------------------------------------------- serving
 
     @property
@@ -300,11 +338,7 @@ class Engine:
         """A snapshot of every module's state and counters, by id."""
         with self._lock:
             return [
-                replace(
-                    m,
-                    calls=m.calls + int(self._packed_calls[m.id]),
-                    total_ms=m.total_ms + float(self._packed_ms[m.id]),
-                )
+                replace(m, calls=m.calls + int(self._packed_calls[m.id]))
                 for m in self._states
             ]
 
@@ -336,7 +370,7 @@ class Engine:
         lo_hi = self.manifest.input.raw_range
         if lo_hi is not None:
             lo, hi = lo_hi
-            fits = kind == "u" and lo <= 0 and np.iinfo(x.dtype).max <= hi  # e.g. uint8 pixels in [0, 255]
+            fits = kind == "u" and lo <= 0 and 2 ** (8 * x.dtype.itemsize) - 1 <= hi  # e.g. uint8 in [0, 255]
             if not fits and (x.min() < lo or x.max() > hi):
                 raise InvalidRequest(
                     f"inputs must be raw values in [{lo:g}, {hi:g}] (found {x.min():g}..{x.max():g}); "
@@ -425,7 +459,8 @@ class Engine:
         t0 = time.perf_counter()
         x = self.preprocess(x_raw)
         plan = make_plan(available, None, num_modules, budget=budget, drop=drop, seed=seed)
-        mean, used, failed = self._combine(plan.selected, x)
+        # Without drops the subset is a prefix of a fixed order: worth caching its weights.
+        mean, used, failed = self._combine(plan.selected, x, cacheable=not plan.dropped)
         if not used:
             raise NoModulesAvailable("no module answered: " + "; ".join(f"m{f.id}: {f.reason}" for f in failed[:5]))
         probs = softmax(mean)  # (N, K)
@@ -442,21 +477,22 @@ class Engine:
             latency_ms=(time.perf_counter() - t0) * 1e3,
         )
 
-    def _run_packed(self, ids: list[int], x: np.ndarray) -> np.ndarray | None:
+    def _run_packed(self, ids: list[int], x: np.ndarray, cacheable: bool = False) -> np.ndarray | None:
         """Mean logits of `ids` from the packed graph, or None when its answer is not usable."""
         assert self._packed is not None
         t0 = time.perf_counter()
         index = np.array(ids, dtype=np.int64)
         try:
-            mean = self._packed.run(index, x)
+            mean = self._packed.run(index, x, cacheable=cacheable)
             ok = mean.shape == (x.shape[0], self.manifest.num_classes) and bool(np.isfinite(mean).all())
         except Exception as e:
             log.warning("packed graph failed (%s: %s); running the modules one by one", type(e).__name__, e)
             return None
-        share = (time.perf_counter() - t0) * 1e3 / len(ids)
+        ms = (time.perf_counter() - t0) * 1e3
         with self._lock:
             self._packed_calls[index] += 1
-            self._packed_ms[index] += share
+            self.packed_stats["calls"] += 1
+            self.packed_stats["ms"] += ms
         return mean if ok else None
 
     def mean_logits(self, x_raw: Any, ids: list[int]) -> np.ndarray:
@@ -472,13 +508,15 @@ class Engine:
             raise NoModulesAvailable("module(s) failed: " + "; ".join(f"m{f.id}: {f.reason}" for f in failed[:5]))
         return mean
 
-    def _combine(self, ids: list[int], x: np.ndarray) -> tuple[np.ndarray, list[int], list[FailedModule]]:
+    def _combine(
+        self, ids: list[int], x: np.ndarray, cacheable: bool = False
+    ) -> tuple[np.ndarray, list[int], list[FailedModule]]:
         """Mean logits of the modules of `ids` that answer; the ids used; the failures.
 
         The packed graph answers in one call; when it is absent, raises or gives non-finite
         values, the modules run one session each, so that every failure has a module and a reason.
         """
-        if self._packed is not None and (mean := self._run_packed(ids, x)) is not None:
+        if self._packed is not None and (mean := self._run_packed(ids, x, cacheable)) is not None:
             return mean, ids, []
         runs = self._checked(self._isolated.run(ids, x), x.shape[0])
         used = [r.id for r in runs if r.error is None]
@@ -522,6 +560,7 @@ class Engine:
                 state = self._states[r.id]
                 state.calls += 1
                 state.total_ms += r.ms
+                state.timed_runs += 1
                 if r.error is not None:
                     state.failures += 1
                     state.last_error = r.error

@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Sequence
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from dataclasses import dataclass
@@ -44,17 +45,69 @@ class ModuleRun:
 
 
 class PackedExecutor:
-    """Mean logits of any subset of modules in one call of the packed graph."""
+    """Mean logits of any subset of modules in one call of the packed graph.
 
-    def __init__(self, session: ort.InferenceSession, input_name: str, index_name: str, output_name: str):
+    With the packed core and a cache budget, the weights gathered for a subset that is asked
+    for again (a budget on the anytime order, a specialist) are kept, newest first, and later
+    calls feed them to the core: the gather, a copy of b modules' weights per call, is skipped.
+    """
+
+    def __init__(
+        self,
+        session: ort.InferenceSession,
+        input_name: str,
+        index_name: str,
+        output_name: str,
+    ):
         self.session = session
+        self.core: ort.InferenceSession | None = None
         self._input, self._index, self._output = input_name, index_name, output_name
+        self._weights: list[str] = []
+        self.cache_bytes = 0
+        self._cache: OrderedDict[bytes, dict[str, np.ndarray]] = OrderedDict()
+        self._cached_bytes = 0
+        self._lock = threading.Lock()
+        self.hits = self.misses = 0
 
-    def run(self, ids: Sequence[int] | np.ndarray, x: np.ndarray) -> np.ndarray:
-        """Mean of modules `ids`' logits on x: (N, K). Raises whatever ONNX Runtime raises."""
+    def attach_core(self, core: ort.InferenceSession, weight_names: Sequence[str], cache_bytes: int) -> None:
+        """Cache gathered weights (up to `cache_bytes`) and run `core` on them."""
+        self.core, self._weights, self.cache_bytes = core, list(weight_names), cache_bytes
+
+    def run(self, ids: Sequence[int] | np.ndarray, x: np.ndarray, *, cacheable: bool = False) -> np.ndarray:
+        """Mean of modules `ids`' logits on x: (N, K). Raises whatever ONNX Runtime raises.
+
+        `cacheable`: this subset is likely to be asked for again; keep its gathered weights.
+        """
         index = ids if isinstance(ids, np.ndarray) else np.array(ids, dtype=np.int64)
-        out: np.ndarray = self.session.run([self._output], {self._input: x, self._index: index})[0]
-        return out
+        if not (cacheable and self.cache_bytes):
+            out: np.ndarray = self.session.run([self._output], {self._input: x, self._index: index})[0]
+            return out
+        key = index.tobytes()
+        with self._lock:
+            weights = self._cache.get(key)
+            if weights is not None:
+                self._cache.move_to_end(key)
+                self.hits += 1
+        if weights is not None:
+            assert self.core is not None
+            out = self.core.run([self._output], {self._input: x, **weights})[0]
+            return out
+        logits, *gathered = self.session.run([self._output, *self._weights], {self._input: x, self._index: index})
+        self._keep(key, dict(zip(self._weights, gathered, strict=True)))
+        result: np.ndarray = logits
+        return result
+
+    def _keep(self, key: bytes, weights: dict[str, np.ndarray]) -> None:
+        size = sum(w.nbytes for w in weights.values())
+        with self._lock:
+            self.misses += 1
+            if size > self.cache_bytes or key in self._cache:
+                return
+            while self._cached_bytes + size > self.cache_bytes:
+                _, old = self._cache.popitem(last=False)
+                self._cached_bytes -= sum(w.nbytes for w in old.values())
+            self._cache[key] = weights
+            self._cached_bytes += size
 
 
 class IsolatedExecutor:

@@ -128,6 +128,13 @@ class PackedEntry(_Strict):
     sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
     index_input: str = Field(description="Name of its int64 input (b,): the ids of the modules to combine.")
     parity: float = Field(ge=0, description="Max |Δ mean logit| against the module graphs on validation images.")
+    core_file: str | None = Field(
+        None, description="The packed graph's second half: (input, *weights) -> mean logits, for cached weights."
+    )
+    core_sha256: str | None = Field(None, pattern=r"^[0-9a-f]{64}$")
+    weights: list[str] = Field(
+        default_factory=list, description="Outputs of the packed graph after the logits = inputs of the core."
+    )
 
 
 class EnsembleMetrics(_Strict):

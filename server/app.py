@@ -28,6 +28,7 @@ def load_engine(settings: Settings) -> Engine:
         executor=settings.executor,
         workers=settings.workers,
         module_timeout_ms=settings.module_timeout_ms,
+        packed_cache_mb=settings.packed_cache_mb,
     )
 
 

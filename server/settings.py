@@ -25,6 +25,9 @@ class Settings(BaseSettings):
         None, ge=1, description="Concurrent module runs per request (isolated; default: cores)."
     )
     module_timeout_ms: float = Field(1000.0, gt=0, description="Deadline for a request's module runs (isolated).")
+    packed_cache_mb: float = Field(
+        64.0, ge=0, description="Memory for cached gathered weights of repeated subsets (packed; 0: off)."
+    )
     max_batch: int = Field(256, ge=1, description="Most inputs in one request (413 beyond).")
     max_body_bytes: int = Field(8 * 1024 * 1024, ge=1024, description="Largest request body (413 beyond).")
     log_level: str = Field("info", description="uvicorn log level.")

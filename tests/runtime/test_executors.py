@@ -262,3 +262,35 @@ def test_a_hung_module_times_out_and_the_rest_answer(bundle_copy: Path, test_ima
         assert engine.modules[j].failures == 3
     finally:
         engine.close()
+
+
+def test_cached_weights_give_bit_identical_answers(bundle_dir: Path, test_images):
+    engine = Engine.load(bundle_dir, device="cpu", executor="packed")
+    uncached = Engine.load(bundle_dir, device="cpu", executor="packed", packed_cache_mb=0)
+    packed = engine._packed
+    assert packed is not None and packed.core is not None and uncached._packed.core is None
+    x = test_images[0][:9]
+    for budget in (3, 17, 3, 17, 40):
+        a, b = engine.predict(x, budget=budget), uncached.predict(x, budget=budget)
+        np.testing.assert_array_equal(a.probabilities, b.probabilities)
+    assert (packed.hits, packed.misses) == (2, 3)
+    engine.predict(x, budget=5, drop=4, seed=1)  # a random subset: not worth keeping
+    assert (packed.hits, packed.misses) == (2, 3)
+
+
+def test_the_weight_cache_stays_within_its_budget(bundle_dir: Path, test_images):
+    engine = Engine.load(bundle_dir, device="cpu", executor="packed", packed_cache_mb=0.1)  # ~8 modules' weights
+    packed = engine._packed
+    assert packed is not None
+    x = test_images[0][:2]
+    for budget in range(1, 41):
+        engine.predict(x, budget=budget)
+        assert packed._cached_bytes <= packed.cache_bytes
+    assert packed._cache and packed.misses == 40
+
+
+def test_a_damaged_core_only_turns_the_cache_off(bundle_copy: Path, test_images):
+    _flip_bytes(bundle_copy / "packed_core.onnx")
+    engine = Engine.load(bundle_copy, device="cpu", executor="packed")
+    assert engine.executor == "packed" and engine._packed is not None and engine._packed.core is None
+    assert engine.predict(test_images[0][:2], budget=4).used
