@@ -337,10 +337,7 @@ class Engine:
     def modules(self) -> list[ModuleState]:
         """A snapshot of every module's state and counters, by id."""
         with self._lock:
-            return [
-                replace(m, calls=m.calls + int(self._packed_calls[m.id]))
-                for m in self._states
-            ]
+            return [replace(m, calls=m.calls + int(self._packed_calls[m.id])) for m in self._states]
 
     @property
     def healthy_ids(self) -> frozenset[int]:
