@@ -20,6 +20,8 @@ slower, so it runs on --fraction of the epoch and is scaled up (linear in the ba
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import json
 import logging
 import os
@@ -67,16 +69,18 @@ def torchensemble_seconds(kind: str, x: torch.Tensor, y: torch.Tensor, fraction:
     cls = {"voting": VotingClassifier, "fusion": FusionClassifier}[kind]
     model = cls(estimator=Member, n_estimators=M, cuda=False)
     model.set_optimizer("SGD", lr=0.02, momentum=0.9)
-    logging.getLogger().setLevel(logging.WARNING)  # torchensemble logs every epoch on the root logger
+    logging.disable(logging.INFO)  # and logs on the root logger
     with tempfile.TemporaryDirectory() as tmp:
         cwd = os.getcwd()
         os.chdir(tmp)  # it may write logs or checkpoints into the working directory
         try:
             t0 = time.perf_counter()
-            model.fit(loader, epochs=1, log_interval=10**9, save_model=False)
+            with contextlib.redirect_stdout(io.StringIO()):  # VotingClassifier prints every member's first batch
+                model.fit(loader, epochs=1, log_interval=10**9, save_model=False)
             seconds = time.perf_counter() - t0
         finally:
             os.chdir(cwd)
+            logging.disable(logging.NOTSET)
     return seconds * len(y) / n
 
 
