@@ -155,20 +155,26 @@ def main() -> None:
                 f"{t['predict_packed']:>14.1f} {t['predict_isolated']:>16.1f}"
             )
 
-    print("\npacked graph, batch 64, every module: intra-op threads and spinning (µs per call)")
-    x = packed_engine.preprocess(images[:64])
-    index = np.array(order, dtype=np.int64)
-    threads = {}
+    print("\npacked graph: intra-op threads and spinning (µs per call)")
+    sessions_by_threads = {}
     for intra in (1, 2):
         for spin in ("0", "1"):
             opts = session_options()
             opts.intra_op_num_threads = intra
             opts.add_session_config_entry("session.intra_op.allow_spinning", spin)
-            s = ort.InferenceSession(str(Path(args.bundle) / "packed.onnx"), opts, providers=CPU)
-            threads[f"threads={intra} spinning={spin}"] = lambda s=s: s.run([name_out], {name_in: x, "modules": index})
-    t = median_us(threads, args.rounds, 20)
-    for name, us in t.items():
-        print(f"  {name:<24} {us:8.1f}")
+            sessions_by_threads[f"threads={intra} spinning={spin}"] = ort.InferenceSession(
+                str(Path(args.bundle) / "packed.onnx"), opts, providers=CPU
+            )
+    threads: dict[str, dict[str, float]] = {}
+    for n, b in ((1, 32), (64, len(order))):
+        x = packed_engine.preprocess(images[:n])
+        index = np.array(order[:b], dtype=np.int64)
+        fns = {
+            name: (lambda s=s, x=x, index=index: s.run([name_out], {name_in: x, "modules": index}))
+            for name, s in sessions_by_threads.items()
+        }
+        threads[f"batch {n}, budget {b}"] = t = median_us(fns, args.rounds, 20)
+        print(f"  batch {n}, budget {b}: " + ", ".join(f"{name} {us:.0f}" for name, us in t.items()))
     if args.json:
         Path(args.json).write_text(json.dumps({"inference": rows, "threads": t}, indent=2) + "\n")
     for e in engines.values():

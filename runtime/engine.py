@@ -158,6 +158,7 @@ class Engine:
         workers: int | None = None,
         module_timeout_ms: float = 1000.0,
         packed_cache_mb: float = 64.0,
+        packed_threads: int = 1,
     ) -> Engine:
         """Verify and load a bundle. Raises BundleError only when no module is healthy, or when
         `executor="packed"` is asked for and the bundle's packed graph is missing or does not verify.
@@ -169,6 +170,9 @@ class Engine:
             module_timeout_ms: the isolated path's deadline for a request's module runs.
             packed_cache_mb: memory for the gathered weights of subsets asked for again (budgets
                 on the anytime order, specialists); 0 turns the cache off.
+            packed_threads: intra-op threads of the packed session. 1 (the default) is fastest
+                for small requests and never competes with the server's own thread; 2 halves the
+                time of a 64-image, 256-module request on two cores (docs/RESULTS.md).
         """
         if executor not in ("auto", "packed", "isolated"):
             raise ValueError(f"executor must be auto, packed or isolated, got {executor!r}")
@@ -226,8 +230,13 @@ class Engine:
         note: str | None = "executor=isolated was asked for"
         if executor != "isolated":
             try:
-                packed = cls._load_packed(bundle_dir, manifest, opts, providers, probe, probe_logits)
-                cls._load_core(bundle_dir, manifest, packed, opts, providers, probe, int(packed_cache_mb * 2**20))
+                packed_opts = session_options()
+                packed_opts.intra_op_num_threads = packed_threads
+                packed_opts.add_session_config_entry("session.intra_op.allow_spinning", "0")  # idle threads sleep
+                packed = cls._load_packed(bundle_dir, manifest, packed_opts, providers, probe, probe_logits)
+                cls._load_core(
+                    bundle_dir, manifest, packed, packed_opts, providers, probe, int(packed_cache_mb * 2**20)
+                )
                 note = None
             except _Quarantine as q:
                 note = str(q)

@@ -4,9 +4,12 @@ A bundle is a folder:
 
     manifest.json
     modules/m000.onnx ... m255.onnx
+    packed.onnx, packed_core.onnx     (optional: `packed`)
 
 Every module graph stands alone: one float32 input (N, *input.shape), one output of logits
-(N, K), dynamic batch axis. Clients preprocess raw inputs as
+(N, K), dynamic batch axis. The packed graph takes the same input and int64 module ids (b,)
+and gives the mean of those modules' logits (N, K), then the weights it gathered; the core
+takes the input and those weights and gives the same mean logits. Clients preprocess raw inputs as
 `x_model = (x_raw * input.scale - input.mean[c]) / input.std[c]`, combine the chosen modules'
 logits by their mean, then apply softmax (the normalized geometric mean of the members).
 """

@@ -29,6 +29,7 @@ def load_engine(settings: Settings) -> Engine:
         workers=settings.workers,
         module_timeout_ms=settings.module_timeout_ms,
         packed_cache_mb=settings.packed_cache_mb,
+        packed_threads=settings.packed_threads,
     )
 
 
