@@ -38,9 +38,12 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        if app.state.engine is None:
+        owned = app.state.engine is None
+        if owned:
             app.state.engine = load_engine(settings)
         yield
+        if owned:
+            app.state.engine.close()  # the isolated path's worker threads
 
     app = FastAPI(
         title="Quorum",
