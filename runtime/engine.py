@@ -121,10 +121,8 @@ class Engine:
         self.bundle_dir = bundle_dir
         self.manifest = manifest
         self._states = modules
-        # Counters of the packed path: calls per module, added to in one vectorized step; time
-        # per call of the whole graph (a module's share of one fused call is not measurable).
+        # Calls per module on the packed path, added to in one vectorized step per request.
         self._packed_calls = np.zeros(len(modules), np.int64)
-        self.packed_stats = {"calls": 0, "ms": 0.0}
         self._sessions = isolated.sessions
         self._isolated = isolated
         self._packed = packed
@@ -486,7 +484,6 @@ class Engine:
     def _run_packed(self, ids: list[int], x: np.ndarray, cacheable: bool = False) -> np.ndarray | None:
         """Mean logits of `ids` from the packed graph, or None when its answer is not usable."""
         assert self._packed is not None
-        t0 = time.perf_counter()
         index = np.array(ids, dtype=np.int64)
         try:
             mean = self._packed.run(index, x, cacheable=cacheable)
@@ -494,11 +491,8 @@ class Engine:
         except Exception as e:
             log.warning("packed graph failed (%s: %s); running the modules one by one", type(e).__name__, e)
             return None
-        ms = (time.perf_counter() - t0) * 1e3
         with self._lock:
             self._packed_calls[index] += 1
-            self.packed_stats["calls"] += 1
-            self.packed_stats["ms"] += ms
         return mean if ok else None
 
     def mean_logits(self, x_raw: Any, ids: list[int]) -> np.ndarray:

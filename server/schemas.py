@@ -102,3 +102,7 @@ class ServiceInfo(BaseModel):
     test_error: float
     specialists: bool = Field(description="The bundle answers `?specialist=` queries.")
     providers: list[str]
+    executor: Literal["packed", "isolated"] = Field(
+        description="How modules run: one packed graph, or one session each."
+    )
+    executor_note: str | None = Field(description="Why the packed graph is not used, when it is not.")

@@ -52,4 +52,6 @@ def info(engine: EngineDep) -> ServiceInfo:
         test_error=m.metrics.test_error,
         specialists=bool(m.specialists),
         providers=engine.providers,
+        executor=engine.executor,
+        executor_note=engine.packed_note,
     )

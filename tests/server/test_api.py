@@ -235,7 +235,8 @@ def test_health_and_module_endpoints(client: TestClient):
     mods = client.get("/modules").json()
     assert mods["healthy"] == mods["total"] == 40
     assert {m["status"] for m in mods["modules"]} == {"healthy"}
-    assert client.get("/").json()["num_modules"] == 40
+    info = client.get("/").json()
+    assert info["num_modules"] == 40 and info["executor"] == "packed" and info["executor_note"] is None
     r = client.get("/nope")
     assert r.status_code == 404 and "error" in r.json()
     assert client.get("/predict").status_code == 405
