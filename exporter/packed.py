@@ -1,6 +1,7 @@
 """The packed graph: every module of a bundle in one ONNX graph that runs any subset in one call.
 
-    packed.onnx:  input (N, D) float32, modules (b,) int64  ->  logits (N, K) float32
+    packed.onnx:       input (N, D) float32, modules (b,) int64  ->  logits (N, K), *gathered weights
+    packed_core.onnx:  input (N, D) float32, *gathered weights    ->  logits (N, K)
 
 `logits` is the mean of the chosen modules' logits, exactly what the runtime combines from
 per-module graphs. The graph gathers the chosen modules' weights from stacked (M, ...)
@@ -11,6 +12,8 @@ initializers and evaluates them as one wide network:
 
 because the sum over modules of h_j @ W2_jᵀ is the product of the concatenated hidden units
 with the stacked second layers. Arithmetic grows with b; the fixed cost is one runtime call.
+The core is the graph's second half: fed the weights the packed graph gathered for a subset
+before, it gives the same logits without gathering them again (the runtime's cache).
 
 The weights are read from the per-module graphs themselves (after their checksums are
 verified), so the packed graph holds exactly what the per-module files hold; the runtime
@@ -57,10 +60,9 @@ def mlp_weights(proto: onnx.ModelProto, input_name: str, output_name: str) -> tu
         raise ExportError(f"no packed graph for modules of ops {ops}: packing knows the mlp architecture only")
     for gemm in (nodes[0], nodes[2]):
         attrs = {a.name: helper.get_attribute_value(a) for a in gemm.attribute}
-        if attrs.get("transB") != 1 or attrs.get("transA", 0) != 0 or attrs.get("alpha", 1.0) != 1.0:
-            raise ExportError(f"unexpected Gemm attributes {attrs} in the module graph")
-        if attrs.get("beta", 1.0) != 1.0 or len(gemm.input) != 3:
-            raise ExportError(f"unexpected Gemm attributes {attrs} in the module graph")
+        plain = attrs.get("transB") == 1 and attrs.get("transA", 0) == 0 and len(gemm.input) == 3
+        if not plain or attrs.get("alpha", 1.0) != 1.0 or attrs.get("beta", 1.0) != 1.0:
+            raise ExportError(f"unexpected Gemm attributes {attrs} (inputs {list(gemm.input)}) in the module graph")
     if nodes[2].output[0] != output_name or not proto.graph.input or proto.graph.input[0].name != input_name:
         raise ExportError(f"module graph does not map {input_name!r} to {output_name!r}")
     inits = {i.name: numpy_helper.to_array(i) for i in proto.graph.initializer}
