@@ -90,10 +90,11 @@ def main() -> None:
     p.add_argument("--fraction", type=float, default=0.1, help="share of an epoch torchensemble runs")
     p.add_argument("--skip-torchensemble", action="store_true")
     p.add_argument("--data-dir", help="Fashion-MNIST folder (default: $QUORUM_DATA_DIR or Debian's)")
+    p.add_argument("--subset", type=int, help="train on only N images (a smoke run; not a benchmark)")
     p.add_argument("--json", help="also write the figures to this file")
     args = p.parse_args()
 
-    data = load_fashion_mnist(args.data_dir)
+    data = load_fashion_mnist(args.data_dir, subset=args.subset)
     x, y = data.train.x.reshape(len(data.train.y), -1), data.train.y
     print(f"{len(y)} training images, batch 100, torch {torch.__version__}, {torch.get_num_threads()} threads\n")
 

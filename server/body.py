@@ -99,6 +99,8 @@ def _raw_inputs(body: bytes, shape_header: str | None, dtype_header: str | None)
 
 
 def _npy_inputs(body: bytes) -> np.ndarray:
+    if not body.startswith(b"\x93NUMPY"):
+        raise ApiError(400, "request body is not a .npy file: it must start as numpy.save writes it (\\x93NUMPY)")
     try:
         array = np.load(io.BytesIO(body), allow_pickle=False)
     except Exception as e:  # numpy raises ValueError, EOFError, OSError... for a damaged file

@@ -1,0 +1,41 @@
+"""The benchmark scripts still run (tiny settings; their timings are not asserted: they are
+benchmarks, and a test that times them would only measure this machine's noise)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _run(*args: str) -> str:
+    out = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return out.stdout
+
+
+def test_inference_bench_prints_its_comparison(bundle_dir: Path, data_dir: Path):
+    out = _run(
+        "bench/inference.py",
+        "--bundle",
+        str(bundle_dir),
+        "--batches",
+        "1",
+        "--budgets",
+        "1",
+        "3",
+        "--rounds",
+        "1",
+        "--target-ms",
+        "1",
+    )
+    assert "packed/floor" in out and "naive/cached" in out
+    rows = [line.split() for line in out.splitlines() if line.strip().startswith("1 ")]
+    assert [r[1] for r in rows] == ["1", "3"]
+
+
+def test_train_bench_prints_its_comparison(data_dir: Path):
+    out = _run("bench/train.py", "--epochs", "1", "--subset", "1000", "--skip-torchensemble")
+    assert "ours / floor" in out
