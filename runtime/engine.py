@@ -23,7 +23,7 @@ import numpy as np
 import onnxruntime as ort
 
 from quorum.runtime.errors import BundleError, InvalidRequest, NoModulesAvailable
-from quorum.runtime.executors import IsolatedExecutor, ModuleRun, PackedExecutor
+from quorum.runtime.executors import FailureKind, IsolatedExecutor, ModuleRun, PackedExecutor
 from quorum.runtime.manifest import PARITY_ATOL, PARITY_RTOL, Manifest, ModuleEntry, probe_input
 from quorum.runtime.plan import make_plan
 from quorum.runtime.providers import CUDA, requested_providers, session_options
@@ -42,7 +42,8 @@ class ModuleState:
     status: Literal["healthy", "quarantined"]
     reason: str | None = None  # why it is quarantined
     calls: int = 0  # answers it was asked to take part in, on either path
-    failures: int = 0  # runs that raised or returned non-finite values
+    failures: int = 0  # runs that raised, timed out or returned non-finite values
+    failure_kinds: dict[str, int] = field(default_factory=dict)  # failures by FailedModule.kind
     last_error: str | None = None
     total_ms: float = 0.0  # time spent in its runs of its own session (the packed path times whole calls)
     timed_runs: int = 0  # runs of its own session
@@ -57,6 +58,7 @@ class ModuleState:
 class FailedModule:
     id: int
     reason: str
+    kind: FailureKind = "error"  # error (raised, misshapen), timeout, nonfinite
 
 
 @dataclass
@@ -344,7 +346,10 @@ class Engine:
     def modules(self) -> list[ModuleState]:
         """A snapshot of every module's state and counters, by id."""
         with self._lock:
-            return [replace(m, calls=m.calls + int(self._packed_calls[m.id])) for m in self._states]
+            return [
+                replace(m, calls=m.calls + int(self._packed_calls[m.id]), failure_kinds=dict(m.failure_kinds))
+                for m in self._states
+            ]
 
     @property
     def healthy_ids(self) -> frozenset[int]:
@@ -520,7 +525,7 @@ class Engine:
             return mean, ids, []
         runs = self._checked(self._isolated.run(ids, x), x.shape[0])
         used = [r.id for r in runs if r.error is None]
-        failed = [FailedModule(r.id, r.error) for r in runs if r.error is not None]
+        failed = [FailedModule(r.id, r.error, r.kind or "error") for r in runs if r.error is not None]
         answers = [r.logits for r in runs if r.error is None and r.logits is not None]
         mean = np.mean(np.stack(answers), axis=0) if answers else np.empty((x.shape[0], 0), np.float32)
         return mean, used, failed
@@ -548,13 +553,13 @@ class Engine:
         shape = (n, self.manifest.num_classes)
         for r in runs:
             if r.error is None and r.logits is not None and r.logits.shape != shape:
-                r.error = f"output shape {r.logits.shape}, expected {shape}"
+                r.error, r.kind = f"output shape {r.logits.shape}, expected {shape}", "error"
         answered = [(r, r.logits) for r in runs if r.error is None and r.logits is not None]
         if answered:  # one vectorized check for the common case, where all are finite
             finite: list[bool] = np.isfinite(np.stack([a for _, a in answered])).all(axis=(1, 2)).tolist()
             for (r, _), ok in zip(answered, finite, strict=True):
                 if not ok:
-                    r.error = "non-finite output"
+                    r.error, r.kind = "non-finite output", "nonfinite"
         with self._lock:
             for r in runs:
                 state = self._states[r.id]
@@ -564,6 +569,8 @@ class Engine:
                 if r.error is not None:
                     state.failures += 1
                     state.last_error = r.error
+                    kind = r.kind or "error"
+                    state.failure_kinds[kind] = state.failure_kinds.get(kind, 0) + 1
         for r in runs:
             if r.error is not None:
                 log.warning("module %d failed: %s", r.id, r.error)

@@ -19,11 +19,12 @@ from collections import OrderedDict
 from collections.abc import Sequence
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 import onnxruntime as ort
 
-__all__ = ["IsolatedExecutor", "ModuleRun", "PackedExecutor", "default_workers"]
+__all__ = ["FailureKind", "IsolatedExecutor", "ModuleRun", "PackedExecutor", "default_workers"]
 
 
 def default_workers() -> int:
@@ -34,14 +35,18 @@ def default_workers() -> int:
         return max(1, os.cpu_count() or 1)
 
 
+FailureKind = Literal["error", "timeout", "nonfinite"]
+
+
 @dataclass
 class ModuleRun:
-    """The outcome of one module's run: logits (N, K), or an error."""
+    """The outcome of one module's run: logits (N, K), or an error and its kind."""
 
     id: int
     logits: np.ndarray | None
     error: str | None
     ms: float
+    kind: FailureKind | None = None  # set with `error`
 
 
 class PackedExecutor:
@@ -142,7 +147,7 @@ class IsolatedExecutor:
             logits = self.sessions[j].run([self._output], {self._input: x}, options)[0]
             return ModuleRun(j, logits, None, (time.perf_counter() - t0) * 1e3)
         except Exception as e:
-            return ModuleRun(j, None, f"{type(e).__name__}: {e}", (time.perf_counter() - t0) * 1e3)
+            return ModuleRun(j, None, f"{type(e).__name__}: {e}", (time.perf_counter() - t0) * 1e3, "error")
 
     def run(self, ids: Sequence[int], x: np.ndarray) -> list[ModuleRun]:
         """Run modules `ids` on x; one ModuleRun per id, in the order of `ids`."""
@@ -176,7 +181,7 @@ class IsolatedExecutor:
             for j in late:
                 started = j in running
                 why = f"no answer within {self.timeout_s * 1e3:g} ms" if started else "not started before the deadline"
-                results[j] = ModuleRun(j, None, f"timeout: {why}", self.timeout_s * 1e3 if started else 0.0)
+                results[j] = ModuleRun(j, None, f"timeout: {why}", self.timeout_s * 1e3 if started else 0.0, "timeout")
         return [results[j] for j in ids]
 
     def close(self) -> None:

@@ -12,6 +12,7 @@ import quorum
 from quorum.runtime.engine import Engine
 from quorum.server.errors import install_error_handlers
 from quorum.server.limits import BodySizeLimit
+from quorum.server.metrics import Metrics, RequestMetrics
 from quorum.server.routes import health, predict
 from quorum.server.settings import Settings
 
@@ -53,8 +54,10 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
     )
     app.state.settings = settings
     app.state.engine = engine
+    app.state.metrics = Metrics(lambda: app.state.engine)
     install_error_handlers(app)
     app.include_router(predict.router)
     app.include_router(health.router)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
+    app.add_middleware(RequestMetrics, metrics=app.state.metrics)  # outermost: counts the 413s too
     return app

@@ -36,6 +36,7 @@ class ClassPrediction(BaseModel):
 class FailedModuleOut(BaseModel):
     id: int
     reason: str
+    kind: Literal["error", "timeout", "nonfinite"] = Field(description="What went wrong, for counting.")
 
 
 class ModulesUsed(BaseModel):
@@ -81,6 +82,7 @@ class ModuleStatusOut(BaseModel):
     reason: str | None
     calls: int
     failures: int
+    failure_kinds: dict[str, int] = Field(description="Failures by kind: error, timeout, nonfinite.")
     last_error: str | None
     mean_ms: float | None
 

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 
 from quorum.server.deps import EngineDep
+from quorum.server.metrics import CONTENT_TYPE_LATEST
 from quorum.server.schemas import ModulesResponse, ModuleStatusOut, ServiceInfo
 
 __all__ = ["router"]
@@ -35,6 +36,12 @@ def modules(engine: EngineDep) -> ModulesResponse:
     """Per-module state: healthy or quarantined (with why), calls, failures, mean latency."""
     out = [ModuleStatusOut.model_validate(m, from_attributes=True) for m in engine.modules]
     return ModulesResponse(healthy=len(engine.healthy_ids), total=engine.num_modules, modules=out)
+
+
+@router.get("/metrics", response_class=Response, responses={200: {"content": {CONTENT_TYPE_LATEST: {}}}})
+def metrics(request: Request) -> Response:
+    """Prometheus metrics: requests, latency, modules per answer, module outcomes and readiness."""
+    return Response(request.app.state.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
 
 @router.get("/", response_model=ServiceInfo)

@@ -11,6 +11,7 @@ from quorum.runtime.engine import Engine, Prediction
 from quorum.server.body import OPENAPI_REQUEST_BODY, read_inputs
 from quorum.server.deps import get_engine, get_settings
 from quorum.server.errors import ApiError
+from quorum.server.metrics import Metrics
 from quorum.server.schemas import (
     ClassPrediction,
     FailedModuleOut,
@@ -80,7 +81,7 @@ def _modules(result: Prediction) -> ModulesUsed:
         requested=result.requested,
         used=result.used,
         dropped=result.dropped,
-        failed=[FailedModuleOut(id=f.id, reason=f.reason) for f in result.failed],
+        failed=[FailedModuleOut(id=f.id, reason=f.reason, kind=f.kind) for f in result.failed],
     )
 
 
@@ -112,7 +113,7 @@ async def predict(request: Request) -> PredictResponse | SpecialistResponse:
         raise ApiError(422, f"unknown query parameter(s) {', '.join(unknown)}; known: {', '.join(sorted(_QUERY))}")
     budget, seed = _int_param(q.get("budget"), "budget"), _int_param(q.get("seed"), "seed")
     inputs = await read_inputs(request, settings.max_batch)
-    args = (engine, inputs, budget, _parse_drop(q.get("drop")), seed, q.get("specialist"))
+    args = (engine, request.app.state.metrics, inputs, budget, _parse_drop(q.get("drop")), seed, q.get("specialist"))
     if engine.executor == "packed":
         # One bounded call (~0.1-3 ms): answered on the event loop, which saves a thread
         # hand-off that costs as much as the work (docs/RESULTS.md, HTTP).
@@ -130,10 +131,17 @@ def _int_param(value: str | None, name: str) -> int | None:
 
 
 def _answer(
-    engine: Engine, inputs: Any, budget: int | None, drop: int | float | None, seed: int | None, specialist: str | None
+    engine: Engine,
+    metrics: Metrics,
+    inputs: Any,
+    budget: int | None,
+    drop: int | float | None,
+    seed: int | None,
+    specialist: str | None,
 ) -> PredictResponse | SpecialistResponse:
     if specialist is not None:
         spec = engine.predict_specialist(inputs, specialist, budget=budget, drop=drop, seed=seed)
+        metrics.observe_answer(spec.prediction)
         return SpecialistResponse(
             specialist=SpecialistInfo(
                 class_index=spec.class_index, class_name=spec.class_name, subset=spec.subset, val_f1=spec.val_f1
@@ -147,6 +155,7 @@ def _answer(
             latency_ms=round(spec.prediction.latency_ms, 3),
         )
     result = engine.predict(inputs, budget=budget, drop=drop, seed=seed)
+    metrics.observe_answer(result)
     return PredictResponse(
         predictions=[
             ClassPrediction(label=label, class_name=name, probabilities=p)

@@ -227,7 +227,8 @@ def test_a_module_returning_nan_in_service_is_dropped_from_the_answer(bundle_cop
     assert [f.id for f in r.failed] == [j] and "non-finite" in r.failed[0].reason
     assert r.used == m.anytime_order[1:5] and r.degraded and np.isfinite(r.probabilities).all()
     state = engine.modules[j]
-    assert state.failures == 1 and state.last_error == "non-finite output"
+    assert state.failures == 1 and state.last_error == "non-finite output" and state.failure_kinds == {"nonfinite": 1}
+    assert r.failed[0].kind == "nonfinite"
 
 
 def test_nan_weights_are_caught_at_load(bundle_copy: Path):
@@ -259,7 +260,8 @@ def test_a_hung_module_times_out_and_the_rest_answer(bundle_copy: Path, test_ima
             assert [f.id for f in r.failed] == [j] and r.failed[0].reason.startswith("timeout")
             assert r.used == [k for k in m.anytime_order[:8] if k != j] and r.degraded
             assert elapsed < 2.0
-        assert engine.modules[j].failures == 3
+        assert engine.modules[j].failures == 3 and engine.modules[j].failure_kinds == {"timeout": 3}
+        assert r.failed[0].kind == "timeout"
     finally:
         engine.close()
 

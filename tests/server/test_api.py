@@ -263,3 +263,37 @@ def test_server_package_never_imports_torch_or_onnxruntime_itself():
     code = "import sys, quorum.server.app, quorum.server.main; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_metrics_follow_the_prometheus_text_format(client: TestClient, images):
+    from prometheus_client.parser import text_string_to_metric_families
+
+    def scrape() -> dict[str, dict[tuple, float]]:
+        r = client.get("/metrics")
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
+        out: dict[str, dict[tuple, float]] = {}
+        for family in text_string_to_metric_families(r.text):
+            for sample in family.samples:
+                out.setdefault(sample.name, {})[tuple(sorted(sample.labels.items()))] = sample.value
+        return out
+
+    before = scrape()
+    assert client.post("/predict?budget=5", json={"inputs": images}).status_code == 200
+    assert client.post("/predict?drop=0.5&seed=1", json={"inputs": images}).status_code == 200  # degraded
+    assert client.post("/predict?budget=0", json={"inputs": images}).status_code == 422
+    client.get("/no/such/path")
+    after = scrape()
+
+    def delta(name: str, **labels: str) -> float:
+        key = tuple(sorted(labels.items()))
+        return after.get(name, {}).get(key, 0.0) - before.get(name, {}).get(key, 0.0)
+
+    assert delta("quorum_http_requests_total", route="/predict", method="POST", status="200") == 2
+    assert delta("quorum_http_requests_total", route="/predict", method="POST", status="422") == 1
+    assert delta("quorum_http_requests_total", route="unmatched", method="GET", status="404") == 1
+    assert delta("quorum_http_request_duration_seconds_count", route="/predict", method="POST") == 3
+    assert delta("quorum_modules_evaluated_count") == 2 and delta("quorum_modules_evaluated_sum") == 5 + 20
+    assert delta("quorum_degraded_answers_total") == 1
+    ok = {k: v for k, v in after["quorum_module_outcomes_total"].items() if ("outcome", "ok") in k}
+    assert len(ok) == 40 and len(after["quorum_module_outcomes_total"]) == 40 * 4
+    assert sum(after["quorum_module_ready"].values()) == 40
