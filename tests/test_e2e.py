@@ -123,3 +123,44 @@ def test_cli_help_and_errors():
     assert out.returncode == 2 and "Theorem 1" in out.stderr and "Traceback" not in out.stderr
     out = subprocess.run([*QUORUM, "serve", "/nonexistent"], capture_output=True, text=True)
     assert out.returncode == 2 and "quorum export" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_kserve_v2_protocol_with_tritonclient(server, test_images):
+    import tritonclient.http as httpclient
+    from tritonclient.utils import InferenceServerException
+
+    from quorum.runtime.manifest import Manifest
+
+    base, bundle, _ = server
+    client = httpclient.InferenceServerClient(url=base.removeprefix("http://"))
+    name = Manifest.load(bundle).name
+    assert client.is_server_live() and client.is_server_ready() and client.is_model_ready(name)
+    meta = client.get_model_metadata(name)
+    assert meta["inputs"][0]["name"] == "input" and meta["inputs"][0]["shape"] == [-1, 784]
+
+    x = test_images[0][:8]
+    status, want = _request(f"{base}/predict?budget=32", json.dumps({"inputs": x.tolist()}).encode())
+    assert status == 200
+    for binary in (True, False):  # Triton's binary tensor extension, and plain JSON data
+        tensor = httpclient.InferInput("input", list(x.shape), "FP32")
+        tensor.set_data_from_numpy(x.astype(np.float32), binary_data=binary)
+        result = client.infer(name, [tensor], parameters={"budget": 32})
+        params = result.get_response()["parameters"]
+        assert params["modules_requested"] == params["modules_used"] == 32 and params["degraded"] is False
+        np.testing.assert_allclose(
+            result.as_numpy("probabilities"), [p["probabilities"] for p in want["predictions"]], atol=1e-6
+        )
+        assert result.as_numpy("label").tolist() == [p["label"] for p in want["predictions"]]
+
+    tensor = httpclient.InferInput("input", list(x.shape), "UINT8")
+    tensor.set_data_from_numpy(x)
+    result = client.infer(name, [tensor], parameters={"specialist": "Sneaker", "drop": 0.5, "seed": 1})
+    assert result.as_numpy("is_class").dtype == bool and result.as_numpy("probability").shape == (8,)
+    assert result.get_response()["parameters"]["modules_dropped"] == 10  # half of the 20 specialists
+
+    with pytest.raises(InferenceServerException, match="no model 'nope'"):
+        client.infer("nope", [tensor])
+    with pytest.raises(InferenceServerException, match="unknown parameters"):
+        client.infer(name, [tensor], parameters={"budjet": 3})
+    with pytest.raises(InferenceServerException, match=r"budget=0 must lie in 1\.\.64"):
+        client.infer(name, [tensor], parameters={"budget": 0})

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import orjson
 import pytest
 from fastapi.testclient import TestClient
 
@@ -297,3 +298,56 @@ def test_metrics_follow_the_prometheus_text_format(client: TestClient, images):
     ok = {k: v for k, v in after["quorum_module_outcomes_total"].items() if ("outcome", "ok") in k}
     assert len(ok) == 40 and len(after["quorum_module_outcomes_total"]) == 40 * 4
     assert sum(after["quorum_module_ready"].values()) == 40
+
+
+def _v2(data: object, **extra: object) -> dict:
+    return {"inputs": [{"name": "input", "datatype": "UINT8", "shape": [1, 784], "data": data, **extra}]}
+
+
+@pytest.mark.parametrize(
+    ("content", "headers", "status", "message"),
+    [
+        (b"{nope", {}, 400, "not valid JSON"),
+        (b"[1]", {}, 422, "JSON object"),
+        (orjson.dumps({"inputs": []}), {}, 422, "exactly one tensor"),
+        (
+            orjson.dumps({"inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 784], "data": [0] * 784}]}),
+            {},
+            422,
+            "named 'input'",
+        ),  # fmt: skip
+        (orjson.dumps(_v2([0] * 784, datatype="STRING")), {}, 422, "datatype"),
+        (orjson.dumps(_v2([0] * 784, shape="1x784")), {}, 422, "shape"),
+        (orjson.dumps(_v2([0] * 783)), {}, 422, "783 values"),
+        (orjson.dumps(_v2(["a"] * 784)), {}, 422, "UINT8"),
+        (orjson.dumps(_v2(None)), {}, 422, "neither"),
+        (orjson.dumps({**_v2([0] * 784), "parameters": {"budget": "3"}}), {}, 422, "integer"),
+        (orjson.dumps({**_v2([0] * 784), "parameters": {"drop": "x"}}), {}, 422, "drop"),
+        (orjson.dumps({**_v2([0] * 784), "parameters": {"specialist": "Spaceship"}}), {}, 422, "unknown class"),
+        (orjson.dumps({**_v2([0] * 784), "outputs": [{"name": "logits"}]}), {}, 422, "unknown outputs"),
+        (
+            orjson.dumps(_v2(None, parameters={"binary_data_size": 784})) + b"\0" * 700,
+            {"inference-header-content-length": "9999"},
+            400,
+            "does not fit",
+        ),  # fmt: skip
+    ],
+)
+def test_v2_infer_rejects_malformed_requests(client: TestClient, content, headers, status, message):
+    r = client.post("/v2/models/small/infer", content=content, headers={"content-type": "application/json", **headers})
+    assert r.status_code == status, r.text
+    assert message in r.json()["error"]
+
+
+def test_v2_health_and_metadata(client: TestClient, images):
+    assert client.get("/v2/health/live").json() == {"live": True}
+    assert client.get("/v2/health/ready").status_code == 200
+    assert client.get("/v2/models/small/ready").json()["ready"] is True
+    assert client.get("/v2/models/other").status_code == 404
+    header = orjson.dumps(_v2(None, parameters={"binary_data_size": 784}))
+    body = header + np.asarray(images[0], np.uint8).tobytes()
+    r = client.post(
+        "/v2/models/small/infer", content=body, headers={"inference-header-content-length": str(len(header))}
+    )
+    assert r.status_code == 200, r.text
+    assert r.json()["outputs"][0]["shape"] == [1, 10] and r.json()["parameters"]["modules_used"] == 40

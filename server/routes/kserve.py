@@ -1,0 +1,217 @@
+"""The KServe v2 (Open Inference) protocol beside /predict.
+
+    GET  /v2/health/live, /v2/health/ready
+    GET  /v2/models/{name}, /v2/models/{name}/ready
+    POST /v2/models/{name}/infer
+
+`budget`, `drop`, `seed` and `specialist` travel in the request's `parameters`; the response's
+`parameters` report the modules requested, used and failed, and `degraded`. Input tensors come
+as JSON `data` or, with Triton's binary extension (what `tritonclient` sends by default), as
+raw bytes after the JSON header. Outputs are JSON: `probabilities` (FP32 [N, K]) and `label`
+(INT64 [N]); for a specialist query, `is_class` (BOOL [N]) and `probability` (FP32 [N]).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+import orjson
+from fastapi import APIRouter, Request
+from fastapi.responses import Response
+
+from quorum.runtime.engine import Engine, Prediction
+from quorum.server.deps import get_engine, get_settings
+from quorum.server.errors import ApiError
+
+__all__ = ["router"]
+
+router = APIRouter(prefix="/v2", tags=["kserve-v2"])
+
+DATATYPES: dict[str, np.dtype[Any]] = {
+    "FP32": np.dtype("<f4"),
+    "FP64": np.dtype("<f8"),
+    "UINT8": np.dtype("u1"),
+    "INT32": np.dtype("<i4"),
+    "INT64": np.dtype("<i8"),
+}
+PARAMETERS = frozenset({"budget", "drop", "seed", "specialist"})
+# Triton's binary extension: clients may ask for binary outputs; answers are JSON, which they read too.
+IGNORED = frozenset({"binary_data_output"})
+
+
+def _json(data: dict[str, Any], status: int = 200) -> Response:
+    return Response(orjson.dumps(data), status_code=status, media_type="application/json")
+
+
+@router.get("/health/live")
+async def live() -> Response:
+    """Live: the process answers."""
+    return _json({"live": True})
+
+
+@router.get("/health/ready", responses={503: {"description": "No bundle loaded or no healthy module."}})
+async def ready(request: Request) -> Response:
+    """Ready: a bundle is loaded with at least one healthy module."""
+    engine = getattr(request.app.state, "engine", None)
+    ok = engine is not None and bool(engine.healthy_ids)
+    return _json({"ready": ok}, 200 if ok else 503)
+
+
+def _model(request: Request, name: str) -> Engine:
+    engine = get_engine(request)
+    if name != engine.manifest.name:
+        raise ApiError(404, f"no model {name!r}; this server serves {engine.manifest.name!r}")
+    return engine
+
+
+@router.get("/models/{name}")
+async def metadata(request: Request, name: str) -> Response:
+    """The model's name, platform, and input and output tensors."""
+    engine = _model(request, name)
+    m = engine.manifest
+    return _json(
+        {
+            "name": m.name,
+            "versions": ["1"],
+            "platform": "quorum",
+            "inputs": [{"name": m.input.name, "datatype": "FP32", "shape": [-1, *m.input.shape]}],
+            "outputs": [
+                {"name": "probabilities", "datatype": "FP32", "shape": [-1, m.num_classes]},
+                {"name": "label", "datatype": "INT64", "shape": [-1]},
+            ],
+            "parameters": {"modules": engine.num_modules, "healthy_modules": len(engine.healthy_ids)},
+        }
+    )
+
+
+@router.get("/models/{name}/ready", responses={503: {"description": "No healthy module."}})
+async def model_ready(request: Request, name: str) -> Response:
+    engine = _model(request, name)
+    ok = bool(engine.healthy_ids)
+    return _json({"name": name, "ready": ok}, 200 if ok else 503)
+
+
+@router.post(
+    "/models/{name}/infer",
+    responses={
+        400: {"description": "Not JSON, or a broken binary-data framing."},
+        413: {"description": "The body or the batch exceeds its limit."},
+        422: {"description": "Wrong tensors or parameters."},
+        503: {"description": "No module could answer."},
+    },
+)
+async def infer(request: Request, name: str) -> Response:
+    """One inference request of the v2 protocol."""
+    engine = _model(request, name)
+    header, tensor = _parse(await request.body(), request.headers.get("inference-header-content-length"), engine)
+    if len(tensor) > get_settings(request).max_batch:
+        raise ApiError(413, f"batch of {len(tensor)} inputs exceeds the limit of {get_settings(request).max_batch}")
+    params = header.get("parameters") or {}
+    if not isinstance(params, dict) or (unknown := sorted(set(params) - PARAMETERS - IGNORED)):
+        raise ApiError(
+            422,
+            f"unknown parameters {params if not isinstance(params, dict) else unknown}; "
+            f"known: {', '.join(sorted(PARAMETERS))}",
+        )
+    budget, drop, seed = _int(params, "budget"), params.get("drop"), _int(params, "seed")
+    if drop is not None and (isinstance(drop, bool) or not isinstance(drop, int | float)):
+        raise ApiError(422, f"parameter drop={drop!r} must be a fraction in [0, 1) or a count")
+    specialist = params.get("specialist")
+    outputs: list[dict[str, Any]]
+    if specialist is not None:
+        spec = engine.predict_specialist(tensor, str(specialist), budget=budget, drop=drop, seed=seed)
+        pred = spec.prediction
+        n = len(spec.is_class)
+        outputs = [
+            {"name": "is_class", "datatype": "BOOL", "shape": [n], "data": spec.is_class.tolist()},
+            {"name": "probability", "datatype": "FP32", "shape": [n], "data": spec.probability.tolist()},
+        ]
+    else:
+        pred = engine.predict(tensor, budget=budget, drop=drop, seed=seed)
+        n, k = pred.probabilities.shape
+        outputs = [
+            {"name": "probabilities", "datatype": "FP32", "shape": [n, k], "data": pred.probabilities.ravel().tolist()},
+            {"name": "label", "datatype": "INT64", "shape": [n], "data": pred.labels.tolist()},
+        ]
+    request.app.state.metrics.observe_answer(pred)
+    wanted = [o.get("name") for o in header.get("outputs") or [] if isinstance(o, dict)]
+    if wanted:
+        if missing := [w for w in wanted if w not in {o["name"] for o in outputs}]:
+            raise ApiError(422, f"unknown outputs {missing}; this model gives {[o['name'] for o in outputs]}")
+        outputs = [o for o in outputs if o["name"] in wanted]
+    body: dict[str, Any] = {"model_name": name, "model_version": "1", "outputs": outputs, "parameters": _report(pred)}
+    if "id" in header:
+        body["id"] = header["id"]
+    return _json(body)
+
+
+def _report(pred: Prediction) -> dict[str, Any]:
+    return {
+        "modules_requested": pred.requested,
+        "modules_used": len(pred.used),
+        "modules_failed": len(pred.failed),
+        "modules_dropped": len(pred.dropped),
+        "degraded": pred.degraded,
+        "latency_ms": round(pred.latency_ms, 3),
+    }
+
+
+def _int(params: dict[str, Any], key: str) -> int | None:
+    value = params.get(key)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ApiError(422, f"parameter {key}={value!r} must be an integer")
+    return value
+
+
+def _parse(body: bytes, header_length: str | None, engine: Engine) -> tuple[dict[str, Any], np.ndarray]:
+    """The request's JSON header and its one input tensor as an array."""
+    binary = b""
+    if header_length is not None:
+        if not header_length.isdigit() or int(header_length) > len(body):
+            raise ApiError(
+                400, f"Inference-Header-Content-Length {header_length!r} does not fit a {len(body)}-byte body"
+            )
+        body, binary = body[: int(header_length)], body[int(header_length) :]
+    try:
+        header = orjson.loads(body)
+    except orjson.JSONDecodeError as e:
+        raise ApiError(400, f"request body is not valid JSON: {e}") from None
+    if not isinstance(header, dict):
+        raise ApiError(422, "the request must be a JSON object with `inputs`")
+    inputs = header.get("inputs")
+    spec = engine.manifest.input
+    if not isinstance(inputs, list) or len(inputs) != 1 or not isinstance(inputs[0], dict):
+        raise ApiError(422, f"`inputs` must hold exactly one tensor, named {spec.name!r}")
+    t = inputs[0]
+    if t.get("name") != spec.name:
+        raise ApiError(422, f"input tensor {t.get('name')!r}: this model's input is named {spec.name!r}")
+    dtype = DATATYPES.get(str(t.get("datatype")))
+    if dtype is None:
+        raise ApiError(422, f"datatype {t.get('datatype')!r} is not one of {', '.join(DATATYPES)}")
+    shape = t.get("shape")
+    if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
+        raise ApiError(422, f"shape {shape!r} must be a list of sizes, e.g. [N, {', '.join(map(str, spec.shape))}]")
+    count = math.prod(shape)
+    size = (t.get("parameters") or {}).get("binary_data_size")
+    if size is not None:
+        if not isinstance(size, int) or size != len(binary) or size != count * dtype.itemsize:
+            raise ApiError(
+                400,
+                f"binary_data_size {size!r} disagrees with {len(binary)} bytes after the header or with the "
+                f"shape {shape} of {t['datatype']} ({count * dtype.itemsize} bytes)",
+            )
+        return header, np.frombuffer(binary, dtype=dtype).reshape(shape)
+    data = t.get("data")
+    if data is None:
+        raise ApiError(422, "the input tensor has neither `data` nor binary data")
+    try:
+        array = np.asarray(data, dtype=dtype)
+    except (ValueError, TypeError, OverflowError) as e:
+        raise ApiError(422, f"input data are not {t['datatype']} numbers: {e}") from None
+    if array.size != count:
+        raise ApiError(422, f"input data hold {array.size} values; shape {shape} needs {count}")
+    return header, array.reshape(shape)
