@@ -315,7 +315,7 @@ def _v2(data: object, **extra: object) -> dict:
             {},
             422,
             "named 'input'",
-        ),  # fmt: skip
+        ),
         (orjson.dumps(_v2([0] * 784, datatype="STRING")), {}, 422, "datatype"),
         (orjson.dumps(_v2([0] * 784, shape="1x784")), {}, 422, "shape"),
         (orjson.dumps(_v2([0] * 783)), {}, 422, "783 values"),
@@ -330,7 +330,7 @@ def _v2(data: object, **extra: object) -> dict:
             {"inference-header-content-length": "9999"},
             400,
             "does not fit",
-        ),  # fmt: skip
+        ),
     ],
 )
 def test_v2_infer_rejects_malformed_requests(client: TestClient, content, headers, status, message):
