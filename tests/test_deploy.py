@@ -1,0 +1,63 @@
+"""deploy/: every file parses and points at things that exist (no Docker engine runs here)."""
+
+from __future__ import annotations
+
+import configparser
+import re
+from pathlib import Path
+
+import yaml
+from fastapi.testclient import TestClient
+
+from quorum.server.app import create_app
+from quorum.server.settings import Settings
+
+DEPLOY = Path(__file__).resolve().parents[1] / "deploy"
+ROOT = DEPLOY.parent
+
+
+def _yaml_documents() -> list[tuple[Path, dict]]:
+    files = sorted(DEPLOY.rglob("*.yml")) + sorted(DEPLOY.rglob("*.yaml"))
+    assert len(files) >= 2
+    return [(f, doc) for f in files for doc in yaml.safe_load_all(f.read_text()) if doc is not None]
+
+
+def test_every_yaml_file_parses_into_mappings():
+    docs = _yaml_documents()
+    assert all(isinstance(doc, dict) for _, doc in docs)
+    kinds = {doc.get("kind") for _, doc in docs}
+    assert {"Deployment", "Service"} <= kinds
+
+
+def test_kubernetes_probes_hit_routes_the_server_answers(bundle_dir: Path):
+    deployment = next(doc for _, doc in _yaml_documents() if doc.get("kind") == "Deployment")
+    container = deployment["spec"]["template"]["spec"]["containers"][0]
+    assert container["resources"]["requests"] and container["resources"]["limits"]
+    assert (
+        deployment["spec"]["selector"]["matchLabels"].items()
+        <= deployment["spec"]["template"]["metadata"]["labels"].items()
+    )
+    paths = {container[probe]["httpGet"]["path"] for probe in ("livenessProbe", "readinessProbe")}
+    assert paths == {"/v2/health/live", "/v2/health/ready"}
+    with TestClient(create_app(Settings(bundle=bundle_dir))) as client:
+        for path in paths | {deployment["spec"]["template"]["metadata"]["annotations"]["prometheus.io/path"]}:
+            assert client.get(path).status_code == 200, path
+
+
+def test_dockerfiles_copy_what_exists_and_run_the_server():
+    for name in ("Dockerfile", "Dockerfile.gpu"):
+        text = (DEPLOY / name).read_text()
+        sources = [src for line in re.findall(r"^COPY (.+)$", text, re.M) for src in line.split()[:-1]]
+        assert sources and all((ROOT / src).exists() for src in sources), sources
+        assert 'CMD ["quorum", "serve", "/bundle"]' in text and re.search(r"^USER \w+", text, re.M)
+    compose = yaml.safe_load((DEPLOY / "docker-compose.yml").read_text())
+    build = compose["services"]["quorum"]["build"]
+    assert (DEPLOY / build["context"] / build["dockerfile"]).is_file()
+
+
+def test_systemd_unit_parses():
+    unit = configparser.ConfigParser(strict=False, interpolation=None)
+    unit.optionxform = str  # type: ignore[assignment,method-assign]
+    unit.read_string((DEPLOY / "quorum.service").read_text())
+    assert {"Unit", "Service", "Install"} <= set(unit.sections())
+    assert "quorum serve" in unit["Service"]["ExecStart"]
