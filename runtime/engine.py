@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import os
 import threading
 import time
@@ -70,6 +71,7 @@ class Prediction:
     used: list[int]  # ids whose logits were combined, in anytime order
     dropped: list[int] = field(default_factory=list)  # made unavailable by fault injection
     failed: list[FailedModule] = field(default_factory=list)  # ran but gave no usable answer
+    unfinished: list[int] = field(default_factory=list)  # not done by the request's deadline (not failures)
     degraded: bool = False  # fewer modules answered than were requested
     latency_ms: float = 0.0
 
@@ -130,6 +132,7 @@ class Engine:
         self._packed = packed
         self.executor: Literal["packed", "isolated"] = "packed" if packed else "isolated"
         self.packed_note = packed_note  # why the packed graph is not used, if it is not
+        self.wait_for_first = False  # under a deadline, wait for the first module past it
         self._lock = threading.Lock()  # guards the counters in `modules`
         spec = manifest.input
         self._input_shape = tuple(spec.shape)
@@ -159,6 +162,7 @@ class Engine:
         module_timeout_ms: float = 1000.0,
         packed_cache_mb: float = 64.0,
         packed_threads: int = 1,
+        wait_for_first: bool = False,
     ) -> Engine:
         """Verify and load a bundle. Raises BundleError only when no module is healthy, or when
         `executor="packed"` is asked for and the bundle's packed graph is missing or does not verify.
@@ -173,6 +177,8 @@ class Engine:
             packed_threads: intra-op threads of the packed session. 1 (the default) is fastest
                 for small requests and never competes with the server's own thread; 2 halves the
                 time of a 64-image, 256-module request on two cores (docs/RESULTS.md).
+            wait_for_first: under `deadline_ms`, wait past the deadline for the first module
+                (up to the module timeout) rather than answer that none finished.
         """
         if executor not in ("auto", "packed", "isolated"):
             raise ValueError(f"executor must be auto, packed or isolated, got {executor!r}")
@@ -244,7 +250,9 @@ class Engine:
                     isolated.close()
                     raise BundleError(f"{bundle_dir}: executor=packed asked for, but {note}") from None
                 log.warning("packed graph not used (%s); running modules one session each", note)
-        return cls(bundle_dir, manifest, isolated, modules, packed, note)
+        engine = cls(bundle_dir, manifest, isolated, modules, packed, note)
+        engine.wait_for_first = wait_for_first
+        return engine
 
     @staticmethod
     def _load_module(
@@ -395,6 +403,7 @@ class Engine:
         budget: int | None = None,
         drop: float | int | None = None,
         seed: int | None = None,
+        deadline_ms: float | None = None,
     ) -> Prediction:
         """Predict with a budgeted subset of modules.
 
@@ -405,8 +414,11 @@ class Engine:
             drop: simulate failed hardware: an int count, or a float fraction in [0, 1),
                 of the available modules made unavailable at random.
             seed: seeds the choice of dropped modules.
+            deadline_ms: answer with the modules of the plan, in order, that finish within this
+                time (anytime prediction); none finished -> NoModulesAvailable, unless the engine
+                was loaded with `wait_for_first`.
         """
-        return self._predict(x_raw, self._anytime, self.num_modules, budget, drop, seed)
+        return self._predict(x_raw, self._anytime, self.num_modules, budget, drop, seed, deadline_ms)
 
     def predict_specialist(
         self,
@@ -415,6 +427,7 @@ class Engine:
         budget: int | None = None,
         drop: float | int | None = None,
         seed: int | None = None,
+        deadline_ms: float | None = None,
     ) -> SpecialistPrediction:
         """Answer "is it class `cls`?" with that class's specialist sub-ensemble.
 
@@ -429,7 +442,7 @@ class Engine:
                 "`quorum export` to select them"
             )
         spec = self.manifest.specialists[c]
-        pred = self._predict(x_raw, self._specialists[c], len(spec.modules), budget, drop, seed)
+        pred = self._predict(x_raw, self._specialists[c], len(spec.modules), budget, drop, seed, deadline_ms)
         return SpecialistPrediction(
             class_index=c,
             class_name=spec.class_name,
@@ -463,14 +476,20 @@ class Engine:
         budget: int | None,
         drop: float | int | None,
         seed: int | None,
+        deadline_ms: float | None = None,
     ) -> Prediction:
         """Predict with modules from `available` (healthy ids, best first) out of `num_modules`."""
         t0 = time.perf_counter()
+        if deadline_ms is not None and (isinstance(deadline_ms, bool) or not 0 < deadline_ms < math.inf):
+            raise InvalidRequest(f"deadline_ms={deadline_ms!r} must be a positive number of milliseconds")
         x = self.preprocess(x_raw)
         plan = make_plan(available, None, num_modules, budget=budget, drop=drop, seed=seed)
         # Without drops the subset is a prefix of a fixed order: worth caching its weights.
-        mean, used, failed = self._combine(plan.selected, x, cacheable=not plan.dropped)
+        deadline_s = None if deadline_ms is None else max(0.0, deadline_ms / 1e3 - (time.perf_counter() - t0))
+        mean, used, failed, unfinished = self._combine(plan.selected, x, not plan.dropped, deadline_s)
         if not used:
+            if unfinished and not failed:
+                raise NoModulesAvailable(f"no module finished within deadline_ms={deadline_ms:g}")
             raise NoModulesAvailable("no module answered: " + "; ".join(f"m{f.id}: {f.reason}" for f in failed[:5]))
         probs = softmax(mean)  # (N, K)
         labels = probs.argmax(axis=1)
@@ -482,6 +501,7 @@ class Engine:
             used=used,
             dropped=plan.dropped,
             failed=failed,
+            unfinished=unfinished,
             degraded=len(used) < plan.requested,
             latency_ms=(time.perf_counter() - t0) * 1e3,
         )
@@ -508,27 +528,67 @@ class Engine:
         """
         if not ids or (missing := [j for j in ids if j not in self._sessions]):
             raise InvalidRequest(f"module(s) {ids and missing} are not healthy modules of this bundle")
-        mean, _, failed = self._combine(list(ids), self.preprocess(x_raw))
+        mean, _, failed, _ = self._combine(list(ids), self.preprocess(x_raw))
         if failed:
             raise NoModulesAvailable("module(s) failed: " + "; ".join(f"m{f.id}: {f.reason}" for f in failed[:5]))
         return mean
 
     def _combine(
-        self, ids: list[int], x: np.ndarray, cacheable: bool = False
-    ) -> tuple[np.ndarray, list[int], list[FailedModule]]:
-        """Mean logits of the modules of `ids` that answer; the ids used; the failures.
+        self, ids: list[int], x: np.ndarray, cacheable: bool = False, deadline_s: float | None = None
+    ) -> tuple[np.ndarray, list[int], list[FailedModule], list[int]]:
+        """Mean logits of the modules of `ids` that answer; the ids used; the failures; the ids
+        cut off by the deadline.
 
-        The packed graph answers in one call; when it is absent, raises or gives non-finite
-        values, the modules run one session each, so that every failure has a module and a reason.
+        The packed graph answers in one call (in growing chunks under a deadline); when it is
+        absent, raises or gives non-finite values, the modules run one session each, so that
+        every failure has a module and a reason.
         """
-        if self._packed is not None and (mean := self._run_packed(ids, x, cacheable)) is not None:
-            return mean, ids, []
-        runs = self._checked(self._isolated.run(ids, x), x.shape[0])
+        if self._packed is not None:
+            if deadline_s is None:
+                mean = self._run_packed(ids, x, cacheable)
+                if mean is not None:
+                    return mean, ids, [], []
+            elif (anytime := self._run_packed_anytime(ids, x, cacheable, deadline_s)) is not None:
+                mean, done = anytime
+                return mean, ids[:done], [], ids[done:]
+        runs = self._isolated.run(ids, x, deadline_s=deadline_s, wait_first=self.wait_for_first)
+        unfinished = [r.id for r in runs if r.kind == "deadline"]
+        runs = self._checked([r for r in runs if r.kind != "deadline"], x.shape[0])
         used = [r.id for r in runs if r.error is None]
-        failed = [FailedModule(r.id, r.error, r.kind or "error") for r in runs if r.error is not None]
+        failed = [FailedModule(r.id, r.error, r.kind or "error") for r in runs if r.error is not None]  # type: ignore[arg-type]
         answers = [r.logits for r in runs if r.error is None and r.logits is not None]
         mean = np.mean(np.stack(answers), axis=0) if answers else np.empty((x.shape[0], 0), np.float32)
-        return mean, used, failed
+        return mean, used, failed, unfinished
+
+    def _run_packed_anytime(
+        self, ids: list[int], x: np.ndarray, cacheable: bool, deadline_s: float
+    ) -> tuple[np.ndarray, int] | None:
+        """Anytime prediction on the packed path: the plan's modules in chunks of 1, 1, 2, 4, …
+        (each one packed call), until the next chunk, timed by the last, would pass the deadline.
+
+        Returns the mean logits of the first `done` modules and `done`, or None when the packed
+        graph's answer is unusable. `done` is 0 when not even the first module finished in time
+        (and the engine does not wait for the first).
+        """
+        t0 = time.perf_counter()
+        total, done, size, per_module = None, 0, 1, 0.0
+        while done < len(ids):
+            chunk = ids[done : done + size]
+            if done and time.perf_counter() - t0 + per_module * len(chunk) > deadline_s:
+                break
+            start = time.perf_counter()
+            mean = self._run_packed(chunk, x, cacheable)
+            if mean is None:
+                return None
+            now = time.perf_counter()
+            if not done and now - t0 > deadline_s and not self.wait_for_first:
+                return np.empty((x.shape[0], 0), np.float32), 0
+            per_module = (now - start) / len(chunk)
+            total = mean * len(chunk) if total is None else total + mean * len(chunk)
+            done += len(chunk)
+            size = done  # chunks double the modules done so far
+        assert total is not None
+        return total / done, done
 
     def module_logits(self, x_raw: Any, ids: list[int] | None = None, batch_size: int = 1000) -> np.ndarray:
         """Logits of each module in `ids` (default: every healthy module, by id): (N, len(ids), K).

@@ -24,7 +24,7 @@ from typing import Literal
 import numpy as np
 import onnxruntime as ort
 
-__all__ = ["FailureKind", "IsolatedExecutor", "ModuleRun", "PackedExecutor", "default_workers"]
+__all__ = ["FailureKind", "IsolatedExecutor", "ModuleRun", "PackedExecutor", "RunKind", "default_workers"]
 
 
 def default_workers() -> int:
@@ -36,6 +36,8 @@ def default_workers() -> int:
 
 
 FailureKind = Literal["error", "timeout", "nonfinite"]
+# A run cut off by the request's deadline (shorter than the module timeout) did not fail.
+RunKind = Literal["error", "timeout", "nonfinite", "deadline"]
 
 
 @dataclass
@@ -46,7 +48,7 @@ class ModuleRun:
     logits: np.ndarray | None
     error: str | None
     ms: float
-    kind: FailureKind | None = None  # set with `error`
+    kind: RunKind | None = None  # set with `error`
 
 
 class PackedExecutor:
@@ -149,14 +151,22 @@ class IsolatedExecutor:
         except Exception as e:
             return ModuleRun(j, None, f"{type(e).__name__}: {e}", (time.perf_counter() - t0) * 1e3, "error")
 
-    def run(self, ids: Sequence[int], x: np.ndarray) -> list[ModuleRun]:
-        """Run modules `ids` on x; one ModuleRun per id, in the order of `ids`."""
+    def run(
+        self, ids: Sequence[int], x: np.ndarray, *, deadline_s: float | None = None, wait_first: bool = False
+    ) -> list[ModuleRun]:
+        """Run modules `ids` on x; one ModuleRun per id, in the order of `ids`.
+
+        Runs stop at the module timeout, or at `deadline_s` if that comes first: then the runs
+        cut off are of kind "deadline" (not failures). With `wait_first`, a deadline that
+        passes before any module answered waits on, up to the module timeout, for the first.
+        """
         ids = list(ids)
         results: dict[int, ModuleRun] = {}
         running: dict[int, ort.RunOptions] = {}
         lock = threading.Lock()
         queue = iter(ids)
-        stop = threading.Event()
+        stop, first = threading.Event(), threading.Event()
+        t0 = time.perf_counter()
 
         def drain() -> None:
             while not stop.is_set():
@@ -170,16 +180,24 @@ class IsolatedExecutor:
                 with lock:
                     running.pop(j, None)
                     results[j] = result
+                    if result.error is None:
+                        first.set()
 
+        cut = deadline_s is not None and deadline_s < self.timeout_s
         drains = [self._pool.submit(drain) for _ in range(min(self.workers, len(ids)))]
-        wait(drains, timeout=self.timeout_s, return_when=FIRST_EXCEPTION)
+        wait(drains, timeout=deadline_s if cut else self.timeout_s, return_when=FIRST_EXCEPTION)
+        if cut and wait_first and not first.is_set():
+            first.wait(max(0.0, self.timeout_s - (time.perf_counter() - t0)))
+            cut = first.is_set()  # else the module timeout passed too: those are timeouts
         with lock:
             stop.set()
             for options in running.values():
                 options.terminate = True  # the run stops at its next node and raises in its worker
-            late = [j for j in ids if j not in results]
-            for j in late:
+            for j in (j for j in ids if j not in results):
                 started = j in running
+                if cut:
+                    results[j] = ModuleRun(j, None, "unfinished at the request's deadline", 0.0, "deadline")
+                    continue
                 why = f"no answer within {self.timeout_s * 1e3:g} ms" if started else "not started before the deadline"
                 results[j] = ModuleRun(j, None, f"timeout: {why}", self.timeout_s * 1e3 if started else 0.0, "timeout")
         return [results[j] for j in ids]

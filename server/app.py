@@ -31,6 +31,7 @@ def load_engine(settings: Settings) -> Engine:
         module_timeout_ms=settings.module_timeout_ms,
         packed_cache_mb=settings.packed_cache_mb,
         packed_threads=settings.packed_threads,
+        wait_for_first=settings.wait_for_first,
     )
 
 

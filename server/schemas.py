@@ -44,6 +44,9 @@ class ModulesUsed(BaseModel):
     used: list[int] = Field(description="Ids whose logits were combined, in anytime order.")
     dropped: list[int] = Field(description="Ids made unavailable by fault injection (`drop`).")
     failed: list[FailedModuleOut] = Field(description="Ids that ran but gave no usable answer.")
+    unfinished: list[int] = Field(
+        default_factory=list, description="Ids not done by the request's deadline (`deadline_ms`); not failures."
+    )
 
 
 class PredictResponse(BaseModel):

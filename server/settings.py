@@ -29,6 +29,9 @@ class Settings(BaseSettings):
         64.0, ge=0, description="Memory for cached gathered weights of repeated subsets (packed; 0: off)."
     )
     packed_threads: int = Field(1, ge=1, description="Intra-op threads of the packed session (2 helps big batches).")
+    wait_for_first: bool = Field(
+        False, description="Under deadline_ms, wait past the deadline for the first module rather than answer 503."
+    )
     max_batch: int = Field(256, ge=1, description="Most inputs in one request (413 beyond).")
     max_body_bytes: int = Field(8 * 1024 * 1024, ge=1024, description="Largest request body (413 beyond).")
     log_level: str = Field("info", description="uvicorn log level.")

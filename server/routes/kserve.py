@@ -4,7 +4,7 @@
     GET  /v2/models/{name}, /v2/models/{name}/ready
     POST /v2/models/{name}/infer
 
-`budget`, `drop`, `seed` and `specialist` travel in the request's `parameters`; the response's
+`budget`, `deadline_ms`, `drop`, `seed` and `specialist` travel in the request's `parameters`; the response's
 `parameters` report the modules requested, used and failed, and `degraded`. Input tensors come
 as JSON `data` or, with Triton's binary extension (what `tritonclient` sends by default), as
 raw bytes after the JSON header. Outputs are JSON: `probabilities` (FP32 [N, K]) and `label`
@@ -36,7 +36,7 @@ DATATYPES: dict[str, np.dtype[Any]] = {
     "INT32": np.dtype("<i4"),
     "INT64": np.dtype("<i8"),
 }
-PARAMETERS = frozenset({"budget", "drop", "seed", "specialist"})
+PARAMETERS = frozenset({"budget", "deadline_ms", "drop", "seed", "specialist"})
 # Triton's binary extension: clients may ask for binary outputs; answers are JSON, which they read too.
 IGNORED = frozenset({"binary_data_output"})
 
@@ -118,10 +118,14 @@ async def infer(request: Request, name: str) -> Response:
     budget, drop, seed = _int(params, "budget"), params.get("drop"), _int(params, "seed")
     if drop is not None and (isinstance(drop, bool) or not isinstance(drop, int | float)):
         raise ApiError(422, f"parameter drop={drop!r} must be a fraction in [0, 1) or a count")
-    specialist = params.get("specialist")
+    specialist, deadline = params.get("specialist"), params.get("deadline_ms")
+    if deadline is not None and (isinstance(deadline, bool) or not isinstance(deadline, int | float)):
+        raise ApiError(422, f"parameter deadline_ms={deadline!r} must be a number of milliseconds")
     outputs: list[dict[str, Any]]
     if specialist is not None:
-        spec = engine.predict_specialist(tensor, str(specialist), budget=budget, drop=drop, seed=seed)
+        spec = engine.predict_specialist(
+            tensor, str(specialist), budget=budget, drop=drop, seed=seed, deadline_ms=deadline
+        )
         pred = spec.prediction
         n = len(spec.is_class)
         outputs = [
@@ -129,7 +133,7 @@ async def infer(request: Request, name: str) -> Response:
             {"name": "probability", "datatype": "FP32", "shape": [n], "data": spec.probability.tolist()},
         ]
     else:
-        pred = engine.predict(tensor, budget=budget, drop=drop, seed=seed)
+        pred = engine.predict(tensor, budget=budget, drop=drop, seed=seed, deadline_ms=deadline)
         n, k = pred.probabilities.shape
         outputs = [
             {"name": "probabilities", "datatype": "FP32", "shape": [n, k], "data": pred.probabilities.ravel().tolist()},
@@ -153,6 +157,7 @@ def _report(pred: Prediction) -> dict[str, Any]:
         "modules_used": len(pred.used),
         "modules_failed": len(pred.failed),
         "modules_dropped": len(pred.dropped),
+        "modules_unfinished": len(pred.unfinished),
         "degraded": pred.degraded,
         "latency_ms": round(pred.latency_ms, 3),
     }

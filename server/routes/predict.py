@@ -26,7 +26,7 @@ __all__ = ["router"]
 
 router = APIRouter(tags=["predict"])
 
-_QUERY = frozenset({"budget", "drop", "seed", "specialist"})
+_QUERY = frozenset({"budget", "deadline_ms", "drop", "seed", "specialist"})
 # Query parameters are read from the request by hand (FastAPI's per-parameter solving cost a
 # fifth of the throughput of a one-image request; docs/RESULTS.md) and documented here.
 _QUERY_DOCS: list[dict[str, Any]] = [
@@ -36,6 +36,13 @@ _QUERY_DOCS: list[dict[str, Any]] = [
         "required": False,
         "schema": {"type": "integer", "minimum": 1},
         "description": "Evaluate the first `budget` available modules of the anytime order (default: all).",
+    },
+    {
+        "name": "deadline_ms",
+        "in": "query",
+        "required": False,
+        "schema": {"type": "number", "exclusiveMinimum": 0},
+        "description": "Anytime prediction: answer with the modules, in order, that finish within this time.",
     },
     {
         "name": "drop",
@@ -82,6 +89,7 @@ def _modules(result: Prediction) -> ModulesUsed:
         used=result.used,
         dropped=result.dropped,
         failed=[FailedModuleOut(id=f.id, reason=f.reason, kind=f.kind) for f in result.failed],
+        unfinished=result.unfinished,
     )
 
 
@@ -113,12 +121,23 @@ async def predict(request: Request) -> PredictResponse | SpecialistResponse:
         raise ApiError(422, f"unknown query parameter(s) {', '.join(unknown)}; known: {', '.join(sorted(_QUERY))}")
     budget, seed = _int_param(q.get("budget"), "budget"), _int_param(q.get("seed"), "seed")
     inputs = await read_inputs(request, settings.max_batch)
-    args = (engine, request.app.state.metrics, inputs, budget, _parse_drop(q.get("drop")), seed, q.get("specialist"))
+    deadline = _float_param(q.get("deadline_ms"), "deadline_ms")
+    drop, specialist = _parse_drop(q.get("drop")), q.get("specialist")
+    args = (engine, request.app.state.metrics, inputs, budget, drop, seed, specialist, deadline)
     if engine.executor == "packed":
         # One bounded call (~0.1-3 ms): answered on the event loop, which saves a thread
         # hand-off that costs as much as the work (docs/RESULTS.md, HTTP).
         return _answer(*args)
     return await run_in_threadpool(_answer, *args)  # isolated: waits on module deadlines
+
+
+def _float_param(value: str | None, name: str) -> float | None:
+    if value is None:
+        return None
+    try:
+        return float(value)
+    except ValueError:
+        raise ApiError(422, f"query {name}={value!r} is not a number") from None
 
 
 def _int_param(value: str | None, name: str) -> int | None:
@@ -138,9 +157,12 @@ def _answer(
     drop: int | float | None,
     seed: int | None,
     specialist: str | None,
+    deadline_ms: float | None,
 ) -> PredictResponse | SpecialistResponse:
     if specialist is not None:
-        spec = engine.predict_specialist(inputs, specialist, budget=budget, drop=drop, seed=seed)
+        spec = engine.predict_specialist(
+            inputs, specialist, budget=budget, drop=drop, seed=seed, deadline_ms=deadline_ms
+        )
         metrics.observe_answer(spec.prediction)
         return SpecialistResponse(
             specialist=SpecialistInfo(
@@ -154,7 +176,7 @@ def _answer(
             degraded=spec.prediction.degraded,
             latency_ms=round(spec.prediction.latency_ms, 3),
         )
-    result = engine.predict(inputs, budget=budget, drop=drop, seed=seed)
+    result = engine.predict(inputs, budget=budget, drop=drop, seed=seed, deadline_ms=deadline_ms)
     metrics.observe_answer(result)
     return PredictResponse(
         predictions=[

@@ -16,7 +16,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from quorum.exporter.packed import pack_bundle
 from quorum.runtime.engine import Engine, softmax
-from quorum.runtime.errors import BundleError
+from quorum.runtime.errors import BundleError, InvalidRequest, NoModulesAvailable
 from quorum.runtime.manifest import Manifest
 from quorum.trainer.evaluate import module_logits
 from quorum.trainer.run import load_best
@@ -296,3 +296,41 @@ def test_a_damaged_core_only_turns_the_cache_off(bundle_copy: Path, test_images)
     engine = Engine.load(bundle_copy, device="cpu", executor="packed")
     assert engine.executor == "packed" and engine._packed is not None and engine._packed.core is None
     assert engine.predict(test_images[0][:2], budget=4).used
+
+
+# ---------------------------------------------------------------- deadlines (anytime prediction)
+
+
+def test_a_deadline_answers_with_what_finished_and_is_not_a_failure(bundle_copy: Path, test_images):
+    m = Manifest.load(bundle_copy)
+    j = m.anytime_order[2]
+    _rewrite(bundle_copy, j, _hang_on_zero_pixels(onnx.load(bundle_copy / m.modules[j].file), m))
+    engine = Engine.load(bundle_copy, device="cpu", executor="isolated", workers=2, module_timeout_ms=5000)
+    try:
+        t0 = time.perf_counter()
+        r = engine.predict(test_images[0][:2], budget=10, deadline_ms=300)
+        assert time.perf_counter() - t0 < 1.5  # not the 5 s module timeout
+        assert j in r.unfinished and j not in r.used and r.failed == [] and r.degraded
+        assert r.used == [k for k in m.anytime_order[:10] if k not in r.unfinished]
+        assert engine.modules[j].failures == 0  # cut off by the request's deadline, not failed
+    finally:
+        engine.close()
+
+
+def test_packed_anytime_prediction_under_a_deadline(bundle_dir: Path, packed: Engine, test_images):
+    x = test_images[0][:16]
+    roomy = packed.predict(x, budget=40, deadline_ms=60_000)
+    assert roomy.used == packed.manifest.anytime_order[:40] and roomy.unfinished == [] and not roomy.degraded
+    np.testing.assert_allclose(roomy.probabilities, packed.predict(x, budget=40).probabilities, atol=PARITY)
+
+    with pytest.raises(NoModulesAvailable, match="no module finished within deadline_ms=1e-06"):
+        packed.predict(x, budget=40, deadline_ms=1e-6)
+    patient = Engine.load(bundle_dir, device="cpu", executor="packed", wait_for_first=True)
+    first = patient.predict(x, budget=40, deadline_ms=1e-6)
+    assert first.used == patient.manifest.anytime_order[:1] and len(first.unfinished) == 39 and first.degraded
+
+
+def test_a_deadline_must_be_a_positive_number(packed: Engine, test_images):
+    for bad in (0, -5, float("nan"), float("inf"), True):
+        with pytest.raises(InvalidRequest, match="deadline_ms"):
+            packed.predict(test_images[0][:1], deadline_ms=bad)
