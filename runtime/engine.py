@@ -23,6 +23,7 @@ from typing import Any, Literal
 import numpy as np
 import onnxruntime as ort
 
+from quorum.runtime.breaker import Breakers, BreakerState
 from quorum.runtime.errors import BundleError, InvalidRequest, NoModulesAvailable
 from quorum.runtime.executors import FailureKind, IsolatedExecutor, ModuleRun, PackedExecutor
 from quorum.runtime.manifest import PARITY_ATOL, PARITY_RTOL, Manifest, ModuleEntry, probe_input
@@ -48,6 +49,9 @@ class ModuleState:
     last_error: str | None = None
     total_ms: float = 0.0  # time spent in its runs of its own session (the packed path times whole calls)
     timed_runs: int = 0  # runs of its own session
+    breaker: BreakerState = "closed"  # open: out of rotation after repeated failures, until open_for_s passes
+    open_for_s: float | None = None
+    breaker_trips: int = 0
 
     @property
     def mean_ms(self) -> float | None:
@@ -121,6 +125,9 @@ class Engine:
         modules: list[ModuleState],
         packed: PackedExecutor | None = None,
         packed_note: str | None = None,
+        *,
+        wait_for_first: bool = False,
+        breaker: tuple[int, float, float] = (5, 30.0, 30.0),
     ):
         self.bundle_dir = bundle_dir
         self.manifest = manifest
@@ -132,7 +139,7 @@ class Engine:
         self._packed = packed
         self.executor: Literal["packed", "isolated"] = "packed" if packed else "isolated"
         self.packed_note = packed_note  # why the packed graph is not used, if it is not
-        self.wait_for_first = False  # under a deadline, wait for the first module past it
+        self.wait_for_first = wait_for_first  # under a deadline, wait for the first module past it
         self._lock = threading.Lock()  # guards the counters in `modules`
         spec = manifest.input
         self._input_shape = tuple(spec.shape)
@@ -143,10 +150,12 @@ class Engine:
         self._mean = np.asarray(spec.mean, dtype=np.float32).reshape(bshape)
         self._std = np.asarray(spec.std, dtype=np.float32).reshape(bshape)
         self._class_names = np.asarray(manifest.task.class_names, dtype=object)
-        # Orders filtered by health once, at load, not per request.
-        healthy = frozenset(self._sessions)
-        self._anytime = [j for j in manifest.anytime_order if j in healthy]
-        self._specialists = [[j for j in s.modules if j in healthy] for s in manifest.specialists]
+        self.breakers = Breakers(len(modules), *breaker)
+        # The orders restricted to modules in rotation; recomputed only when that set changes.
+        self._rotation_version = -1
+        self._anytime: list[int] = []
+        self._specialists: list[list[int]] = []
+        self._rotation()
         self.providers = sorted({p for s in self._sessions.values() for p in s.get_providers()[:1]})
 
     # ---------------------------------------------------------------- loading
@@ -163,6 +172,7 @@ class Engine:
         packed_cache_mb: float = 64.0,
         packed_threads: int = 1,
         wait_for_first: bool = False,
+        breaker: tuple[int, float, float] = (5, 30.0, 30.0),
     ) -> Engine:
         """Verify and load a bundle. Raises BundleError only when no module is healthy, or when
         `executor="packed"` is asked for and the bundle's packed graph is missing or does not verify.
@@ -179,6 +189,8 @@ class Engine:
                 time of a 64-image, 256-module request on two cores (docs/RESULTS.md).
             wait_for_first: under `deadline_ms`, wait past the deadline for the first module
                 (up to the module timeout) rather than answer that none finished.
+            breaker: (failures, window_s, open_s): a module that fails `failures` times within
+                `window_s` is out of rotation for `open_s`, then tried again (0 failures: off).
         """
         if executor not in ("auto", "packed", "isolated"):
             raise ValueError(f"executor must be auto, packed or isolated, got {executor!r}")
@@ -250,9 +262,9 @@ class Engine:
                     isolated.close()
                     raise BundleError(f"{bundle_dir}: executor=packed asked for, but {note}") from None
                 log.warning("packed graph not used (%s); running modules one session each", note)
-        engine = cls(bundle_dir, manifest, isolated, modules, packed, note)
-        engine.wait_for_first = wait_for_first
-        return engine
+        return cls(
+            bundle_dir, manifest, isolated, modules, packed, note, wait_for_first=wait_for_first, breaker=breaker
+        )
 
     @staticmethod
     def _load_module(
@@ -350,13 +362,38 @@ class Engine:
 
     # ---------------------------------------------------------------- serving
 
+    def _rotation(self) -> tuple[list[int], list[list[int]]]:
+        """The anytime order and the specialist subsets without quarantined or open-breaker modules."""
+        self.breakers.refresh()
+        if self.breakers.version != self._rotation_version:
+            with self._lock:
+                version = self.breakers.version
+                out = self.breakers.closed_to_traffic()
+                ok = frozenset(j for j in self._sessions if j not in out)
+                self._anytime = [j for j in self.manifest.anytime_order if j in ok]
+                self._specialists = [[j for j in s.modules if j in ok] for s in self.manifest.specialists]
+                self._rotation_version = version
+        return self._anytime, self._specialists
+
     @property
     def modules(self) -> list[ModuleState]:
         """A snapshot of every module's state and counters, by id."""
+        now = time.monotonic()
+        states = []
+        for m in self._states:
+            breaker, until = self.breakers.state(m.id)
+            states.append((m, breaker, None if until is None else round(max(0.0, until - now), 3)))
         with self._lock:
             return [
-                replace(m, calls=m.calls + int(self._packed_calls[m.id]), failure_kinds=dict(m.failure_kinds))
-                for m in self._states
+                replace(
+                    m,
+                    calls=m.calls + int(self._packed_calls[m.id]),
+                    failure_kinds=dict(m.failure_kinds),
+                    breaker=breaker,
+                    open_for_s=open_for,
+                    breaker_trips=self.breakers.trips(m.id),
+                )
+                for m, breaker, open_for in states
             ]
 
     @property
@@ -418,7 +455,7 @@ class Engine:
                 time (anytime prediction); none finished -> NoModulesAvailable, unless the engine
                 was loaded with `wait_for_first`.
         """
-        return self._predict(x_raw, self._anytime, self.num_modules, budget, drop, seed, deadline_ms)
+        return self._predict(x_raw, self._rotation()[0], self.num_modules, budget, drop, seed, deadline_ms)
 
     def predict_specialist(
         self,
@@ -442,7 +479,7 @@ class Engine:
                 "`quorum export` to select them"
             )
         spec = self.manifest.specialists[c]
-        pred = self._predict(x_raw, self._specialists[c], len(spec.modules), budget, drop, seed, deadline_ms)
+        pred = self._predict(x_raw, self._rotation()[1][c], len(spec.modules), budget, drop, seed, deadline_ms)
         return SpecialistPrediction(
             class_index=c,
             class_name=spec.class_name,
@@ -518,6 +555,8 @@ class Engine:
             return None
         with self._lock:
             self._packed_calls[index] += 1
+        if ok and self.breakers.any_half_open:
+            self.breakers.succeeded(ids)
         return mean if ok else None
 
     def mean_logits(self, x_raw: Any, ids: list[int]) -> np.ndarray:
@@ -634,6 +673,9 @@ class Engine:
         for r in runs:
             if r.error is not None:
                 log.warning("module %d failed: %s", r.id, r.error)
+                self.breakers.failed(r.id)
+        if self.breakers.any_half_open:
+            self.breakers.succeeded(r.id for r in runs if r.error is None)
         return runs
 
     def close(self) -> None:

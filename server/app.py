@@ -32,6 +32,7 @@ def load_engine(settings: Settings) -> Engine:
         packed_cache_mb=settings.packed_cache_mb,
         packed_threads=settings.packed_threads,
         wait_for_first=settings.wait_for_first,
+        breaker=(settings.breaker_failures, settings.breaker_window_s, settings.breaker_open_s),
     )
 
 

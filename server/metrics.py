@@ -5,7 +5,7 @@
     quorum_modules_evaluated                                 modules combined per answer (histogram)
     quorum_degraded_answers_total                            answers with fewer modules than requested
     quorum_module_outcomes_total{module, outcome}            ok | error | timeout | nonfinite
-    quorum_module_ready{module}                              1 in rotation, 0 quarantined
+    quorum_module_ready{module}                              1 in rotation; 0 quarantined or breaker open
 
 Per-module figures are read from the engine's own counters when Prometheus scrapes, so a
 request pays for two observations, not one per module. `route` is the route's template
@@ -83,7 +83,7 @@ class _ModuleCollector(Collector):
             outcomes.add_metric([module, "ok"], m.calls - m.failures)
             for kind in OUTCOMES[1:]:
                 outcomes.add_metric([module, kind], m.failure_kinds.get(kind, 0))
-            ready.add_metric([module], 1.0 if m.status == "healthy" else 0.0)
+            ready.add_metric([module], 1.0 if m.status == "healthy" and m.breaker != "open" else 0.0)
         yield outcomes
         yield ready
 

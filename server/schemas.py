@@ -88,6 +88,9 @@ class ModuleStatusOut(BaseModel):
     failure_kinds: dict[str, int] = Field(description="Failures by kind: error, timeout, nonfinite.")
     last_error: str | None
     mean_ms: float | None
+    breaker: Literal["closed", "open", "half_open"] = Field(description="open: out of rotation after failures.")
+    open_for_s: float | None = Field(description="Seconds until an open breaker lets the module be tried again.")
+    breaker_trips: int = Field(description="Times the breaker has opened.")
 
 
 class ModulesResponse(BaseModel):

@@ -32,6 +32,9 @@ class Settings(BaseSettings):
     wait_for_first: bool = Field(
         False, description="Under deadline_ms, wait past the deadline for the first module rather than answer 503."
     )
+    breaker_failures: int = Field(5, ge=0, description="Failures within the window that open a module's breaker.")
+    breaker_window_s: float = Field(30.0, gt=0, description="Window in which failures are counted.")
+    breaker_open_s: float = Field(30.0, gt=0, description="Time a module stays out of rotation before a retry.")
     max_batch: int = Field(256, ge=1, description="Most inputs in one request (413 beyond).")
     max_body_bytes: int = Field(8 * 1024 * 1024, ge=1024, description="Largest request body (413 beyond).")
     log_level: str = Field("info", description="uvicorn log level.")

@@ -334,3 +334,31 @@ def test_a_deadline_must_be_a_positive_number(packed: Engine, test_images):
     for bad in (0, -5, float("nan"), float("inf"), True):
         with pytest.raises(InvalidRequest, match="deadline_ms"):
             packed.predict(test_images[0][:1], deadline_ms=bad)
+
+
+# ---------------------------------------------------------------- circuit breaker
+
+
+def test_a_module_that_keeps_failing_leaves_rotation_and_is_retried(bundle_copy: Path, test_images):
+    m = Manifest.load(bundle_copy)
+    j = m.anytime_order[0]
+    _rewrite(bundle_copy, j, _nan_on_zero_pixels(onnx.load(bundle_copy / m.modules[j].file), m))
+    engine = Engine.load(bundle_copy, device="cpu", executor="isolated", breaker=(2, 60.0, 0.3))
+    real = test_images[0][:2]  # background pixels are 0: the module answers NaN
+    clean = np.full((2, 784), 7, np.uint8)  # no zero pixel: the module answers
+    try:
+        for _ in range(2):
+            assert [f.id for f in engine.predict(real, budget=5).failed] == [j]
+        state = engine.modules[j]
+        assert state.breaker == "open" and state.breaker_trips == 1 and 0 < (state.open_for_s or 0) <= 0.3
+        r = engine.predict(real, budget=5)  # out of rotation: the next module takes its place
+        assert j not in r.used and r.failed == [] and r.used == m.anytime_order[1:6] and not r.degraded
+
+        time.sleep(0.35)  # half-open: tried again, fails, opens again
+        assert [f.id for f in engine.predict(real, budget=5).failed] == [j]
+        assert engine.modules[j].breaker == "open" and engine.modules[j].breaker_trips == 2
+        time.sleep(0.35)  # half-open: tried on inputs it can answer, succeeds, closes
+        r = engine.predict(clean, budget=5)
+        assert r.used == m.anytime_order[:5] and engine.modules[j].breaker == "closed"
+    finally:
+        engine.close()
