@@ -26,6 +26,7 @@ import onnxruntime as ort
 from quorum.runtime.breaker import Breakers, BreakerState
 from quorum.runtime.errors import BundleError, InvalidRequest, NoModulesAvailable
 from quorum.runtime.executors import FailureKind, IsolatedExecutor, ModuleRun, PackedExecutor
+from quorum.runtime.faults import FaultPlan
 from quorum.runtime.manifest import PARITY_ATOL, PARITY_RTOL, Manifest, ModuleEntry, probe_input
 from quorum.runtime.plan import make_plan
 from quorum.runtime.providers import CUDA, requested_providers, session_options
@@ -45,7 +46,7 @@ class ModuleState:
     reason: str | None = None  # why it is quarantined
     calls: int = 0  # answers it was asked to take part in, on either path
     failures: int = 0  # runs that raised, timed out or returned non-finite values
-    failure_kinds: dict[str, int] = field(default_factory=dict)  # failures by FailedModule.kind
+    failure_kinds: dict[str, int] = field(default_factory=dict)  # failures by kind, or "injected"
     last_error: str | None = None
     total_ms: float = 0.0  # time spent in its runs of its own session (the packed path times whole calls)
     timed_runs: int = 0  # runs of its own session
@@ -64,6 +65,7 @@ class FailedModule:
     id: int
     reason: str
     kind: FailureKind = "error"  # error (raised, misshapen), timeout, nonfinite
+    injected: bool = False  # put there by a fault plan (a rehearsal), not a real failure
 
 
 @dataclass
@@ -140,6 +142,7 @@ class Engine:
         self.executor: Literal["packed", "isolated"] = "packed" if packed else "isolated"
         self.packed_note = packed_note  # why the packed graph is not used, if it is not
         self.wait_for_first = wait_for_first  # under a deadline, wait for the first module past it
+        self.faults: FaultPlan | None = None  # the server-wide fault plan (rehearsals), set by the admin API
         self._lock = threading.Lock()  # guards the counters in `modules`
         spec = manifest.input
         self._input_shape = tuple(spec.shape)
@@ -441,6 +444,7 @@ class Engine:
         drop: float | int | None = None,
         seed: int | None = None,
         deadline_ms: float | None = None,
+        faults: FaultPlan | None = None,
     ) -> Prediction:
         """Predict with a budgeted subset of modules.
 
@@ -454,8 +458,9 @@ class Engine:
             deadline_ms: answer with the modules of the plan, in order, that finish within this
                 time (anytime prediction); none finished -> NoModulesAvailable, unless the engine
                 was loaded with `wait_for_first`.
+            faults: a fault plan for this request, on top of the engine's own (`self.faults`).
         """
-        return self._predict(x_raw, self._rotation()[0], self.num_modules, budget, drop, seed, deadline_ms)
+        return self._predict(x_raw, self._rotation()[0], self.num_modules, budget, drop, seed, deadline_ms, faults)
 
     def predict_specialist(
         self,
@@ -465,6 +470,7 @@ class Engine:
         drop: float | int | None = None,
         seed: int | None = None,
         deadline_ms: float | None = None,
+        faults: FaultPlan | None = None,
     ) -> SpecialistPrediction:
         """Answer "is it class `cls`?" with that class's specialist sub-ensemble.
 
@@ -479,7 +485,7 @@ class Engine:
                 "`quorum export` to select them"
             )
         spec = self.manifest.specialists[c]
-        pred = self._predict(x_raw, self._rotation()[1][c], len(spec.modules), budget, drop, seed, deadline_ms)
+        pred = self._predict(x_raw, self._rotation()[1][c], len(spec.modules), budget, drop, seed, deadline_ms, faults)
         return SpecialistPrediction(
             class_index=c,
             class_name=spec.class_name,
@@ -514,16 +520,24 @@ class Engine:
         drop: float | int | None,
         seed: int | None,
         deadline_ms: float | None = None,
+        faults: FaultPlan | None = None,
     ) -> Prediction:
         """Predict with modules from `available` (healthy ids, best first) out of `num_modules`."""
         t0 = time.perf_counter()
         if deadline_ms is not None and (isinstance(deadline_ms, bool) or not 0 < deadline_ms < math.inf):
             raise InvalidRequest(f"deadline_ms={deadline_ms!r} must be a positive number of milliseconds")
         x = self.preprocess(x_raw)
+        plan_faults = FaultPlan.merge(self.faults, faults)
+        fault_drops: list[int] = []
+        if plan_faults is not None:
+            plan_faults.check_ids(self.num_modules)
+            fault_drops = plan_faults.dropped(available)
+            available = [j for j in available if j not in set(fault_drops)]
         plan = make_plan(available, None, num_modules, budget=budget, drop=drop, seed=seed)
+        dropped = sorted(plan.dropped + fault_drops)
         # Without drops the subset is a prefix of a fixed order: worth caching its weights.
         deadline_s = None if deadline_ms is None else max(0.0, deadline_ms / 1e3 - (time.perf_counter() - t0))
-        mean, used, failed, unfinished = self._combine(plan.selected, x, not plan.dropped, deadline_s)
+        mean, used, failed, unfinished = self._combine(plan.selected, x, not dropped, deadline_s, plan_faults)
         if not used:
             if unfinished and not failed:
                 raise NoModulesAvailable(f"no module finished within deadline_ms={deadline_ms:g}")
@@ -536,7 +550,7 @@ class Engine:
             class_names=list(self._class_names[labels]),
             requested=plan.requested,
             used=used,
-            dropped=plan.dropped,
+            dropped=dropped,
             failed=failed,
             unfinished=unfinished,
             degraded=len(used) < plan.requested,
@@ -573,16 +587,22 @@ class Engine:
         return mean
 
     def _combine(
-        self, ids: list[int], x: np.ndarray, cacheable: bool = False, deadline_s: float | None = None
+        self,
+        ids: list[int],
+        x: np.ndarray,
+        cacheable: bool = False,
+        deadline_s: float | None = None,
+        faults: FaultPlan | None = None,
     ) -> tuple[np.ndarray, list[int], list[FailedModule], list[int]]:
         """Mean logits of the modules of `ids` that answer; the ids used; the failures; the ids
         cut off by the deadline.
 
         The packed graph answers in one call (in growing chunks under a deadline); when it is
         absent, raises or gives non-finite values, the modules run one session each, so that
-        every failure has a module and a reason.
+        every failure has a module and a reason. Requests with faults take that path too: it is
+        where module runs can be delayed, made to raise or corrupted.
         """
-        if self._packed is not None:
+        if self._packed is not None and faults is None:
             if deadline_s is None:
                 mean = self._run_packed(ids, x, cacheable)
                 if mean is not None:
@@ -590,11 +610,15 @@ class Engine:
             elif (anytime := self._run_packed_anytime(ids, x, cacheable, deadline_s)) is not None:
                 mean, done = anytime
                 return mean, ids[:done], [], ids[done:]
-        runs = self._isolated.run(ids, x, deadline_s=deadline_s, wait_first=self.wait_for_first)
+        runs = self._isolated.run(ids, x, deadline_s=deadline_s, wait_first=self.wait_for_first, faults=faults)
         unfinished = [r.id for r in runs if r.kind == "deadline"]
         runs = self._checked([r for r in runs if r.kind != "deadline"], x.shape[0])
         used = [r.id for r in runs if r.error is None]
-        failed = [FailedModule(r.id, r.error, r.kind or "error") for r in runs if r.error is not None]  # type: ignore[arg-type]
+        failed = [
+            FailedModule(r.id, r.error, r.kind or "error", r.injected)  # type: ignore[arg-type]
+            for r in runs
+            if r.error is not None
+        ]
         answers = [r.logits for r in runs if r.error is None and r.logits is not None]
         mean = np.mean(np.stack(answers), axis=0) if answers else np.empty((x.shape[0], 0), np.float32)
         return mean, used, failed, unfinished
@@ -668,7 +692,7 @@ class Engine:
                 if r.error is not None:
                     state.failures += 1
                     state.last_error = r.error
-                    kind = r.kind or "error"
+                    kind = "injected" if r.injected else r.kind or "error"
                     state.failure_kinds[kind] = state.failure_kinds.get(kind, 0) + 1
         for r in runs:
             if r.error is not None:

@@ -24,6 +24,8 @@ from typing import Literal
 import numpy as np
 import onnxruntime as ort
 
+from quorum.runtime.faults import FaultPlan, InjectedFault
+
 __all__ = ["FailureKind", "IsolatedExecutor", "ModuleRun", "PackedExecutor", "RunKind", "default_workers"]
 
 
@@ -49,6 +51,7 @@ class ModuleRun:
     error: str | None
     ms: float
     kind: RunKind | None = None  # set with `error`
+    injected: bool = False  # the error was put there by a fault plan
 
 
 class PackedExecutor:
@@ -142,17 +145,30 @@ class IsolatedExecutor:
         self._input, self._output = input_name, output_name
         self._pool = ThreadPoolExecutor(max_workers=4 * self.workers + 4, thread_name_prefix="quorum-module")
 
-    def run_one(self, j: int, x: np.ndarray, options: ort.RunOptions | None = None) -> ModuleRun:
-        """Run module j on the calling thread."""
+    def run_one(
+        self, j: int, x: np.ndarray, options: ort.RunOptions | None = None, faults: FaultPlan | None = None
+    ) -> ModuleRun:
+        """Run module j on the calling thread; `faults` may delay it, make it raise or corrupt its logits."""
         t0 = time.perf_counter()
         try:
+            if faults is not None:
+                faults.before_run(j)
             logits = self.sessions[j].run([self._output], {self._input: x}, options)[0]
+            if faults is not None and faults.corrupts(j):
+                return ModuleRun(j, np.full_like(logits, np.nan), None, (time.perf_counter() - t0) * 1e3, injected=True)
             return ModuleRun(j, logits, None, (time.perf_counter() - t0) * 1e3)
         except Exception as e:
-            return ModuleRun(j, None, f"{type(e).__name__}: {e}", (time.perf_counter() - t0) * 1e3, "error")
+            ms = (time.perf_counter() - t0) * 1e3
+            return ModuleRun(j, None, f"{type(e).__name__}: {e}", ms, "error", injected=isinstance(e, InjectedFault))
 
     def run(
-        self, ids: Sequence[int], x: np.ndarray, *, deadline_s: float | None = None, wait_first: bool = False
+        self,
+        ids: Sequence[int],
+        x: np.ndarray,
+        *,
+        deadline_s: float | None = None,
+        wait_first: bool = False,
+        faults: FaultPlan | None = None,
     ) -> list[ModuleRun]:
         """Run modules `ids` on x; one ModuleRun per id, in the order of `ids`.
 
@@ -176,7 +192,7 @@ class IsolatedExecutor:
                         return
                     options = running[j] = ort.RunOptions()
                     options.log_severity_level = 4  # a terminated run is reported here, not logged by ORT
-                result = self.run_one(j, x, options)
+                result = self.run_one(j, x, options, faults)
                 with lock:
                     running.pop(j, None)
                     results[j] = result
@@ -199,7 +215,14 @@ class IsolatedExecutor:
                     results[j] = ModuleRun(j, None, "unfinished at the request's deadline", 0.0, "deadline")
                     continue
                 why = f"no answer within {self.timeout_s * 1e3:g} ms" if started else "not started before the deadline"
-                results[j] = ModuleRun(j, None, f"timeout: {why}", self.timeout_s * 1e3 if started else 0.0, "timeout")
+                results[j] = ModuleRun(
+                    j,
+                    None,
+                    f"timeout: {why}",
+                    self.timeout_s * 1e3 if started else 0.0,
+                    "timeout",
+                    injected=faults is not None and faults.delay_ms > 0,  # the injected delay made it late
+                )
         return [results[j] for j in ids]
 
     def close(self) -> None:

@@ -13,7 +13,7 @@ from quorum.runtime.engine import Engine
 from quorum.server.errors import install_error_handlers
 from quorum.server.limits import BodySizeLimit
 from quorum.server.metrics import Metrics, RequestMetrics
-from quorum.server.routes import health, kserve, predict
+from quorum.server.routes import admin, health, kserve, predict
 from quorum.server.settings import Settings
 
 __all__ = ["create_app", "load_engine"]
@@ -61,6 +61,7 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
     app.include_router(predict.router)
     app.include_router(health.router)
     app.include_router(kserve.router)
+    app.include_router(admin.router)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
     app.add_middleware(RequestMetrics, metrics=app.state.metrics)  # outermost: counts the 413s too
     return app

@@ -4,7 +4,7 @@
     quorum_http_request_duration_seconds{route, method}      latency histogram
     quorum_modules_evaluated                                 modules combined per answer (histogram)
     quorum_degraded_answers_total                            answers with fewer modules than requested
-    quorum_module_outcomes_total{module, outcome}            ok | error | timeout | nonfinite
+    quorum_module_outcomes_total{module, outcome}            ok | error | timeout | nonfinite | injected
     quorum_module_ready{module}                              1 in rotation; 0 quarantined or breaker open
 
 Per-module figures are read from the engine's own counters when Prometheus scrapes, so a
@@ -26,7 +26,7 @@ from quorum.runtime.engine import Engine, Prediction
 
 __all__ = ["CONTENT_TYPE_LATEST", "Metrics", "RequestMetrics"]
 
-OUTCOMES = ("ok", "error", "timeout", "nonfinite")
+OUTCOMES = ("ok", "error", "timeout", "nonfinite", "injected")
 
 
 class Metrics:

@@ -6,9 +6,12 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from quorum.runtime.faults import FaultPlan
+
 __all__ = [
     "ClassPrediction",
     "FailedModuleOut",
+    "FaultPlanBody",
     "ModuleStatusOut",
     "ModulesResponse",
     "ModulesUsed",
@@ -39,11 +42,37 @@ class FailedModuleOut(BaseModel):
     kind: Literal["error", "timeout", "nonfinite"] = Field(description="What went wrong, for counting.")
 
 
+class FaultPlanBody(BaseModel):
+    """A fault plan for rehearsals: these faults go through the real drop, timeout and breaker code."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    fail: list[int] = Field(default_factory=list, description="Module ids whose runs raise.")
+    nan: list[int] = Field(default_factory=list, description="Module ids whose logits become NaN.")
+    delay_ms: float = Field(0.0, ge=0, description="Latency injected before every module run.")
+    fail_probability: float = Field(0.0, ge=0, lt=1, description="Any module run raises with this probability.")
+    drop_probability: float = Field(0.0, ge=0, lt=1, description="Any module is unavailable with this probability.")
+    seed: int | None = Field(None, description="Seeds the random faults.")
+
+    def to_plan(self) -> FaultPlan:
+        return FaultPlan(
+            fail=frozenset(self.fail),
+            nan=frozenset(self.nan),
+            delay_ms=self.delay_ms,
+            fail_probability=self.fail_probability,
+            drop_probability=self.drop_probability,
+            seed=self.seed,
+        )
+
+
 class ModulesUsed(BaseModel):
     requested: int = Field(description="Modules asked for: the budget, or every module of the bundle.")
     used: list[int] = Field(description="Ids whose logits were combined, in anytime order.")
     dropped: list[int] = Field(description="Ids made unavailable by fault injection (`drop`).")
     failed: list[FailedModuleOut] = Field(description="Ids that ran but gave no usable answer.")
+    injected: list[FailedModuleOut] = Field(
+        default_factory=list, description="Ids made to fail by fault injection (a rehearsal), apart from real failures."
+    )
     unfinished: list[int] = Field(
         default_factory=list, description="Ids not done by the request's deadline (`deadline_ms`); not failures."
     )

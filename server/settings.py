@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 __all__ = ["Settings"]
@@ -35,6 +35,10 @@ class Settings(BaseSettings):
     breaker_failures: int = Field(5, ge=0, description="Failures within the window that open a module's breaker.")
     breaker_window_s: float = Field(30.0, gt=0, description="Window in which failures are counted.")
     breaker_open_s: float = Field(30.0, gt=0, description="Time a module stays out of rotation before a retry.")
+    admin_token: SecretStr | None = Field(None, description="Bearer token of /admin/*; unset: the admin API is off.")
+    allow_fault_injection: bool = Field(
+        False, description="Let any client inject faults per request (fail, nan, delay_ms); else admins only."
+    )
     max_batch: int = Field(256, ge=1, description="Most inputs in one request (413 beyond).")
     max_body_bytes: int = Field(8 * 1024 * 1024, ge=1024, description="Largest request body (413 beyond).")
     log_level: str = Field("info", description="uvicorn log level.")

@@ -24,6 +24,7 @@ from fastapi.responses import Response
 from quorum.runtime.engine import Engine, Prediction
 from quorum.server.deps import get_engine, get_settings
 from quorum.server.errors import ApiError
+from quorum.server.routes.admin import fault_plan
 
 __all__ = ["router"]
 
@@ -36,7 +37,7 @@ DATATYPES: dict[str, np.dtype[Any]] = {
     "INT32": np.dtype("<i4"),
     "INT64": np.dtype("<i8"),
 }
-PARAMETERS = frozenset({"budget", "deadline_ms", "drop", "seed", "specialist"})
+PARAMETERS = frozenset({"budget", "deadline_ms", "delay_ms", "drop", "fail", "nan", "seed", "specialist"})
 # Triton's binary extension: clients may ask for binary outputs; answers are JSON, which they read too.
 IGNORED = frozenset({"binary_data_output"})
 
@@ -118,13 +119,12 @@ async def infer(request: Request, name: str) -> Response:
     budget, drop, seed = _int(params, "budget"), params.get("drop"), _int(params, "seed")
     if drop is not None and (isinstance(drop, bool) or not isinstance(drop, int | float)):
         raise ApiError(422, f"parameter drop={drop!r} must be a fraction in [0, 1) or a count")
-    specialist, deadline = params.get("specialist"), params.get("deadline_ms")
-    if deadline is not None and (isinstance(deadline, bool) or not isinstance(deadline, int | float)):
-        raise ApiError(422, f"parameter deadline_ms={deadline!r} must be a number of milliseconds")
+    specialist, deadline = params.get("specialist"), _number(params, "deadline_ms")
+    faults = fault_plan(request, _ids(params, "fail"), _ids(params, "nan"), _number(params, "delay_ms"), seed)
     outputs: list[dict[str, Any]]
     if specialist is not None:
         spec = engine.predict_specialist(
-            tensor, str(specialist), budget=budget, drop=drop, seed=seed, deadline_ms=deadline
+            tensor, str(specialist), budget=budget, drop=drop, seed=seed, deadline_ms=deadline, faults=faults
         )
         pred = spec.prediction
         n = len(spec.is_class)
@@ -133,7 +133,7 @@ async def infer(request: Request, name: str) -> Response:
             {"name": "probability", "datatype": "FP32", "shape": [n], "data": spec.probability.tolist()},
         ]
     else:
-        pred = engine.predict(tensor, budget=budget, drop=drop, seed=seed, deadline_ms=deadline)
+        pred = engine.predict(tensor, budget=budget, drop=drop, seed=seed, deadline_ms=deadline, faults=faults)
         n, k = pred.probabilities.shape
         outputs = [
             {"name": "probabilities", "datatype": "FP32", "shape": [n, k], "data": pred.probabilities.ravel().tolist()},
@@ -155,12 +155,35 @@ def _report(pred: Prediction) -> dict[str, Any]:
     return {
         "modules_requested": pred.requested,
         "modules_used": len(pred.used),
-        "modules_failed": len(pred.failed),
+        "modules_failed": sum(not f.injected for f in pred.failed),
+        "modules_injected": sum(f.injected for f in pred.failed),
         "modules_dropped": len(pred.dropped),
         "modules_unfinished": len(pred.unfinished),
         "degraded": pred.degraded,
         "latency_ms": round(pred.latency_ms, 3),
     }
+
+
+def _ids(params: dict[str, Any], key: str) -> frozenset[int]:
+    """Module ids as an integer or a comma-separated string (parameters are scalars)."""
+    value = params.get(key)
+    if value is None:
+        return frozenset()
+    try:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return frozenset({value})
+        if isinstance(value, str):
+            return frozenset(int(v) for v in value.split(","))
+    except ValueError:
+        pass
+    raise ApiError(422, f"parameter {key}={value!r} must be a module id or comma-separated ids")
+
+
+def _number(params: dict[str, Any], key: str) -> float | None:
+    value = params.get(key)
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int | float)):
+        raise ApiError(422, f"parameter {key}={value!r} must be a number")
+    return value
 
 
 def _int(params: dict[str, Any], key: str) -> int | None:

@@ -8,10 +8,12 @@ from fastapi import APIRouter, Request
 from starlette.concurrency import run_in_threadpool
 
 from quorum.runtime.engine import Engine, Prediction
+from quorum.runtime.faults import FaultPlan
 from quorum.server.body import OPENAPI_REQUEST_BODY, read_inputs
 from quorum.server.deps import get_engine, get_settings
 from quorum.server.errors import ApiError
 from quorum.server.metrics import Metrics
+from quorum.server.routes.admin import fault_plan
 from quorum.server.schemas import (
     ClassPrediction,
     FailedModuleOut,
@@ -26,7 +28,7 @@ __all__ = ["router"]
 
 router = APIRouter(tags=["predict"])
 
-_QUERY = frozenset({"budget", "deadline_ms", "drop", "seed", "specialist"})
+_QUERY = frozenset({"budget", "deadline_ms", "delay_ms", "drop", "fail", "nan", "seed", "specialist"})
 # Query parameters are read from the request by hand (FastAPI's per-parameter solving cost a
 # fifth of the throughput of a one-image request; docs/RESULTS.md) and documented here.
 _QUERY_DOCS: list[dict[str, Any]] = [
@@ -50,6 +52,27 @@ _QUERY_DOCS: list[dict[str, Any]] = [
         "required": False,
         "schema": {"anyOf": [{"type": "number", "minimum": 0, "exclusiveMaximum": 1}, {"type": "integer"}]},
         "description": "Fault injection: a fraction in [0, 1) or a count of modules made unavailable at random.",
+    },
+    {
+        "name": "fail",
+        "in": "query",
+        "required": False,
+        "schema": {"type": "string", "pattern": r"^\d+(,\d+)*$"},
+        "description": "Fault injection (admins, or when enabled): comma-separated module ids whose runs raise.",
+    },
+    {
+        "name": "nan",
+        "in": "query",
+        "required": False,
+        "schema": {"type": "string", "pattern": r"^\d+(,\d+)*$"},
+        "description": "Fault injection (admins, or when enabled): module ids whose logits become NaN.",
+    },
+    {
+        "name": "delay_ms",
+        "in": "query",
+        "required": False,
+        "schema": {"type": "number", "minimum": 0},
+        "description": "Fault injection (admins, or when enabled): latency added before every module run.",
     },
     {
         "name": "seed",
@@ -88,7 +111,8 @@ def _modules(result: Prediction) -> ModulesUsed:
         requested=result.requested,
         used=result.used,
         dropped=result.dropped,
-        failed=[FailedModuleOut(id=f.id, reason=f.reason, kind=f.kind) for f in result.failed],
+        failed=[FailedModuleOut(id=f.id, reason=f.reason, kind=f.kind) for f in result.failed if not f.injected],
+        injected=[FailedModuleOut(id=f.id, reason=f.reason, kind=f.kind) for f in result.failed if f.injected],
         unfinished=result.unfinished,
     )
 
@@ -123,12 +147,28 @@ async def predict(request: Request) -> PredictResponse | SpecialistResponse:
     inputs = await read_inputs(request, settings.max_batch)
     deadline = _float_param(q.get("deadline_ms"), "deadline_ms")
     drop, specialist = _parse_drop(q.get("drop")), q.get("specialist")
-    args = (engine, request.app.state.metrics, inputs, budget, drop, seed, specialist, deadline)
+    faults = _faults(request, q.get("fail"), q.get("nan"), _float_param(q.get("delay_ms"), "delay_ms"), seed)
+    args = (engine, request.app.state.metrics, inputs, budget, drop, seed, specialist, deadline, faults)
     if engine.executor == "packed":
         # One bounded call (~0.1-3 ms): answered on the event loop, which saves a thread
         # hand-off that costs as much as the work (docs/RESULTS.md, HTTP).
         return _answer(*args)
     return await run_in_threadpool(_answer, *args)  # isolated: waits on module deadlines
+
+
+def _ids(value: str | None, name: str) -> frozenset[int]:
+    if not value:
+        return frozenset()
+    try:
+        return frozenset(int(v) for v in value.split(","))
+    except ValueError:
+        raise ApiError(422, f"query {name}={value!r} must be comma-separated module ids, e.g. {name}=3,17") from None
+
+
+def _faults(
+    request: Request, fail: str | None, nan: str | None, delay_ms: float | None, seed: int | None
+) -> FaultPlan | None:
+    return fault_plan(request, _ids(fail, "fail"), _ids(nan, "nan"), delay_ms, seed)
 
 
 def _float_param(value: str | None, name: str) -> float | None:
@@ -158,10 +198,11 @@ def _answer(
     seed: int | None,
     specialist: str | None,
     deadline_ms: float | None,
+    faults: FaultPlan | None,
 ) -> PredictResponse | SpecialistResponse:
     if specialist is not None:
         spec = engine.predict_specialist(
-            inputs, specialist, budget=budget, drop=drop, seed=seed, deadline_ms=deadline_ms
+            inputs, specialist, budget=budget, drop=drop, seed=seed, deadline_ms=deadline_ms, faults=faults
         )
         metrics.observe_answer(spec.prediction)
         return SpecialistResponse(
@@ -176,7 +217,7 @@ def _answer(
             degraded=spec.prediction.degraded,
             latency_ms=round(spec.prediction.latency_ms, 3),
         )
-    result = engine.predict(inputs, budget=budget, drop=drop, seed=seed, deadline_ms=deadline_ms)
+    result = engine.predict(inputs, budget=budget, drop=drop, seed=seed, deadline_ms=deadline_ms, faults=faults)
     metrics.observe_answer(result)
     return PredictResponse(
         predictions=[

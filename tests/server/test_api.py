@@ -299,7 +299,7 @@ def test_metrics_follow_the_prometheus_text_format(client: TestClient, images):
     assert delta("quorum_modules_evaluated_count") == 2 and delta("quorum_modules_evaluated_sum") == 5 + 20
     assert delta("quorum_degraded_answers_total") == 1
     ok = {k: v for k, v in after["quorum_module_outcomes_total"].items() if ("outcome", "ok") in k}
-    assert len(ok) == 40 and len(after["quorum_module_outcomes_total"]) == 40 * 4
+    assert len(ok) == 40 and len(after["quorum_module_outcomes_total"]) == 40 * 5
     assert sum(after["quorum_module_ready"].values()) == 40
 
 
