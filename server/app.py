@@ -10,6 +10,7 @@ from fastapi import FastAPI
 
 import quorum
 from quorum.runtime.engine import Engine
+from quorum.server.deps import load_engine
 from quorum.server.errors import install_error_handlers
 from quorum.server.limits import BodySizeLimit
 from quorum.server.metrics import Metrics, RequestMetrics
@@ -19,21 +20,6 @@ from quorum.server.settings import Settings
 __all__ = ["create_app", "load_engine"]
 
 log = logging.getLogger(__name__)
-
-
-def load_engine(settings: Settings) -> Engine:
-    """The engine that `settings` describe."""
-    return Engine.load(
-        settings.bundle,
-        device=settings.device,
-        executor=settings.executor,
-        workers=settings.workers,
-        module_timeout_ms=settings.module_timeout_ms,
-        packed_cache_mb=settings.packed_cache_mb,
-        packed_threads=settings.packed_threads,
-        wait_for_first=settings.wait_for_first,
-        breaker=(settings.breaker_failures, settings.breaker_window_s, settings.breaker_open_s),
-    )
 
 
 def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:

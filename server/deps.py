@@ -1,4 +1,4 @@
-"""Typed dependencies of the routes."""
+"""Typed dependencies of the routes, and how settings become an engine."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from quorum.runtime.engine import Engine
 from quorum.runtime.errors import NoModulesAvailable
 from quorum.server.settings import Settings
 
-__all__ = ["EngineDep", "SettingsDep", "get_engine", "get_settings"]
+__all__ = ["EngineDep", "SettingsDep", "get_engine", "get_settings", "load_engine"]
 
 
 def get_engine(request: Request) -> Engine:
@@ -18,6 +18,21 @@ def get_engine(request: Request) -> Engine:
     if engine is None:
         raise NoModulesAvailable("the model is not loaded yet")
     return engine
+
+
+def load_engine(settings: Settings) -> Engine:
+    """The engine that `settings` describe."""
+    return Engine.load(
+        settings.bundle,
+        device=settings.device,
+        executor=settings.executor,
+        workers=settings.workers,
+        module_timeout_ms=settings.module_timeout_ms,
+        packed_cache_mb=settings.packed_cache_mb,
+        packed_threads=settings.packed_threads,
+        wait_for_first=settings.wait_for_first,
+        breaker=(settings.breaker_failures, settings.breaker_window_s, settings.breaker_open_s),
+    )
 
 
 def get_settings(request: Request) -> Settings:

@@ -17,6 +17,8 @@ __all__ = [
     "ModulesUsed",
     "PredictRequest",
     "PredictResponse",
+    "ReloadBody",
+    "ReloadResult",
     "ServiceInfo",
 ]
 
@@ -63,6 +65,19 @@ class FaultPlanBody(BaseModel):
             drop_probability=self.drop_probability,
             seed=self.seed,
         )
+
+
+class ReloadBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    bundle: str | None = Field(None, description="Bundle folder to serve from now on (default: the configured one).")
+
+
+class ReloadResult(BaseModel):
+    bundle: str
+    name: str
+    healthy_modules: int
+    executor: str
 
 
 class ModulesUsed(BaseModel):

@@ -44,15 +44,10 @@ def _run(*args: str) -> subprocess.CompletedProcess[str]:
     return out
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory, data_dir: Path):
-    tmp = tmp_path_factory.mktemp("e2e")
-    run, bundle = tmp / "run", tmp / "bundle"
-    _run("train", "--arch", "mlp", "--modules", "64", "--hidden", "4", "--lam", "0.99", "--epochs", "1",
-         "--subset", "5000", "--out", str(run), "--quiet")  # fmt: skip
-    _run("export", str(run), "--out", str(bundle), "--quiet")
+def _serve(bundle: Path, **env: str) -> tuple[subprocess.Popen[str], str]:
+    """`quorum serve BUNDLE` on a free loopback port, once it is ready; settings from `env`."""
     port = _free_port()
-    env = {**os.environ, "QUORUM_LOG_LEVEL": "warning"}
+    env = {**os.environ, "QUORUM_LOG_LEVEL": "warning", **env}
     proc = subprocess.Popen([*QUORUM, "serve", str(bundle), "--host", "127.0.0.1", "--port", str(port)],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)  # fmt: skip
     base = f"http://127.0.0.1:{port}"
@@ -62,13 +57,23 @@ def server(tmp_path_factory: pytest.TempPathFactory, data_dir: Path):
             pytest.fail(f"quorum serve exited with {proc.returncode}:\n{proc.stdout.read() if proc.stdout else ''}")
         try:
             if _request(f"{base}/readyz")[0] == 200:
-                break
+                return proc, base
         except (urllib.error.URLError, ConnectionError):
             pass
         if time.monotonic() > deadline:
             proc.kill()
             pytest.fail("quorum serve did not become ready in 120 s")
         time.sleep(0.2)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory, data_dir: Path):
+    tmp = tmp_path_factory.mktemp("e2e")
+    run, bundle = tmp / "run", tmp / "bundle"
+    _run("train", "--arch", "mlp", "--modules", "64", "--hidden", "4", "--lam", "0.99", "--epochs", "1",
+         "--subset", "5000", "--out", str(run), "--quiet")  # fmt: skip
+    _run("export", str(run), "--out", str(bundle), "--quiet")
+    proc, base = _serve(bundle)
     yield base, bundle, tmp
     proc.terminate()
     proc.wait(timeout=30)
@@ -164,3 +169,45 @@ def test_kserve_v2_protocol_with_tritonclient(server, test_images):
         client.infer(name, [tensor], parameters={"budjet": 3})
     with pytest.raises(InferenceServerException, match=r"budget=0 must lie in 1\.\.64"):
         client.infer(name, [tensor], parameters={"budget": 0})
+
+
+def test_hot_reload_while_clients_send_loses_no_request(server, test_images):
+    import shutil
+    import threading
+
+    _, bundle, tmp = server
+    other = tmp / "other-bundle"
+    shutil.copytree(bundle, other)
+    proc, base = _serve(bundle, QUORUM_ADMIN_TOKEN="t0ken")
+    body = json.dumps({"inputs": test_images[0][:4].tolist()}).encode()
+    statuses: list[int] = []
+    stop = threading.Event()
+
+    def send() -> None:
+        while not stop.is_set():
+            statuses.append(_request(f"{base}/predict?budget=16", body)[0])
+
+    def reload(target: Path | None) -> tuple[int, dict]:
+        data = json.dumps({"bundle": str(target)} if target else {}).encode()
+        headers = {"Content-Type": "application/json", "Authorization": "Bearer t0ken"}
+        req = urllib.request.Request(f"{base}/admin/reload", data=data, method="POST", headers=headers)
+        with urllib.request.urlopen(req, timeout=60) as r:
+            return r.status, json.loads(r.read())
+
+    clients = [threading.Thread(target=send) for _ in range(4)]
+    try:
+        for t in clients:
+            t.start()
+        time.sleep(0.5)
+        status, swapped = reload(other)
+        assert status == 200 and swapped["bundle"] == str(other) and swapped["healthy_modules"] == 64
+        time.sleep(0.5)
+        assert reload(None)[1]["bundle"] == str(bundle)  # back to the configured bundle
+        time.sleep(0.5)
+    finally:
+        stop.set()
+        for t in clients:
+            t.join(timeout=30)
+        proc.terminate()
+        proc.wait(timeout=30)
+    assert len(statuses) > 20 and set(statuses) == {200}

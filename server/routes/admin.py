@@ -1,4 +1,4 @@
-"""/admin/*: the server-wide fault plan, for robustness rehearsals. Bearer-token protected.
+"""/admin/*: the server-wide fault plan (robustness rehearsals) and hot reload. Bearer-token protected.
 
 No token configured (QUORUM_ADMIN_TOKEN unset): every /admin route is 404. A token configured:
 no `Authorization: Bearer …` is 401, a wrong one 403 (compared in constant time).
@@ -6,14 +6,19 @@ no `Authorization: Bearer …` is 401, a wrong one 403 (compared in constant tim
 
 from __future__ import annotations
 
+import asyncio
 import secrets
+from pathlib import Path
 
 from fastapi import APIRouter, Request
+from starlette.concurrency import run_in_threadpool
 
+from quorum.runtime.engine import Engine
+from quorum.runtime.errors import QuorumError
 from quorum.runtime.faults import FaultPlan
-from quorum.server.deps import get_engine, get_settings
+from quorum.server.deps import get_engine, get_settings, load_engine
 from quorum.server.errors import ApiError
-from quorum.server.schemas import FaultPlanBody
+from quorum.server.schemas import FaultPlanBody, ReloadBody, ReloadResult
 
 __all__ = ["fault_plan", "is_admin", "require_admin", "router"]
 
@@ -89,3 +94,30 @@ async def delete_faults(request: Request) -> FaultPlanBody:
     require_admin(request)
     get_engine(request).faults = None
     return _out(None)
+
+
+@router.post(
+    "/reload", response_model=ReloadResult, responses={422: {"description": "The new bundle cannot be served."}}
+)
+async def reload(request: Request, body: ReloadBody | None = None) -> ReloadResult:
+    """Load a bundle (by default the configured one, again) and swap it in atomically.
+
+    The new engine is loaded and verified off the event loop while the old one keeps serving;
+    requests already running finish on the old engine, which holds their reference. If the new
+    bundle cannot be served, nothing changes and the answer says why.
+    """
+    require_admin(request)
+    settings = get_settings(request)
+    bundle = Path(body.bundle) if body and body.bundle else settings.bundle
+    old: Engine | None = request.app.state.engine
+    try:
+        new = await run_in_threadpool(load_engine, settings.model_copy(update={"bundle": bundle}))
+    except QuorumError as e:
+        raise ApiError(422, f"reload refused, still serving {old.bundle_dir if old else 'nothing'}: {e}") from None
+    new.faults = old.faults if old is not None else None  # a rehearsal in progress goes on
+    request.app.state.engine = new  # one reference swap: each request uses the engine it started with
+    if old is not None:
+        asyncio.get_running_loop().call_later(60, old.close)  # after its in-flight requests are long done
+    return ReloadResult(
+        bundle=str(new.bundle_dir), name=new.manifest.name, healthy_modules=len(new.healthy_ids), executor=new.executor
+    )

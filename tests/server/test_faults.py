@@ -80,3 +80,13 @@ def test_injected_latency_meets_the_module_timeout(bundle_dir: Path, images):
         r = c.post("/predict?budget=3&delay_ms=1", json={"inputs": images})
         assert r.status_code == 200 and len(r.json()["modules"]["used"]) == 3
         assert c.post("/predict?fail=1,x", json={"inputs": images}).status_code == 422
+
+
+def test_a_reload_that_cannot_serve_changes_nothing(bundle_dir: Path, images, tmp_path: Path):
+    with _client(bundle_dir, admin_token=TOKEN) as c:
+        assert c.post("/admin/reload", json={"bundle": str(tmp_path)}).status_code == 401
+        r = c.post("/admin/reload", json={"bundle": str(tmp_path)}, headers=ADMIN)
+        assert r.status_code == 422 and "reload refused" in r.json()["error"] and "quorum export" in r.json()["error"]
+        assert c.post("/predict?budget=3", json={"inputs": images}).status_code == 200
+        r = c.post("/admin/reload", headers=ADMIN)
+        assert r.status_code == 200 and r.json()["bundle"] == str(bundle_dir)
