@@ -71,6 +71,11 @@ def bare_app(bundle: str, budget: int) -> Any:
     return app
 
 
+def _tail(log: Any) -> str:
+    log.seek(0)
+    return str(log.read().decode(errors="replace")[-2000:])
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -86,12 +91,15 @@ def start(kind: str, bundle: str, budget: int) -> tuple[subprocess.Popen[bytes],
         env["QUORUM_MAX_BATCH"] = "64"
     else:
         cmd = [sys.executable, __file__, "--serve-bare", str(port), "--bundle", bundle, "--budget", str(budget)]
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    log = tempfile.TemporaryFile()  # noqa: SIM115 (open as long as the server runs: a full pipe would stall it)
+    proc = subprocess.Popen(
+        cmd, env=env, stdout=subprocess.DEVNULL, stderr=log
+    )  # a file: a full pipe would stall the server
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 60
     while time.time() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"{kind} server exited: {proc.stderr.read().decode()[-2000:] if proc.stderr else ''}")
+            raise RuntimeError(f"{kind} server exited: {_tail(log)}")
         try:
             with socket.create_connection(("127.0.0.1", port), timeout=0.2):
                 return proc, url

@@ -496,6 +496,11 @@ class Engine:
             prediction=pred,
         )
 
+    def may_wait(self, faults: FaultPlan | None = None) -> bool:
+        """Whether a request can wait on module deadlines (isolated path, or faults injected),
+        rather than finish in one bounded packed call."""
+        return self._packed is None or FaultPlan.merge(self.faults, faults) is not None
+
     def class_index(self, cls: int | str) -> int:
         """The index of class `cls`, given as an index or a name (case-insensitive)."""
         names = self.manifest.task.class_names
@@ -696,7 +701,8 @@ class Engine:
                     state.failure_kinds[kind] = state.failure_kinds.get(kind, 0) + 1
         for r in runs:
             if r.error is not None:
-                log.warning("module %d failed: %s", r.id, r.error)
+                # Injected faults are expected in their thousands during a rehearsal: debug only.
+                (log.debug if r.injected else log.warning)("module %d failed: %s", r.id, r.error)
                 self.breakers.failed(r.id)
         if self.breakers.any_half_open:
             self.breakers.succeeded(r.id for r in runs if r.error is None)

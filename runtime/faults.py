@@ -1,18 +1,18 @@
 """Fault injection for robustness rehearsals: make modules fail on purpose, through the real paths.
 
-A `FaultPlan` says which modules raise, which return NaN, how long every module run is delayed,
-and with which probabilities modules are dropped or raise at random. The engine runs a request
-with faults on the isolated path, where an injected exception, an injected delay (against the
-module timeout and the deadline) and injected NaN logits meet the same checks, the same
-timeout and the same circuit breakers as real ones; the answer lists them apart from real
-failures.
+A `FaultPlan` says which modules raise, which return NaN, how long every module run is
+delayed, and with which probabilities a module run raises, hangs, returns NaN, or the module
+is dropped. The engine runs a request with faults on the isolated path, where an injected
+exception, an injected delay or hang (against the module timeout and the deadline) and
+injected NaN logits meet the same checks, the same timeout and the same circuit breakers as
+real ones; the answer lists them apart from real failures.
 """
 
 from __future__ import annotations
 
 import math
 import random
-import time
+import threading
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
@@ -31,12 +31,14 @@ class FaultPlan:
     nan: frozenset[int] = frozenset()  # these modules return NaN logits
     delay_ms: float = 0.0  # every module run waits this long first
     fail_probability: float = 0.0  # any module raises with this probability
+    nan_probability: float = 0.0  # any module returns NaN logits with this probability
+    hang_probability: float = 0.0  # any module hangs (until the timeout or deadline) with this probability
     drop_probability: float = 0.0  # any module is made unavailable with this probability
     seed: int | None = None  # seeds the random choices (per request, for reproducible rehearsals)
     _rng: random.Random = field(default_factory=random.Random, compare=False, repr=False)
 
     def __post_init__(self) -> None:
-        for name in ("fail_probability", "drop_probability"):
+        for name in ("fail_probability", "nan_probability", "hang_probability", "drop_probability"):
             p = getattr(self, name)
             if not (isinstance(p, int | float) and 0 <= p < 1):
                 raise InvalidRequest(f"{name}={p!r} must lie in [0, 1)")
@@ -58,13 +60,23 @@ class FaultPlan:
             nan=frozenset().union(*(p.nan for p in given)),
             delay_ms=max(p.delay_ms for p in given),
             fail_probability=1 - math.prod(1 - p.fail_probability for p in given),
+            nan_probability=1 - math.prod(1 - p.nan_probability for p in given),
+            hang_probability=1 - math.prod(1 - p.hang_probability for p in given),
             drop_probability=1 - math.prod(1 - p.drop_probability for p in given),
             seed=next((p.seed for p in given if p.seed is not None), None),
         )
 
     @property
     def active(self) -> bool:
-        return bool(self.fail or self.nan or self.delay_ms or self.fail_probability or self.drop_probability)
+        return bool(
+            self.fail
+            or self.nan
+            or self.delay_ms
+            or self.fail_probability
+            or self.nan_probability
+            or self.hang_probability
+            or self.drop_probability
+        )
 
     def check_ids(self, num_modules: int) -> None:
         if bad := sorted(j for j in self.fail | self.nan if not 0 <= j < num_modules):
@@ -76,12 +88,17 @@ class FaultPlan:
             return []
         return [j for j in ids if self._rng.random() < self.drop_probability]
 
-    def before_run(self, j: int) -> None:
-        """Called in place of the start of module j's run: wait, or raise."""
+    def before_run(self, j: int, cancel: threading.Event) -> bool:
+        """Called at the start of module j's run: wait, hang or raise. Waits end early when
+        `cancel` is set (the run's timeout or deadline passed). True: corrupt its logits."""
+        r = self._rng.random() if self.fail_probability or self.nan_probability or self.hang_probability else 1.0
         if self.delay_ms:
-            time.sleep(self.delay_ms / 1e3)
-        if j in self.fail or (self.fail_probability and self._rng.random() < self.fail_probability):
+            cancel.wait(self.delay_ms / 1e3)
+        if j in self.fail or r < self.fail_probability:
             raise InjectedFault(f"injected failure of module {j}")
-
-    def corrupts(self, j: int) -> bool:
-        return j in self.nan
+        r -= self.fail_probability
+        if r < self.hang_probability:
+            cancel.wait()  # until the executor gives up on the run
+            raise InjectedFault(f"injected hang of module {j}")
+        r -= self.hang_probability
+        return j in self.nan or r < self.nan_probability

@@ -53,6 +53,10 @@ class FaultPlanBody(BaseModel):
     nan: list[int] = Field(default_factory=list, description="Module ids whose logits become NaN.")
     delay_ms: float = Field(0.0, ge=0, description="Latency injected before every module run.")
     fail_probability: float = Field(0.0, ge=0, lt=1, description="Any module run raises with this probability.")
+    nan_probability: float = Field(0.0, ge=0, lt=1, description="Any module run returns NaN with this probability.")
+    hang_probability: float = Field(
+        0.0, ge=0, lt=1, description="Any module run hangs until its timeout or deadline, with this probability."
+    )
     drop_probability: float = Field(0.0, ge=0, lt=1, description="Any module is unavailable with this probability.")
     seed: int | None = Field(None, description="Seeds the random faults.")
 
@@ -62,6 +66,8 @@ class FaultPlanBody(BaseModel):
             nan=frozenset(self.nan),
             delay_ms=self.delay_ms,
             fail_probability=self.fail_probability,
+            nan_probability=self.nan_probability,
+            hang_probability=self.hang_probability,
             drop_probability=self.drop_probability,
             seed=self.seed,
         )

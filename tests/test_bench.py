@@ -39,3 +39,9 @@ def test_inference_bench_prints_its_comparison(bundle_dir: Path, data_dir: Path)
 def test_train_bench_prints_its_comparison(data_dir: Path):
     out = _run("bench/train.py", "--epochs", "1", "--subset", "1000", "--skip-torchensemble")
     assert "ours / floor" in out
+
+
+def test_chaos_load_loses_nothing_and_flags_every_degraded_answer(bundle_dir: Path, data_dir: Path):
+    out = _run("bench/chaos.py", "--bundle", str(bundle_dir), "--requests", "300", "--concurrency", "8",
+               "--budget", "8")  # fmt: skip
+    assert "PASS" in out and "'2xx': 300" in out

@@ -65,6 +65,8 @@ def _out(plan: FaultPlan | None) -> FaultPlanBody:
         nan=sorted(plan.nan),
         delay_ms=plan.delay_ms,
         fail_probability=plan.fail_probability,
+        nan_probability=plan.nan_probability,
+        hang_probability=plan.hang_probability,
         drop_probability=plan.drop_probability,
         seed=plan.seed,
     )

@@ -20,8 +20,10 @@ import numpy as np
 import orjson
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
+from starlette.concurrency import run_in_threadpool
 
 from quorum.runtime.engine import Engine, Prediction
+from quorum.runtime.faults import FaultPlan
 from quorum.server.deps import get_engine, get_settings
 from quorum.server.errors import ApiError
 from quorum.server.routes.admin import fault_plan
@@ -121,24 +123,8 @@ async def infer(request: Request, name: str) -> Response:
         raise ApiError(422, f"parameter drop={drop!r} must be a fraction in [0, 1) or a count")
     specialist, deadline = params.get("specialist"), _number(params, "deadline_ms")
     faults = fault_plan(request, _ids(params, "fail"), _ids(params, "nan"), _number(params, "delay_ms"), seed)
-    outputs: list[dict[str, Any]]
-    if specialist is not None:
-        spec = engine.predict_specialist(
-            tensor, str(specialist), budget=budget, drop=drop, seed=seed, deadline_ms=deadline, faults=faults
-        )
-        pred = spec.prediction
-        n = len(spec.is_class)
-        outputs = [
-            {"name": "is_class", "datatype": "BOOL", "shape": [n], "data": spec.is_class.tolist()},
-            {"name": "probability", "datatype": "FP32", "shape": [n], "data": spec.probability.tolist()},
-        ]
-    else:
-        pred = engine.predict(tensor, budget=budget, drop=drop, seed=seed, deadline_ms=deadline, faults=faults)
-        n, k = pred.probabilities.shape
-        outputs = [
-            {"name": "probabilities", "datatype": "FP32", "shape": [n, k], "data": pred.probabilities.ravel().tolist()},
-            {"name": "label", "datatype": "INT64", "shape": [n], "data": pred.labels.tolist()},
-        ]
+    args = (engine, tensor, budget, drop, seed, specialist, deadline, faults)
+    outputs, pred = await run_in_threadpool(_run, *args) if engine.may_wait(faults) else _run(*args)
     request.app.state.metrics.observe_answer(pred)
     wanted = [o.get("name") for o in header.get("outputs") or [] if isinstance(o, dict)]
     if wanted:
@@ -149,6 +135,34 @@ async def infer(request: Request, name: str) -> Response:
     if "id" in header:
         body["id"] = header["id"]
     return _json(body)
+
+
+def _run(
+    engine: Engine,
+    tensor: np.ndarray,
+    budget: int | None,
+    drop: int | float | None,
+    seed: int | None,
+    specialist: Any,
+    deadline: float | None,
+    faults: FaultPlan | None,
+) -> tuple[list[dict[str, Any]], Prediction]:
+    """The engine's answer as v2 output tensors."""
+    if specialist is not None:
+        spec = engine.predict_specialist(
+            tensor, str(specialist), budget=budget, drop=drop, seed=seed, deadline_ms=deadline, faults=faults
+        )
+        n = len(spec.is_class)
+        return [
+            {"name": "is_class", "datatype": "BOOL", "shape": [n], "data": spec.is_class.tolist()},
+            {"name": "probability", "datatype": "FP32", "shape": [n], "data": spec.probability.tolist()},
+        ], spec.prediction
+    pred = engine.predict(tensor, budget=budget, drop=drop, seed=seed, deadline_ms=deadline, faults=faults)
+    n, k = pred.probabilities.shape
+    return [
+        {"name": "probabilities", "datatype": "FP32", "shape": [n, k], "data": pred.probabilities.ravel().tolist()},
+        {"name": "label", "datatype": "INT64", "shape": [n], "data": pred.labels.tolist()},
+    ], pred
 
 
 def _report(pred: Prediction) -> dict[str, Any]:

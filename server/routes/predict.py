@@ -149,11 +149,11 @@ async def predict(request: Request) -> PredictResponse | SpecialistResponse:
     drop, specialist = _parse_drop(q.get("drop")), q.get("specialist")
     faults = _faults(request, q.get("fail"), q.get("nan"), _float_param(q.get("delay_ms"), "delay_ms"), seed)
     args = (engine, request.app.state.metrics, inputs, budget, drop, seed, specialist, deadline, faults)
-    if engine.executor == "packed":
-        # One bounded call (~0.1-3 ms): answered on the event loop, which saves a thread
+    if not engine.may_wait(faults):
+        # One bounded packed call (~0.1-3 ms): answered on the event loop, which saves a thread
         # hand-off that costs as much as the work (docs/RESULTS.md, HTTP).
         return _answer(*args)
-    return await run_in_threadpool(_answer, *args)  # isolated: waits on module deadlines
+    return await run_in_threadpool(_answer, *args)  # isolated path or faults: waits on module deadlines
 
 
 def _ids(value: str | None, name: str) -> frozenset[int]:
