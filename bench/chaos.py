@@ -23,7 +23,6 @@ import http.client
 import json
 import os
 import secrets
-import socket
 import statistics
 import subprocess
 import sys
@@ -32,20 +31,10 @@ import threading
 import time
 from collections import Counter
 from pathlib import Path
-from typing import Any
+
+from _serve import free_port, log_tail  # bench/ is on sys.path when a script runs
 
 from quorum.datasets import load_raw, resolve_data_dir
-
-
-def _tail(log: Any) -> str:
-    log.seek(0)
-    return str(log.read().decode(errors="replace")[-2000:])
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def start_server(bundle: str, port: int, token: str, timeout_ms: float) -> subprocess.Popen[bytes]:
@@ -64,7 +53,7 @@ def start_server(bundle: str, port: int, token: str, timeout_ms: float) -> subpr
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise SystemExit(f"quorum serve exited: {_tail(log)}")
+            raise SystemExit(f"quorum serve exited: {log_tail(log)}")
         try:
             conn = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
             conn.request("GET", "/readyz")

@@ -35,6 +35,7 @@ from typing import Any
 
 import numpy as np
 import orjson
+from _serve import free_port, log_tail  # bench/ is on sys.path when a script runs
 from fastapi import FastAPI, Request, Response  # at module level: the endpoint's annotations resolve here
 
 from quorum.datasets import load_raw, resolve_data_dir
@@ -71,17 +72,6 @@ def bare_app(bundle: str, budget: int) -> Any:
     return app
 
 
-def _tail(log: Any) -> str:
-    log.seek(0)
-    return str(log.read().decode(errors="replace")[-2000:])
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def start(kind: str, bundle: str, budget: int) -> tuple[subprocess.Popen[bytes], str]:
     port = free_port()
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
@@ -99,7 +89,7 @@ def start(kind: str, bundle: str, budget: int) -> tuple[subprocess.Popen[bytes],
     deadline = time.time() + 60
     while time.time() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"{kind} server exited: {_tail(log)}")
+            raise RuntimeError(f"{kind} server exited: {log_tail(log)}")
         try:
             with socket.create_connection(("127.0.0.1", port), timeout=0.2):
                 return proc, url

@@ -60,6 +60,21 @@ class FaultPlanBody(BaseModel):
     drop_probability: float = Field(0.0, ge=0, lt=1, description="Any module is unavailable with this probability.")
     seed: int | None = Field(None, description="Seeds the random faults.")
 
+    @classmethod
+    def from_plan(cls, plan: FaultPlan | None) -> FaultPlanBody:
+        if plan is None:
+            return cls()
+        return cls(
+            fail=sorted(plan.fail),
+            nan=sorted(plan.nan),
+            delay_ms=plan.delay_ms,
+            fail_probability=plan.fail_probability,
+            nan_probability=plan.nan_probability,
+            hang_probability=plan.hang_probability,
+            drop_probability=plan.drop_probability,
+            seed=plan.seed,
+        )
+
     def to_plan(self) -> FaultPlan:
         return FaultPlan(
             fail=frozenset(self.fail),

@@ -57,26 +57,11 @@ def fault_plan(
     return FaultPlan(fail=fail, nan=nan, delay_ms=delay_ms or 0.0, seed=seed)
 
 
-def _out(plan: FaultPlan | None) -> FaultPlanBody:
-    if plan is None:
-        return FaultPlanBody()
-    return FaultPlanBody(
-        fail=sorted(plan.fail),
-        nan=sorted(plan.nan),
-        delay_ms=plan.delay_ms,
-        fail_probability=plan.fail_probability,
-        nan_probability=plan.nan_probability,
-        hang_probability=plan.hang_probability,
-        drop_probability=plan.drop_probability,
-        seed=plan.seed,
-    )
-
-
 @router.get("/faults", response_model=FaultPlanBody)
 async def get_faults(request: Request) -> FaultPlanBody:
     """The server-wide fault plan (empty when none)."""
     require_admin(request)
-    return _out(get_engine(request).faults)
+    return FaultPlanBody.from_plan(get_engine(request).faults)
 
 
 @router.put("/faults", response_model=FaultPlanBody)
@@ -87,7 +72,7 @@ async def put_faults(request: Request, body: FaultPlanBody) -> FaultPlanBody:
     plan = body.to_plan()
     plan.check_ids(engine.num_modules)
     engine.faults = plan if plan.active else None
-    return _out(engine.faults)
+    return FaultPlanBody.from_plan(engine.faults)
 
 
 @router.delete("/faults", response_model=FaultPlanBody)
@@ -95,7 +80,7 @@ async def delete_faults(request: Request) -> FaultPlanBody:
     """Clear the server-wide fault plan."""
     require_admin(request)
     get_engine(request).faults = None
-    return _out(None)
+    return FaultPlanBody.from_plan(None)
 
 
 @router.post(
