@@ -537,7 +537,8 @@ class Engine:
         if plan_faults is not None:
             plan_faults.check_ids(self.num_modules)
             fault_drops = plan_faults.dropped(available)
-            available = [j for j in available if j not in set(fault_drops)]
+            gone = set(fault_drops)
+            available = [j for j in available if j not in gone]
         plan = make_plan(available, None, num_modules, budget=budget, drop=drop, seed=seed)
         dropped = sorted(plan.dropped + fault_drops)
         # Without drops the subset is a prefix of a fixed order: worth caching its weights.
