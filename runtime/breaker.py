@@ -2,8 +2,8 @@
 
 closed     in rotation; failures are remembered for `window_s`
 open       `failures` failures within the window: out of rotation for `open_s`
-half_open  the time is up: back in rotation for a trial; a success closes the breaker, a
-           failure opens it again
+half_open  the time is up: one request at a time may try the module (`claim`); a success
+           closes the breaker, a failure opens it again; other requests go on without it
 
 One `Breakers` holds every module's state; `version` changes whenever the set of modules in
 rotation may have changed, so that callers can cache what they derive from it.
@@ -29,6 +29,7 @@ class _Breaker:
     failures: deque[float] = field(default_factory=deque)
     open_until: float = 0.0
     trips: int = 0  # times it opened
+    trial: bool = False  # half-open, and a request is trying it now
 
 
 class Breakers:
@@ -66,6 +67,34 @@ class Breakers:
             self._next_expiry = min((b.open_until for b in self._b if b.state == "open"), default=float("inf"))
             self.version += 1
 
+    def trials_running(self) -> frozenset[int]:
+        """Half-open modules that a request is trying now: others must not use them."""
+        return frozenset(j for j, b in enumerate(self._b) if b.trial)
+
+    def claim(self, ids: Iterable[int]) -> tuple[list[int], list[int]]:
+        """Claim the trial of each half-open module among `ids`.
+
+        Returns `ids` without the half-open modules another request is trying, and the trials
+        claimed, which the caller must `release` when its request ends.
+        """
+        keep, claimed = [], []
+        with self._lock:
+            for j in ids:
+                b = self._b[j]
+                if b.state == "half_open":
+                    if b.trial:
+                        continue
+                    b.trial = True
+                    claimed.append(j)
+                keep.append(j)
+        return keep, claimed
+
+    def release(self, ids: Iterable[int]) -> None:
+        """End trials that no success or failure ended (the request's deadline cut them off)."""
+        with self._lock:
+            for j in ids:
+                self._b[j].trial = False
+
     def failed(self, j: int, now: float | None = None) -> None:
         if self.failures <= 0:
             return
@@ -77,7 +106,7 @@ class Breakers:
                 b.failures.popleft()
             if b.state == "half_open" or (b.state == "closed" and len(b.failures) >= self.failures):
                 self._half_open -= b.state == "half_open"
-                b.state, b.open_until, b.trips = "open", now + self.open_s, b.trips + 1
+                b.state, b.open_until, b.trips, b.trial = "open", now + self.open_s, b.trips + 1, False
                 b.failures.clear()
                 self._next_expiry = min(self._next_expiry, b.open_until)
                 self.version += 1
@@ -88,7 +117,7 @@ class Breakers:
             for j in ids:
                 if self._b[j].state == "half_open":
                     self._half_open -= 1
-                    self._b[j].state = "closed"
+                    self._b[j].state, self._b[j].trial = "closed", False
                     self._b[j].failures.clear()
                     self.version += 1
 

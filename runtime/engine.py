@@ -539,11 +539,20 @@ class Engine:
             fault_drops = plan_faults.dropped(available)
             gone = set(fault_drops)
             available = [j for j in available if j not in gone]
+        trying = self.breakers.any_half_open
+        if trying:  # a half-open module is tried by one request at a time
+            busy = self.breakers.trials_running()
+            available = [j for j in available if j not in busy]
         plan = make_plan(available, None, num_modules, budget=budget, drop=drop, seed=seed)
+        selected, trials = self.breakers.claim(plan.selected) if trying else (plan.selected, [])
         dropped = sorted(plan.dropped + fault_drops)
-        # Without drops the subset is a prefix of a fixed order: worth caching its weights.
         deadline_s = None if deadline_ms is None else max(0.0, deadline_ms / 1e3 - (time.perf_counter() - t0))
-        mean, used, failed, unfinished = self._combine(plan.selected, x, not dropped, deadline_s, plan_faults)
+        try:
+            # Without drops the subset is a prefix of a fixed order: worth caching its weights.
+            mean, used, failed, unfinished = self._combine(selected, x, not dropped, deadline_s, plan_faults)
+        finally:
+            if trials:
+                self.breakers.release(trials)
         if not used:
             if unfinished and not failed:
                 raise NoModulesAvailable(f"no module finished within deadline_ms={deadline_ms:g}")

@@ -159,12 +159,13 @@ class IsolatedExecutor:
         options: ort.RunOptions | None = None,
         faults: FaultPlan | None = None,
         cancel: threading.Event | None = None,
+        waiting: set[int] | None = None,
     ) -> ModuleRun:
         """Run module j on the calling thread; `faults` may delay it, make it hang or raise, or
-        corrupt its logits; `cancel` ends an injected wait."""
+        corrupt its logits; `cancel` ends an injected wait; `waiting` holds j during one."""
         t0 = time.perf_counter()
         try:
-            corrupt = faults is not None and faults.before_run(j, cancel or threading.Event())
+            corrupt = faults is not None and faults.before_run(j, cancel or threading.Event(), waiting)
             logits = self.sessions[j].run([self._output], {self._input: x}, options)[0]
             if corrupt:
                 return ModuleRun(j, np.full_like(logits, np.nan), None, (time.perf_counter() - t0) * 1e3, injected=True)
@@ -192,6 +193,7 @@ class IsolatedExecutor:
         results: dict[int, ModuleRun] = {}
         running: dict[int, ort.RunOptions] = {}
         cancel = threading.Event()  # ends injected waits at the deadline, as terminate ends real runs
+        in_fault: set[int] = set()  # modules in an injected delay or hang
         lock = threading.Lock()
         queue = iter(ids)
         stop, first = threading.Event(), threading.Event()
@@ -205,7 +207,7 @@ class IsolatedExecutor:
                         return
                     options = running[j] = ort.RunOptions()
                     options.log_severity_level = 4  # a terminated run is reported here, not logged by ORT
-                result = self.run_one(j, x, options, faults, cancel)
+                result = self.run_one(j, x, options, faults, cancel, in_fault)
                 with lock:
                     running.pop(j, None)
                     results[j] = result
@@ -249,7 +251,7 @@ class IsolatedExecutor:
                     f"timeout: {why}",
                     self.timeout_s * 1e3 if started else 0.0,
                     "timeout",
-                    injected=faults is not None and bool(faults.delay_ms or faults.hang_probability),
+                    injected=j in in_fault,  # cut off in an injected wait, not in its own run
                 )
         return [results[j] for j in ids]
 

@@ -88,17 +88,26 @@ class FaultPlan:
             return []
         return [j for j in ids if self._rng.random() < self.drop_probability]
 
-    def before_run(self, j: int, cancel: threading.Event) -> bool:
+    def before_run(self, j: int, cancel: threading.Event, waiting: set[int] | None = None) -> bool:
         """Called at the start of module j's run: wait, hang or raise. Waits end early when
-        `cancel` is set (the run's timeout or deadline passed). True: corrupt its logits."""
+        `cancel` is set (the run's timeout or deadline passed); while j waits on an injected
+        delay or hang it is in `waiting`, and stays there if the wait is cut off, so that the
+        timeout is reported as injected. True: corrupt its logits."""
         r = self._rng.random() if self.fail_probability or self.nan_probability or self.hang_probability else 1.0
+
+        def wait(seconds: float | None) -> None:
+            if waiting is not None:
+                waiting.add(j)
+            if not cancel.wait(seconds) and waiting is not None:
+                waiting.discard(j)
+
         if self.delay_ms:
-            cancel.wait(self.delay_ms / 1e3)
+            wait(self.delay_ms / 1e3)
         if j in self.fail or r < self.fail_probability:
             raise InjectedFault(f"injected failure of module {j}")
         r -= self.fail_probability
         if r < self.hang_probability:
-            cancel.wait()  # until the executor gives up on the run
+            wait(None)  # until the executor gives up on the run
             raise InjectedFault(f"injected hang of module {j}")
         r -= self.hang_probability
         return j in self.nan or r < self.nan_probability

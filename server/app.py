@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import signal
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -14,6 +16,7 @@ from quorum.server.deps import load_engine
 from quorum.server.errors import install_error_handlers
 from quorum.server.limits import BodySizeLimit
 from quorum.server.metrics import Metrics, RequestMetrics
+from quorum.server.reload import install_sighup
 from quorum.server.routes import admin, health, kserve, predict
 from quorum.server.settings import Settings
 
@@ -30,7 +33,10 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
         owned = app.state.engine is None
         if owned:
             app.state.engine = load_engine(settings)
+        sighup = install_sighup(app)
         yield
+        if sighup:
+            asyncio.get_running_loop().remove_signal_handler(signal.SIGHUP)
         if owned:
             app.state.engine.close()  # the isolated path's worker threads
 
@@ -42,6 +48,7 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
     )
     app.state.settings = settings
     app.state.engine = engine
+    app.state.reload_lock = asyncio.Lock()
     app.state.metrics = Metrics(lambda: app.state.engine)
     install_error_handlers(app)
     app.include_router(predict.router)

@@ -211,3 +211,99 @@ def test_hot_reload_while_clients_send_loses_no_request(server, test_images):
         proc.terminate()
         proc.wait(timeout=30)
     assert len(statuses) > 20 and set(statuses) == {200}
+
+
+def test_sighup_reloads_the_configured_bundle_and_a_bad_one_changes_nothing(server, test_images):
+    import shutil
+    import signal
+    import threading
+
+    _, bundle, tmp = server
+    served = tmp / "sighup-bundle"
+    shutil.copytree(bundle, served)
+    proc, base = _serve(served)
+    body = json.dumps({"inputs": test_images[0][:4].tolist()}).encode()
+    statuses: list[int] = []
+    stop = threading.Event()
+
+    def send() -> None:
+        while not stop.is_set():
+            statuses.append(_request(f"{base}/predict?budget=16", body)[0])
+
+    def healthy_after_sighup(expect: int) -> bool:
+        proc.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if _request(f"{base}/modules")[1]["healthy"] == expect:
+                return True
+            time.sleep(0.2)
+        return False
+
+    manifest = json.loads((served / "manifest.json").read_text())
+    victim = served / manifest["modules"][manifest["anytime_order"][0]]["file"]
+    clients = [threading.Thread(target=send) for _ in range(3)]
+    try:
+        for t in clients:
+            t.start()
+        time.sleep(0.5)
+        victim.write_bytes(victim.read_bytes()[::-1])  # the bundle on disk changes: one module is corrupt
+        assert healthy_after_sighup(63), "SIGHUP did not reload the bundle"
+        (served / "manifest.json").rename(served / "manifest.json.bak")  # now it cannot be served at all
+        proc.send_signal(signal.SIGHUP)
+        time.sleep(2.0)
+        assert proc.poll() is None and _request(f"{base}/modules")[1]["healthy"] == 63
+    finally:
+        stop.set()
+        for t in clients:
+            t.join(timeout=30)
+        proc.terminate()
+        out, _ = proc.communicate(timeout=30)
+    assert len(statuses) > 20 and set(statuses) == {200}
+    assert "SIGHUP: reload refused, still serving the previous bundle" in out
+
+
+def test_faults_admin_limits_deadlines_and_metrics_over_real_uvicorn(server, test_images):
+    from prometheus_client.parser import text_string_to_metric_families
+
+    _, bundle, _ = server
+    token = "e2e-t0ken"
+    proc, base = _serve(bundle, QUORUM_ADMIN_TOKEN=token, QUORUM_MAX_BODY_BYTES="100000", QUORUM_MAX_BATCH="16")
+
+    def call(method: str, path: str, body: object = None, auth: str | None = None) -> tuple[int, dict]:
+        data = None if body is None else json.dumps(body).encode()
+        headers = {"Content-Type": "application/json", **({"Authorization": auth} if auth else {})}
+        req = urllib.request.Request(base + path, data=data, method=method, headers=headers)
+        try:
+            with urllib.request.urlopen(req, timeout=30) as r:
+                return r.status, json.loads(r.read())
+        except urllib.error.HTTPError as e:
+            return e.code, json.loads(e.read())
+
+    x = test_images[0][:4].tolist()
+    try:
+        assert call("GET", "/admin/faults")[0] == 401
+        assert call("GET", "/admin/faults", auth="Bearer wrong")[0] == 403
+        assert call("POST", "/predict?fail=1", {"inputs": x})[0] == 403  # injection needs the token
+        status, plan = call("PUT", "/admin/faults", {"fail": [3], "nan_probability": 0.2, "seed": 1}, f"Bearer {token}")
+        assert status == 200 and plan["fail"] == [3]
+        status, body = call("POST", "/predict", {"inputs": x})
+        injected = {f["id"] for f in body["modules"]["injected"]}
+        assert status == 200 and body["degraded"] and 3 in injected and body["modules"]["failed"] == []
+        assert call("DELETE", "/admin/faults", auth=f"Bearer {token}")[1]["fail"] == []
+        assert not call("POST", "/predict", {"inputs": x})[1]["degraded"]
+
+        status, body = call("POST", "/predict", {"inputs": test_images[0][:40].tolist()})
+        assert status == 413 and "error" in body  # ~100 KB of JSON
+        assert call("POST", "/predict", {"inputs": test_images[0][:20].tolist()})[0] == 413  # batch > 16
+        status, body = call("POST", "/predict?deadline_ms=0.001", {"inputs": x})
+        assert status == 503 and "deadline" in body["error"]
+
+        with urllib.request.urlopen(f"{base}/metrics", timeout=30) as r:
+            families = {f.name: f for f in text_string_to_metric_families(r.read().decode())}
+        outcomes = {(s.labels["module"], s.labels["outcome"]) for s in families["quorum_module_outcomes"].samples}
+        assert ("3", "injected") in outcomes
+        statuses = {s.labels["status"] for s in families["quorum_http_requests"].samples}
+        assert {"200", "401", "403", "413", "503"} <= statuses
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)

@@ -6,23 +6,20 @@ no `Authorization: Bearer …` is 401, a wrong one 403 (compared in constant tim
 
 from __future__ import annotations
 
-import asyncio
 import secrets
 from pathlib import Path
 
-from fastapi import APIRouter, Request
-from starlette.concurrency import run_in_threadpool
+from fastapi import APIRouter, Depends, Request
 
 from quorum.runtime.engine import Engine
 from quorum.runtime.errors import QuorumError
 from quorum.runtime.faults import FaultPlan
-from quorum.server.deps import get_engine, get_settings, load_engine
+from quorum.server.deps import get_engine, get_settings
 from quorum.server.errors import ApiError
+from quorum.server.reload import swap_engine
 from quorum.server.schemas import FaultPlanBody, ReloadBody, ReloadResult
 
 __all__ = ["fault_plan", "is_admin", "require_admin", "router"]
-
-router = APIRouter(prefix="/admin", tags=["admin"])
 
 
 def is_admin(request: Request) -> bool:
@@ -44,6 +41,14 @@ def require_admin(request: Request) -> None:
         raise ApiError(403, "wrong admin token")
 
 
+async def _guard(request: Request) -> None:  # async: not sent to the thread pool
+    require_admin(request)
+
+
+# The guard runs before the body is read: without the right token, a malformed body is not a 422.
+router = APIRouter(prefix="/admin", tags=["admin"], dependencies=[Depends(_guard)])
+
+
 def fault_plan(
     request: Request, fail: frozenset[int], nan: frozenset[int], delay_ms: float | None, seed: int | None
 ) -> FaultPlan | None:
@@ -60,14 +65,12 @@ def fault_plan(
 @router.get("/faults", response_model=FaultPlanBody)
 async def get_faults(request: Request) -> FaultPlanBody:
     """The server-wide fault plan (empty when none)."""
-    require_admin(request)
     return FaultPlanBody.from_plan(get_engine(request).faults)
 
 
 @router.put("/faults", response_model=FaultPlanBody)
 async def put_faults(request: Request, body: FaultPlanBody) -> FaultPlanBody:
     """Apply a fault plan to every request until it is deleted (or replaced)."""
-    require_admin(request)
     engine = get_engine(request)
     plan = body.to_plan()
     plan.check_ids(engine.num_modules)
@@ -78,7 +81,6 @@ async def put_faults(request: Request, body: FaultPlanBody) -> FaultPlanBody:
 @router.delete("/faults", response_model=FaultPlanBody)
 async def delete_faults(request: Request) -> FaultPlanBody:
     """Clear the server-wide fault plan."""
-    require_admin(request)
     get_engine(request).faults = None
     return FaultPlanBody.from_plan(None)
 
@@ -91,20 +93,15 @@ async def reload(request: Request, body: ReloadBody | None = None) -> ReloadResu
 
     The new engine is loaded and verified off the event loop while the old one keeps serving;
     requests already running finish on the old engine, which holds their reference. If the new
-    bundle cannot be served, nothing changes and the answer says why.
+    bundle cannot be served, nothing changes and the answer says why. SIGHUP reloads the
+    configured bundle the same way.
     """
-    require_admin(request)
-    settings = get_settings(request)
-    bundle = Path(body.bundle) if body and body.bundle else settings.bundle
+    bundle = Path(body.bundle) if body and body.bundle else get_settings(request).bundle
     old: Engine | None = request.app.state.engine
     try:
-        new = await run_in_threadpool(load_engine, settings.model_copy(update={"bundle": bundle}))
+        new = await swap_engine(request.app, bundle)
     except QuorumError as e:
         raise ApiError(422, f"reload refused, still serving {old.bundle_dir if old else 'nothing'}: {e}") from None
-    new.faults = old.faults if old is not None else None  # a rehearsal in progress goes on
-    request.app.state.engine = new  # one reference swap: each request uses the engine it started with
-    if old is not None:
-        asyncio.get_running_loop().call_later(60, old.close)  # after its in-flight requests are long done
     return ReloadResult(
         bundle=str(new.bundle_dir), name=new.manifest.name, healthy_modules=len(new.healthy_ids), executor=new.executor
     )

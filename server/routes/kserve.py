@@ -44,6 +44,57 @@ PARAMETERS = frozenset({"budget", "deadline_ms", "delay_ms", "drop", "fail", "na
 IGNORED = frozenset({"binary_data_output"})
 
 
+_NUMBER: dict[str, Any] = {"type": "number"}
+_IDS = {"type": "string", "description": "Module ids, comma-separated (fault injection, when allowed)."}
+# The JSON header of an inference request, for the OpenAPI schema (the route reads the body
+# itself: with Triton's binary extension, raw tensor bytes follow the JSON).
+INFER_REQUEST_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "required": ["inputs"],
+    "properties": {
+        "id": {"type": "string"},
+        "parameters": {
+            "type": "object",
+            "additionalProperties": False,
+            "properties": {
+                "budget": {"type": "integer", "minimum": 1, "description": "Modules to evaluate, in anytime order."},
+                "deadline_ms": {**_NUMBER, "exclusiveMinimum": 0},
+                "drop": {**_NUMBER, "minimum": 0, "description": "A fraction in [0, 1) or a count of modules."},
+                "seed": {"type": "integer"},
+                "specialist": {"type": ["string", "integer"], "description": "A class index or name."},
+                "delay_ms": {**_NUMBER, "minimum": 0},
+                "fail": _IDS,
+                "nan": _IDS,
+                "binary_data_output": {"type": "boolean", "description": "Accepted; outputs are JSON."},
+            },
+        },
+        "inputs": {
+            "type": "array",
+            "minItems": 1,
+            "maxItems": 1,
+            "items": {
+                "type": "object",
+                "required": ["name", "shape", "datatype"],
+                "properties": {
+                    "name": {"type": "string"},
+                    "shape": {"type": "array", "items": {"type": "integer", "minimum": 0}},
+                    "datatype": {"type": "string", "enum": sorted(DATATYPES)},
+                    "data": {"type": "array", "description": "Row-major values, flat or nested."},
+                    "parameters": {
+                        "type": "object",
+                        "properties": {"binary_data_size": {"type": "integer", "minimum": 0}},
+                    },
+                },
+            },
+        },
+        "outputs": {
+            "type": "array",
+            "items": {"type": "object", "required": ["name"], "properties": {"name": {"type": "string"}}},
+        },
+    },
+}
+
+
 def _json(data: dict[str, Any], status: int = 200) -> Response:
     return Response(orjson.dumps(data), status_code=status, media_type="application/json")
 
@@ -98,6 +149,9 @@ async def model_ready(request: Request, name: str) -> Response:
 
 @router.post(
     "/models/{name}/infer",
+    openapi_extra={
+        "requestBody": {"required": True, "content": {"application/json": {"schema": INFER_REQUEST_SCHEMA}}}
+    },
     responses={
         400: {"description": "Not JSON, or a broken binary-data framing."},
         413: {"description": "The body or the batch exceeds its limit."},

@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +18,7 @@ from onnx import TensorProto, helper, numpy_helper
 from quorum.exporter.packed import pack_bundle
 from quorum.runtime.engine import Engine, softmax
 from quorum.runtime.errors import BundleError, InvalidRequest, NoModulesAvailable
+from quorum.runtime.faults import FaultPlan
 from quorum.runtime.manifest import Manifest
 from quorum.trainer.evaluate import module_logits
 from quorum.trainer.run import load_best
@@ -261,7 +263,13 @@ def test_a_hung_module_times_out_and_the_rest_answer(bundle_copy: Path, test_ima
             assert r.used == [k for k in m.anytime_order[:8] if k != j] and r.degraded
             assert elapsed < 2.0
         assert engine.modules[j].failures == 3 and engine.modules[j].failure_kinds == {"timeout": 3}
-        assert r.failed[0].kind == "timeout"
+        assert r.failed[0].kind == "timeout" and not r.failed[0].injected
+        # An injected delay on every module does not make its own hang an injected timeout.
+        r = engine.predict(x, budget=8, faults=FaultPlan(delay_ms=1))
+        assert [(f.id, f.kind, f.injected) for f in r.failed] == [(j, "timeout", False)]
+        r = engine.predict(x, budget=8, faults=FaultPlan(hang_probability=0.5, seed=0))
+        hung = [f for f in r.failed if f.id != j]
+        assert hung and {(f.kind, f.injected) for f in hung} == {("timeout", True)}
     finally:
         engine.close()
 
@@ -360,5 +368,27 @@ def test_a_module_that_keeps_failing_leaves_rotation_and_is_retried(bundle_copy:
         time.sleep(0.35)  # half-open: tried on inputs it can answer, succeeds, closes
         r = engine.predict(clean, budget=5)
         assert r.used == m.anytime_order[:5] and engine.modules[j].breaker == "closed"
+    finally:
+        engine.close()
+
+
+def test_a_half_open_module_is_tried_by_one_request_at_a_time(bundle_copy: Path, test_images):
+    m = Manifest.load(bundle_copy)
+    j = m.anytime_order[0]
+    _rewrite(bundle_copy, j, _nan_on_zero_pixels(onnx.load(bundle_copy / m.modules[j].file), m))
+    engine = Engine.load(bundle_copy, device="cpu", executor="isolated", breaker=(1, 60.0, 0.2))
+    clean = np.full((2, 784), 7, np.uint8)
+    try:
+        assert [f.id for f in engine.predict(test_images[0][:2], budget=5).failed] == [j]
+        time.sleep(0.25)
+        assert engine.modules[j].breaker == "half_open"
+        with ThreadPoolExecutor(1) as pool:  # the trial: a slow request that includes j
+            trial = pool.submit(engine.predict, clean, budget=5, faults=FaultPlan(delay_ms=400))
+            time.sleep(0.15)
+            other = engine.predict(clean, budget=5)  # meanwhile: goes on without j
+            assert other.used == m.anytime_order[1:6] and not other.degraded
+            assert j in trial.result().used
+        assert engine.modules[j].breaker == "closed"
+        assert engine.predict(clean, budget=5).used == m.anytime_order[:5]
     finally:
         engine.close()

@@ -32,6 +32,7 @@ def test_without_a_token_the_admin_api_is_off_and_clients_cannot_inject(bundle_d
     with _client(bundle_dir) as c:
         assert c.get("/admin/faults").status_code == 404
         assert c.put("/admin/faults", json={"fail": [1]}).status_code == 404
+        assert c.put("/admin/faults", content=b"{not json").status_code == 404  # the guard before the body
         r = c.post("/predict?fail=1", json={"inputs": images})
         assert r.status_code == 403 and "admin token" in r.json()["error"]
         assert c.post("/predict?drop=3&seed=1", json={"inputs": images}).status_code == 200  # drop stays public
@@ -40,6 +41,7 @@ def test_without_a_token_the_admin_api_is_off_and_clients_cannot_inject(bundle_d
 def test_the_admin_api_wants_the_right_bearer_token(bundle_dir: Path):
     with _client(bundle_dir, admin_token=TOKEN) as c:
         assert c.get("/admin/faults").status_code == 401
+        assert c.put("/admin/faults", json={"fail_probability": "x"}).status_code == 401
         assert c.get("/admin/faults", headers={"Authorization": "Bearer wrong"}).status_code == 403
         assert c.get("/admin/faults", headers={"Authorization": f"Basic {TOKEN}"}).status_code == 403
         r = c.get("/admin/faults", headers=ADMIN)
