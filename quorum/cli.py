@@ -104,7 +104,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="packed: any budget in one call of the bundle's packed graph; isolated: one session per module, "
         "concurrent, each under --module-timeout-ms; auto (default): packed when the bundle has one that verifies",
     )
-    p.add_argument("--module-timeout-ms", type=float, default=None, help="isolated path's deadline (default: 1000)")
+    p.add_argument(
+        "--module-timeout-ms",
+        type=float,
+        default=None,
+        help="time one module run may take, from its start (isolated path; default: 1000); a request ends by twice this",
+    )
 
     p = sub.add_parser(
         "pack",

@@ -184,7 +184,8 @@ class Engine:
             device: "auto" (CUDA where it loads), "cpu" or "cuda".
             executor: "auto", "packed" or "isolated" (see the class docstring).
             workers: concurrent module runs per request on the isolated path (default: cores).
-            module_timeout_ms: the isolated path's deadline for a request's module runs.
+            module_timeout_ms: the time one module run may take from its start (isolated path); a
+                request ends by twice this.
             packed_cache_mb: memory for the gathered weights of subsets asked for again (budgets
                 on the anytime order, specialists); 0 turns the cache off.
             packed_threads: intra-op threads of the packed session. 1 (the default) is fastest

@@ -123,15 +123,29 @@ class PackedExecutor:
             self._cached_bytes += size
 
 
+@dataclass
+class _Run:
+    """A module run in progress: how to stop it, and since when it runs."""
+
+    options: ort.RunOptions
+    start: float
+    cancel: threading.Event  # ends an injected wait, as `options.terminate` ends a real run
+
+    def stop(self) -> None:
+        self.options.terminate = True  # the run stops at its next node and raises in its drain
+        self.cancel.set()
+
+
 class IsolatedExecutor:
     """One session per module; `workers` runs at a time on a shared pool; a deadline per request.
 
     Each request starts up to `workers` drains that take the next module from the request's
     list until it is empty; when none of them made progress for STALL_S while modules wait
-    (runs that hang), another drain starts. If the deadline passes first, modules still running are told to
-    terminate (ONNX Runtime's RunOptions.terminate) and, with those never started, are
-    reported as timed out; the request answers with what finished. The pool keeps spare
-    threads, so a few hung runs cannot starve later requests.
+    (runs that hang), another drain starts. A run past the module timeout is told to
+    terminate (ONNX Runtime's RunOptions.terminate) and reported as timed out; at the
+    request's deadline the runs still going are cut off the same way, and the request answers
+    with what finished. The pool keeps spare threads, so a few hung runs cannot starve later
+    requests.
     """
 
     def __init__(
@@ -185,19 +199,23 @@ class IsolatedExecutor:
     ) -> list[ModuleRun]:
         """Run modules `ids` on x; one ModuleRun per id, in the order of `ids`.
 
-        Runs stop at the module timeout, or at `deadline_s` if that comes first: then the runs
-        cut off are of kind "deadline" (not failures). With `wait_first`, a deadline that
-        passes before any module answered waits on, up to the module timeout, for the first.
+        Each run has the module timeout from its own start: past it, the run is told to
+        terminate, reported as a timeout, and its drain moves on to the next module, so a
+        module queued behind a hung one still gets its full time. The request ends when every
+        module has answered or timed out, at `deadline_s` (runs cut off then are of kind
+        "deadline": not failures), and at the latest at twice the module timeout (what is
+        left then timed out). With `wait_first`, a deadline that passes before any module
+        answered waits on for the first, within that limit.
         """
         ids = list(ids)
         results: dict[int, ModuleRun] = {}
-        running: dict[int, ort.RunOptions] = {}
-        cancel = threading.Event()  # ends injected waits at the deadline, as terminate ends real runs
+        running: dict[int, _Run] = {}
         in_fault: set[int] = set()  # modules in an injected delay or hang
         lock = threading.Lock()
         queue = iter(ids)
         stop, first = threading.Event(), threading.Event()
         t0 = time.perf_counter()
+        timeout_ms = self.timeout_s * 1e3
 
         def drain() -> None:
             while not stop.is_set():
@@ -205,54 +223,56 @@ class IsolatedExecutor:
                     j = next(queue, None)
                     if j is None:
                         return
-                    options = running[j] = ort.RunOptions()
-                    options.log_severity_level = 4  # a terminated run is reported here, not logged by ORT
-                result = self.run_one(j, x, options, faults, cancel, in_fault)
+                    run = running[j] = _Run(ort.RunOptions(), time.perf_counter(), threading.Event())
+                    run.options.log_severity_level = 4  # a terminated run is reported here, not logged by ORT
+                result = self.run_one(j, x, run.options, faults, run.cancel, in_fault)
                 with lock:
                     running.pop(j, None)
-                    results[j] = result
-                    if result.error is None:
-                        first.set()
+                    if j not in results:  # else it was already reported as timed out
+                        results[j] = result
+                        if result.error is None:
+                            first.set()
 
-        cut = deadline_s is not None and deadline_s < self.timeout_s
-        end = t0 + (deadline_s if cut and deadline_s is not None else self.timeout_s)
+        limit = t0 + 2 * self.timeout_s
+        end = min(limit, t0 + deadline_s) if deadline_s is not None else limit
         drains = [self._pool.submit(drain) for _ in range(min(self.workers, len(ids)))]
         answered, stalled_since = 0, t0
-        while (left := end - time.perf_counter()) > 0:
-            if not wait(drains, timeout=min(left, STALL_S), return_when=ALL_COMPLETED).not_done:
-                break
-            with lock:
-                progress, waiting = len(results), len(results) + len(running) < len(ids)
+        while True:
             now = time.perf_counter()
-            if progress > answered:
-                answered, stalled_since = progress, now
-            elif waiting and now - stalled_since >= STALL_S:
+            with lock:
+                for j, run in running.items():
+                    if j not in results and now - run.start >= self.timeout_s:
+                        run.stop()  # the drain's run raises and is discarded; the drain goes on
+                        why = f"timeout: no answer within {timeout_ms:g} ms"
+                        results[j] = ModuleRun(j, None, why, timeout_ms, "timeout", injected=j in in_fault)
+                live = [run.start for j, run in running.items() if j not in results]
+                done, unstarted = len(results), len(ids) - len(results) - len(live)
+            if done == len(ids) or now >= limit or (now >= end and not (wait_first and not first.is_set())):
+                break
+            if done > answered:
+                answered, stalled_since = done, now
+            elif unstarted and now - stalled_since >= STALL_S:
                 # Every drain is stuck on a slow run while modules wait: one more drain, so that
                 # a hung module costs its own answer only, not those queued behind it.
                 drains.append(self._pool.submit(drain))
                 stalled_since = now
-        if cut and wait_first and not first.is_set():
-            first.wait(max(0.0, self.timeout_s - (time.perf_counter() - t0)))
-            cut = first.is_set()  # else the module timeout passed too: those are timeouts
+            next_timeout = min(live, default=now) + self.timeout_s
+            wait(
+                drains, timeout=max(0.0, min(end, limit, next_timeout, now + STALL_S) - now), return_when=ALL_COMPLETED
+            )
+        cut = deadline_s is not None and now < limit  # the request's deadline, not the limit, ended it
         with lock:
             stop.set()
-            cancel.set()
-            for options in running.values():
-                options.terminate = True  # the run stops at its next node and raises in its worker
-            for j in (j for j in ids if j not in results):
-                started = j in running
+            for j in ids:
+                if j in results:
+                    continue
+                if (going := running.get(j)) is not None:
+                    going.stop()
                 if cut:
                     results[j] = ModuleRun(j, None, "unfinished at the request's deadline", 0.0, "deadline")
-                    continue
-                why = f"no answer within {self.timeout_s * 1e3:g} ms" if started else "not started before the deadline"
-                results[j] = ModuleRun(
-                    j,
-                    None,
-                    f"timeout: {why}",
-                    self.timeout_s * 1e3 if started else 0.0,
-                    "timeout",
-                    injected=j in in_fault,  # cut off in an injected wait, not in its own run
-                )
+                else:
+                    why = f"timeout: no answer within the request's limit of {2 * timeout_ms:g} ms"
+                    results[j] = ModuleRun(j, None, why, 0.0, "timeout", injected=j in in_fault)
         return [results[j] for j in ids]
 
     def close(self) -> None:

@@ -24,7 +24,9 @@ class Settings(BaseSettings):
     workers: int | None = Field(
         None, ge=1, description="Concurrent module runs per request (isolated; default: cores)."
     )
-    module_timeout_ms: float = Field(1000.0, gt=0, description="Deadline for a request's module runs (isolated).")
+    module_timeout_ms: float = Field(
+        1000.0, gt=0, description="Time a module run may take, from its start (isolated); a request ends by twice this."
+    )
     packed_cache_mb: float = Field(
         64.0, ge=0, description="Memory for cached gathered weights of repeated subsets (packed; 0: off)."
     )
