@@ -108,7 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--module-timeout-ms",
         type=float,
         default=None,
-        help="time one module run may take, from its start (isolated path; default: 1000); a request ends by twice this",
+        help="time one module run may take from its start (isolated path; default: 1000); a request ends by twice this",
     )
 
     p = sub.add_parser(
