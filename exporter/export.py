@@ -34,7 +34,6 @@ from quorum.runtime.manifest import (
     TaskSpec,
     TrainingInfo,
 )
-from quorum.trainer.data import load_fashion_mnist
 from quorum.trainer.evaluate import evaluate_logits, module_logits
 from quorum.trainer.run import load_best
 from quorum.trainer.selection import (
@@ -45,6 +44,7 @@ from quorum.trainer.selection import (
     random_subsets_f1,
     select_specialists,
 )
+from quorum.trainer.train import load_data
 
 __all__ = ["PARITY_ATOL", "PARITY_RTOL", "SPECIALIST_SIZE", "export_run"]
 
@@ -68,7 +68,7 @@ def export_run(
         raise ExportError(f"{out_dir} exists; pass --overwrite to replace it, or choose another --out")
     run = load_best(run_dir)
     cfg, model = run.config, run.model
-    data = load_fashion_mnist(data_dir or cfg.data_dir, val_size=cfg.val_size, subset=cfg.subset, seed=cfg.seed)
+    data, _ = load_data(cfg, data_dir)
 
     val_logits = module_logits(model, data.val.x)  # (N, M, K)
     test_logits = module_logits(model, data.test.x)
@@ -135,7 +135,7 @@ def export_run(
             training=TrainingInfo(
                 arch=cfg.arch,
                 num_modules=M,
-                arch_params={"hidden": cfg.hidden},
+                arch_params=cfg.arch_params(),
                 lam=cfg.lam,
                 dataset=cfg.dataset,
                 seed=cfg.seed,

@@ -16,19 +16,25 @@ __all__ = ["RESUMABLE_OVERRIDES", "TrainConfig", "default_lr"]
 
 # Options that may differ when a run is resumed: they change where or how long it runs,
 # not what is being trained.
-RESUMABLE_OVERRIDES = frozenset({"epochs", "device", "data_dir", "patience"})
+RESUMABLE_OVERRIDES = frozenset({"epochs", "device", "data_dir", "patience", "log_every"})
+
+DATASETS = ("fashion-mnist", "cifar10", "cifar100")
+LOSSES = ("modular", "mcl")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
 
-def default_lr(num_modules: int, lam: float) -> float:
-    """SGD learning rate for the MLP ensembles on Fashion-MNIST (momentum 0.9, batch 100): 0.02*M.
+def default_lr(num_modules: int, lam: float, arch: str = "mlp") -> float:
+    """SGD learning rate (momentum 0.9): 0.02*M for the MLPs, 0.1*M for the convolutional modules.
 
     By eq. (8) the gradient reaching each module's logits carries a factor 1/M, so the rate
-    scales with M. The authors' runs cut it to a third for lambda >= 0.99; measured here
-    (docs/RESULTS.md, "Default learning rate") that cut is worse after 10 epochs and no better
-    after 40, at every lambda in {0.95, 0.99, 1}, so `lam` does not change the default.
+    scales with M: 0.1*M trains each convolutional module as the papers' rate of 0.1 trains one
+    network alone. For the MLPs on Fashion-MNIST the authors' runs cut the rate to a third for
+    lambda >= 0.99; measured here (docs/RESULTS.md, "Default learning rate") that cut is worse
+    after 10 epochs and no better after 40, at every lambda in {0.95, 0.99, 1}, so `lam` does
+    not change the default.
     """
     del lam  # kept in the signature: the rate is a function of the configuration
-    return 0.02 * num_modules
+    return (0.02 if arch == "mlp" else 0.1) * num_modules
 
 
 @dataclass
@@ -36,6 +42,16 @@ class TrainConfig:
     arch: str = "mlp"  # registered architecture name
     modules: int = 256  # M, modules in the ensemble
     hidden: int = 4  # H, hidden units per MLP module
+    filters: str = "cifar10"  # convnet, treenet: channels of each 3x3 layer ("32,64,64") or a preset
+    strides: str | None = None  # convnet, treenet: stride of each layer ("1,2,1"); None: the preset's, or 1
+    padding: int | None = None  # convnet, treenet: padding of every layer; None: the preset's, or 1
+    split: int = 0  # treenet: layers in the shared trunk; 0: about the first half
+    depth: int = 100  # densenet_bc: depth, 6n + 4
+    growth: int = 12  # densenet_bc: growth rate k
+    loss: str = "modular"  # modular | mcl (Multiple Choice Learning, Lee et al. §6.2)
+    mcl_k: int = 1  # mcl: each example trains its k best modules
+    pretrain_epochs: int = 0  # mcl: epochs of independent cross-entropy first
+    weight_decay: float = 0.0  # as for one module trained alone at lr / M (applied as weight_decay / M)
     lam: float = 0.99  # modular-loss coefficient lambda in [0, 1]
     epochs: int = 10  # epochs to train (early stopping keeps the best one)
     lr: float | None = None  # SGD learning rate; None -> default_lr(modules, lam)
@@ -48,6 +64,9 @@ class TrainConfig:
     dataset: str = "fashion-mnist"  # dataset name
     data_dir: str | None = None  # IDX folder; None -> $QUORUM_DATA_DIR, then Debian's path
     device: str = "auto"  # auto | cpu | cuda
+    precision: str = "auto"  # auto | fp32 | bf16 | fp16: autocast on CUDA (auto: bf16 where supported); CPU: fp32
+    augment: bool | None = None  # random crop (padding 4) and horizontal flip; None: on for CIFAR
+    log_every: int = 50  # steps between progress updates (the only host syncs of a CUDA epoch)
     dominance_epoch: int = 3  # check for module dominance after this epoch (trainer/diagnostics.py); 0 = off
     command: str = ""  # the command line that started the run, for the manifest
 
@@ -55,7 +74,17 @@ class TrainConfig:
         check_lambda(self.lam)
         if self.arch not in list_archs():
             raise ConfigError(f"unknown --arch {self.arch!r}; choose one of {', '.join(list_archs())}")
-        for name in ("modules", "hidden", "epochs", "batch_size"):
+        if self.loss not in LOSSES:
+            raise ConfigError(f"unknown --loss {self.loss!r}; choose one of {', '.join(LOSSES)}")
+        if self.loss == "mcl" and not 1 <= self.mcl_k <= self.modules:
+            raise ConfigError(f"--mcl-k must lie in 1..M={self.modules}, got {self.mcl_k}")
+        if self.pretrain_epochs < 0 or (self.pretrain_epochs and self.loss != "mcl"):
+            raise ConfigError("--pretrain-epochs (>= 0) applies to --loss mcl only")
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"--precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        if not self.weight_decay >= 0:
+            raise ConfigError(f"--weight-decay must be >= 0, got {self.weight_decay}")
+        for name in ("modules", "hidden", "epochs", "batch_size", "depth", "growth", "log_every"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         if self.lr is not None and not self.lr > 0:
@@ -68,17 +97,41 @@ class TrainConfig:
             raise ConfigError(f"--patience must be >= 1, got {self.patience}")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ConfigError(f"--device must be auto, cpu or cuda, got {self.device!r}")
-        if self.dataset != "fashion-mnist":
-            raise ConfigError(f"unknown --dataset {self.dataset!r}; available: fashion-mnist")
+        if self.dataset not in DATASETS:
+            raise ConfigError(f"unknown --dataset {self.dataset!r}; choose one of {', '.join(DATASETS)}")
 
     @property
     def learning_rate(self) -> float:
-        return self.lr if self.lr is not None else default_lr(self.modules, self.lam)
+        return self.lr if self.lr is not None else default_lr(self.modules, self.lam, self.arch)
 
     @property
     def name(self) -> str:
-        """The papers' naming, e.g. 256-M-4-H."""
-        return f"{self.modules}-M-{self.hidden}-H"
+        """The papers' naming, e.g. 256-M-4-H, DN-64-6-16, 16-M-convnet-c6."""
+        if self.arch == "mlp":
+            return f"{self.modules}-M-{self.hidden}-H"
+        if self.arch == "densenet_bc":
+            return f"DN-{self.depth}-{self.growth}-{self.modules}"
+        split = f"-split{self.split}" if self.arch == "treenet" and self.split else ""
+        return f"{self.modules}-M-{self.arch}-{self.filters.replace(',', '.')}{split}"
+
+    def arch_params(self) -> dict[str, int | str]:
+        """The options of this run's architecture, as `create` takes them and the manifest records them."""
+        if self.arch == "mlp":
+            return {"hidden": self.hidden}
+        if self.arch == "densenet_bc":
+            return {"depth": self.depth, "growth": self.growth}
+        params: dict[str, int | str] = {"filters": self.filters}
+        if self.strides is not None:
+            params["strides"] = self.strides
+        if self.padding is not None:
+            params["padding"] = self.padding
+        if self.arch == "treenet":
+            params["split"] = self.split
+        return params
+
+    @property
+    def use_augment(self) -> bool:
+        return self.augment if self.augment is not None else self.dataset.startswith("cifar")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -1,13 +1,15 @@
-"""Fashion-MNIST as normalized torch tensors, with a seeded validation hold-out.
+"""Fashion-MNIST and CIFAR-10/100 as normalized torch tensors, with a seeded validation hold-out.
 
-The data is small (70k images of 28x28 bytes), so every split is held in memory as one
-tensor and batches are gathered by index: no DataLoader workers, nothing per sample.
+The data is small (70k images of 28x28 bytes; 60k of 32x32x3), so every split is held in
+memory as one tensor and batches are gathered by index: no DataLoader workers, nothing per
+sample. CIFAR's flip-and-crop augmentation (`augment`) runs on whole batches, on the device.
 """
 
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -22,7 +24,7 @@ from quorum.datasets import (
     read_idx,
     resolve_data_dir,
 )
-from quorum.trainer.errors import ConfigError
+from quorum.trainer.errors import ConfigError, DataError
 
 __all__ = [
     "DATA_DIR_ENV",
@@ -32,6 +34,9 @@ __all__ = [
     "Normalization",
     "Split",
     "Splits",
+    "augment",
+    "load_cifar",
+    "load_dataset",
     "load_fashion_mnist",
     "load_raw",
     "read_idx",
@@ -65,7 +70,7 @@ class Normalization:
 class Split:
     """One split held in memory: normalized inputs and integer labels."""
 
-    x: torch.Tensor  # (N, 784) float32, normalized
+    x: torch.Tensor  # (N, 784) for Fashion-MNIST, (N, 3, 32, 32) for CIFAR: float32, normalized
     y: torch.Tensor  # (N,) int64
 
     def __len__(self) -> int:
@@ -79,6 +84,14 @@ class Splits:
     test: Split
     norm: Normalization
     class_names: tuple[str, ...]
+    image_shape: tuple[int, ...] = (1, 28, 28)  # (C, H, W) of one input
+
+    def input_shape(self, image_input: bool) -> tuple[int, ...]:
+        """What a model sees: the image, or (for an MLP on one-channel data) the flat vector, as
+        bundles of MLPs on Fashion-MNIST have always taken."""
+        if image_input or self.image_shape[0] > 1:
+            return self.image_shape
+        return (int(np.prod(self.image_shape)),)
 
 
 def load_fashion_mnist(
@@ -128,3 +141,98 @@ def load_fashion_mnist(
         norm=norm,
         class_names=FASHION_MNIST_CLASSES,
     )
+
+
+CIFAR_URL = "https://www.cs.toronto.edu/~kriz/cifar.html"
+
+
+def load_cifar(
+    name: str,
+    data_dir: str | os.PathLike[str] | None = None,
+    *,
+    val_size: int = 10_000,
+    subset: int | None = None,
+    seed: int = 0,
+    download: bool = True,
+) -> Splits:
+    """CIFAR-10 or CIFAR-100 through torchvision, with a seeded validation hold-out and
+    per-channel normalization from the remaining training images.
+
+    Looks in `data_dir` (default: $QUORUM_DATA_DIR/cifar, else ~/.cache/quorum/cifar) and
+    downloads there when the internet is reachable; otherwise DataError says where to put
+    the archive.
+    """
+    from torchvision import datasets  # only CIFAR needs torchvision
+
+    cls = {"cifar10": datasets.CIFAR10, "cifar100": datasets.CIFAR100}[name]
+    default = Path(os.environ[DATA_DIR_ENV]) / "cifar" if os.environ.get(DATA_DIR_ENV) else None
+    root = Path(data_dir) if data_dir else default or Path.home() / ".cache" / "quorum" / "cifar"
+    try:
+        train_set, test_set = (cls(str(root), train=t, download=download) for t in (True, False))
+    except Exception as e:  # torchvision raises RuntimeError when absent, URLError/OSError offline
+        archive = "cifar-10-python.tar.gz" if name == "cifar10" else "cifar-100-python.tar.gz"
+        raise DataError(
+            f"{name} is not in {root} and could not be downloaded ({type(e).__name__}: {e}). Put {archive} "
+            f"(from {CIFAR_URL}) or its extracted folder in {root}, or pass --data-dir."
+        ) from None
+    x_all, y_all = train_set.data, np.asarray(train_set.targets)  # (N, 32, 32, 3) uint8
+    if not 0 < val_size < len(y_all):
+        raise ConfigError(f"val_size must lie in 1..{len(y_all) - 1}, got {val_size}")
+    perm = np.random.default_rng(seed).permutation(len(y_all))
+    val_idx, train_idx = perm[:val_size], perm[val_size:]
+    if subset is not None:
+        if not 0 < subset <= len(train_idx):
+            raise ConfigError(f"--subset must lie in 1..{len(train_idx)}, got {subset}")
+        train_idx = train_idx[:subset]
+    chw = np.ascontiguousarray(x_all.transpose(0, 3, 1, 2))  # (N, 3, 32, 32)
+    scaled = chw[train_idx].astype(np.float32) / 255.0
+    norm = Normalization(
+        scale=1.0 / 255.0,
+        mean=tuple(float(v) for v in scaled.mean(axis=(0, 2, 3))),
+        std=tuple(float(v) for v in scaled.std(axis=(0, 2, 3))),
+    )
+
+    def split(x: np.ndarray, y: np.ndarray) -> Split:
+        return Split(norm.apply(torch.from_numpy(x)), torch.from_numpy(np.asarray(y, dtype=np.int64)))
+
+    x_test = np.ascontiguousarray(test_set.data.transpose(0, 3, 1, 2))
+    return Splits(
+        train=split(chw[train_idx], y_all[train_idx]),
+        val=split(chw[val_idx], y_all[val_idx]),
+        test=split(x_test, np.asarray(test_set.targets)),
+        norm=norm,
+        class_names=tuple(train_set.classes),
+        image_shape=(3, 32, 32),
+    )
+
+
+def load_dataset(
+    name: str,
+    data_dir: str | os.PathLike[str] | None = None,
+    *,
+    val_size: int = 10_000,
+    subset: int | None = None,
+    seed: int = 0,
+) -> Splits:
+    """The dataset called `name` (fashion-mnist, cifar10, cifar100) with a seeded validation hold-out."""
+    if name == "fashion-mnist":
+        return load_fashion_mnist(data_dir, val_size=val_size, subset=subset, seed=seed)
+    if name in ("cifar10", "cifar100"):
+        return load_cifar(name, data_dir, val_size=val_size, subset=subset, seed=seed)
+    raise ConfigError(f"unknown dataset {name!r}; choose one of fashion-mnist, cifar10, cifar100")
+
+
+def augment(x: torch.Tensor, generator: torch.Generator, pad: int = 4) -> torch.Tensor:
+    """The standard CIFAR augmentation on a batch (B, C, H, W), on its device: a random crop of
+    the image zero-padded by `pad` on every side, mirrored left-right with probability 1/2.
+
+    Drawn from `generator` (on the CPU), so a resumed run sees the same augmentations."""
+    B, C, H, W = x.shape
+    padded = torch.nn.functional.pad(x, (pad, pad, pad, pad))  # (B, C, H + 2p, W + 2p)
+    dy, dx = torch.randint(0, 2 * pad + 1, (2, B), generator=generator).to(x.device)
+    flip = (torch.rand(B, generator=generator) < 0.5).to(x.device)
+    rows = dy.view(B, 1) + torch.arange(H, device=x.device)  # (B, H): the crop's rows
+    cols = dx.view(B, 1) + torch.arange(W, device=x.device)
+    cols = torch.where(flip.view(B, 1), cols.flip(1), cols)  # the crop's columns, reversed: mirrored
+    out = padded.gather(2, rows.view(B, 1, H, 1).expand(B, C, H, W + 2 * pad))
+    return out.gather(3, cols.view(B, 1, 1, W).expand(B, C, H, W))

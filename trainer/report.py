@@ -19,11 +19,11 @@ from pathlib import Path
 from typing import Any
 
 from quorum.trainer.checkpoint import atomic_write_text
-from quorum.trainer.data import load_fashion_mnist
 from quorum.trainer.diagnostics import Dominance, EntropyStats, check_dominance, entropy_stats, oracle_accuracy
 from quorum.trainer.errors import RunDirError
 from quorum.trainer.evaluate import evaluate_logits, module_logits
 from quorum.trainer.run import LoadedRun, load_best
+from quorum.trainer.train import load_data
 
 __all__ = ["Report", "dominance_from_metrics", "make_report", "plot_errors"]
 
@@ -191,7 +191,7 @@ def plot_errors(
 
 def _test_logits(run: LoadedRun, data_dir: str | None) -> tuple[Any, Any]:
     cfg = run.config
-    data = load_fashion_mnist(data_dir or cfg.data_dir, val_size=cfg.val_size, subset=cfg.subset, seed=cfg.seed)
+    data, _ = load_data(cfg, data_dir)
     return module_logits(run.model, data.test.x), data.test.y  # (N, M, K), (N,)
 
 

@@ -14,46 +14,79 @@ from torch import nn
 
 from quorum.trainer.errors import ConfigError
 
-__all__ = ["Ensemble", "create", "list_archs", "register"]
+__all__ = ["Ensemble", "create", "list_archs", "register", "takes_images"]
 
 
 class Ensemble(nn.Module):
     """Base class of every registered architecture: M same-shaped modules as one model.
 
-    `forward` maps (B, *in_shape) to logits (B, M, K) with no Python loop over modules.
+    `forward` maps (B, *in_shape) to logits (B, M, K) with no Python loop over modules. A
+    model whose modules share their first layers (a TreeNet) returns them from `trunk`; module
+    j is then `trunk` followed by `branch(j)`.
     """
 
     num_modules: int
     num_classes: int
     in_shape: tuple[int, ...]
 
+    def trunk(self) -> nn.Module | None:
+        """The layers all modules share, eval mode, or None."""
+        return None
+
+    def branch(self, j: int) -> nn.Module:
+        """Module j after the trunk, as an eval-mode `nn.Module` (its own weights, copied)."""
+        raise NotImplementedError
+
     def module(self, j: int) -> nn.Module:
         """Module j alone, as an eval-mode `nn.Module` mapping (B, *in_shape) -> (B, K)."""
-        raise NotImplementedError
+        trunk, branch = self.trunk(), self.branch(j)
+        return branch if trunk is None else nn.Sequential(trunk, branch).eval()
 
     def module_flops(self) -> int:
-        """Floating-point operations of one module on one input (2 per multiply-add)."""
+        """Floating-point operations of one module (its branch) on one input (2 per multiply-add)."""
         raise NotImplementedError
 
+    def trunk_flops(self) -> int:
+        """Floating-point operations of the shared trunk on one input (0 without one)."""
+        return 0
+
     def module_params(self) -> int:
-        """Parameters of one module."""
+        """Parameters of one module (its branch)."""
         raise NotImplementedError
+
+    def arch_name(self) -> str:
+        """A short name in the papers' style, e.g. 256-M-4-H or DN-64-6-16."""
+        return f"{self.num_modules}-M {type(self).__name__}"
+
+    def _check(self, j: int) -> None:
+        if not 0 <= j < self.num_modules:
+            raise IndexError(f"module {j} out of range 0..{self.num_modules - 1}")
 
 
 _F = TypeVar("_F", bound=Callable[..., Any])
 _REGISTRY: dict[str, Callable[..., Any]] = {}
+_IMAGE_INPUT: set[str] = set()
 
 
-def register(name: str) -> Callable[[_F], _F]:
-    """Class or factory decorator: make an architecture available to `create(name, ...)`."""
+def register(name: str, *, image_input: bool = False) -> Callable[[_F], _F]:
+    """Class or factory decorator: make an architecture available to `create(name, ...)`.
+
+    `image_input`: its modules take (C, H, W) images, not flat vectors."""
 
     def wrap(factory: _F) -> _F:
         if name in _REGISTRY:
             raise ValueError(f"architecture {name!r} is registered twice")
         _REGISTRY[name] = factory
+        if image_input:
+            _IMAGE_INPUT.add(name)
         return factory
 
     return wrap
+
+
+def takes_images(name: str) -> bool:
+    """Whether architecture `name` takes (C, H, W) images rather than flat vectors."""
+    return name in _IMAGE_INPUT
 
 
 def list_archs() -> list[str]:

@@ -62,9 +62,8 @@ class BatchedMLP(Ensemble):
         return logits.permute(2, 0, 1)  # (B, M, K)
 
     @torch.no_grad()
-    def module(self, j: int) -> nn.Module:
-        if not 0 <= j < self.num_modules:
-            raise IndexError(f"module {j} out of range 0..{self.num_modules - 1}")
+    def branch(self, j: int) -> nn.Module:
+        self._check(j)
         H = self.hidden
         l1 = nn.Linear(self.in_features, H)
         l2 = nn.Linear(H, self.num_classes)
@@ -77,6 +76,9 @@ class BatchedMLP(Ensemble):
 
     def module_flops(self) -> int:
         return 2 * (self.in_features * self.hidden + self.hidden * self.num_classes)
+
+    def arch_name(self) -> str:
+        return f"{self.num_modules}-M-{self.hidden}-H"
 
     def module_params(self) -> int:
         return (self.in_features + 1) * self.hidden + (self.hidden + 1) * self.num_classes
