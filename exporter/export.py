@@ -17,10 +17,20 @@ import time
 from pathlib import Path
 
 import numpy as np
+import onnx
+import torch
 from tqdm.auto import tqdm
 
 from quorum.exporter.errors import ExportError
-from quorum.exporter.onnx_graphs import INPUT_NAME, OUTPUT_NAME, cpu_session, export_template, serialize, with_weights
+from quorum.exporter.onnx_graphs import (
+    INPUT_NAME,
+    OUTPUT_NAME,
+    cpu_session,
+    export_graph,
+    export_template,
+    serialize,
+    with_weights,
+)
 from quorum.exporter.packed import write_packed
 from quorum.runtime.manifest import (
     PARITY_ATOL,
@@ -33,8 +43,10 @@ from quorum.runtime.manifest import (
     SpecialistEntry,
     TaskSpec,
     TrainingInfo,
+    TrunkEntry,
 )
 from quorum.trainer.evaluate import evaluate_logits, module_logits
+from quorum.trainer.models import Ensemble
 from quorum.trainer.run import load_best
 from quorum.trainer.selection import (
     ANYTIME_CRITERION,
@@ -92,19 +104,34 @@ def export_run(
     x_parity = data.val.x[:parity_samples]
 
     M = cfg.modules
-    template = export_template(model.module(0), x_parity[:2])
+    trunk = model.trunk()
+    if trunk is not None:  # a TreeNet: the branches' graphs start from the trunk's features
+        with torch.no_grad():
+            branch_in = trunk(x_parity)
+    else:
+        branch_in = x_parity
+    try:
+        template: onnx.ModelProto | None = export_template(model.branch(0), branch_in[:2])
+    except ExportError as e:
+        log.info("exporting module by module (%s)", e)
+        template = None
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))  # same filesystem: rename is atomic
     try:
         (tmp / "modules").mkdir()
         entries, protos, ort_logits = [], [], []
         for j in tqdm(range(M), desc="export", unit="module", disable=not progress):
-            module = model.module(j)
-            protos.append(with_weights(template, module, f"Quorum module {j} of {M}"))
+            module = model.branch(j)
+            doc = f"Quorum module {j} of {M}"
+            if template is not None:
+                protos.append(with_weights(template, module, doc))
+            else:
+                protos.append(export_graph(module, branch_in[:2]))
+                protos[-1].doc_string = doc
             data_bytes, digest = serialize(protos[-1])
             rel = f"modules/m{j:03d}.onnx"
             (tmp / rel).write_bytes(data_bytes)
-            got = cpu_session(data_bytes).run([OUTPUT_NAME], {INPUT_NAME: x_parity.numpy()})[0]
+            got = cpu_session(data_bytes).run([OUTPUT_NAME], {INPUT_NAME: branch_in.numpy()})[0]
             ort_logits.append(got)
             diff = _check_parity(j, got, val_logits[:parity_samples, j].numpy())
             entries.append(
@@ -118,7 +145,10 @@ def export_run(
                     parity=diff,
                 )
             )
-        packed = write_packed(tmp, protos, INPUT_NAME, OUTPUT_NAME, x_parity.numpy(), np.stack(ort_logits))
+        packed = None
+        if cfg.arch == "mlp":  # the packed graph knows the MLP's two GEMMs; other modules run one session each
+            packed = write_packed(tmp, protos, INPUT_NAME, OUTPUT_NAME, x_parity.numpy(), np.stack(ort_logits))
+        trunk_entry = None if trunk is None else _write_trunk(tmp, trunk, model, x_parity, branch_in)
         manifest = Manifest(
             name=out_dir.name,
             created=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
@@ -151,6 +181,7 @@ def export_run(
             specialists=specialists,
             specialist_criterion=SPECIALIST_CRITERION,
             packed=packed,
+            trunk=trunk_entry,
             metrics=EnsembleMetrics(
                 val_error=val.ensemble_error,
                 test_error=test.ensemble_error,
@@ -171,6 +202,31 @@ def export_run(
         test.ensemble_error,
     )
     return manifest
+
+
+TRUNK_FILE = "trunk.onnx"
+TRUNK_OUTPUT = "features"
+
+
+def _write_trunk(
+    bundle_dir: Path, trunk: torch.nn.Module, model: Ensemble, x: torch.Tensor, features: torch.Tensor
+) -> TrunkEntry:
+    """Export the shared trunk to trunk.onnx, checked against torch's features on `x`."""
+    data, digest = serialize(export_graph(trunk, x[:2], output_name=TRUNK_OUTPUT))
+    (bundle_dir / TRUNK_FILE).write_bytes(data)
+    got = cpu_session(data).run([TRUNK_OUTPUT], {INPUT_NAME: x.numpy()})[0]
+    expected = features.numpy()
+    diff = float(np.abs(got - expected).max()) if np.isfinite(got).all() else float("inf")
+    if not diff <= PARITY_ATOL + PARITY_RTOL * float(np.abs(expected).max()):
+        raise ExportError(f"trunk: ONNX Runtime and torch differ by {diff:.2e}")
+    return TrunkEntry(
+        file=TRUNK_FILE,
+        sha256=digest,
+        output_shape=list(expected.shape[1:]),
+        params=sum(p.numel() for p in trunk.parameters()),
+        flops=model.trunk_flops(),
+        parity=diff,
+    )
 
 
 def _check_parity(j: int, got: np.ndarray, expected: np.ndarray) -> float:

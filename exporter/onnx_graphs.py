@@ -2,7 +2,8 @@
 
 The modules of one ensemble share one architecture, so their graphs differ only in their
 initializers. We export module 0 once with torch's exporter (a few seconds), then write
-every module's weights into a copy of that template (milliseconds each). Every graph is
+every module's weights into a copy of that template (milliseconds each); where the exporter
+folded parameters into other constants, each module is exported on its own. Every graph is
 then checked on its own: `onnx.checker`, and parity against torch on real inputs.
 """
 
@@ -26,7 +27,16 @@ from torch import nn
 from quorum.exporter.errors import ExportError
 from quorum.runtime.providers import session_options
 
-__all__ = ["INPUT_NAME", "OPSET", "OUTPUT_NAME", "cpu_session", "export_template", "serialize", "with_weights"]
+__all__ = [
+    "INPUT_NAME",
+    "OPSET",
+    "OUTPUT_NAME",
+    "cpu_session",
+    "export_graph",
+    "export_template",
+    "serialize",
+    "with_weights",
+]
 
 INPUT_NAME = "input"
 OUTPUT_NAME = "logits"
@@ -49,8 +59,8 @@ def _quiet_exporter() -> Iterator[None]:
             lg.setLevel(level)
 
 
-def export_template(module: nn.Module, example: torch.Tensor) -> onnx.ModelProto:
-    """Export one standalone module with a dynamic batch axis: (N, *in) -> logits (N, K)."""
+def export_graph(module: nn.Module, example: torch.Tensor, output_name: str = OUTPUT_NAME) -> onnx.ModelProto:
+    """Export one standalone module with a dynamic batch axis: (N, *in) -> (N, …)."""
     module = module.eval()
     batch = torch.export.Dim("batch", min=1)
     with _quiet_exporter():
@@ -59,7 +69,7 @@ def export_template(module: nn.Module, example: torch.Tensor) -> onnx.ModelProto
             (example,),
             dynamo=True,
             input_names=[INPUT_NAME],
-            output_names=[OUTPUT_NAME],
+            output_names=[output_name],
             dynamic_shapes=({0: batch},),
             opset_version=OPSET,
             optimize=True,
@@ -68,13 +78,25 @@ def export_template(module: nn.Module, example: torch.Tensor) -> onnx.ModelProto
     if program is None:
         raise ExportError("torch.onnx.export returned no program")
     proto: onnx.ModelProto = program.model_proto
+    return proto
+
+
+SMALL_CONSTANT = 64  # elements: an initializer this small that is no parameter is a shape or an axis
+
+
+def export_template(module: nn.Module, example: torch.Tensor) -> onnx.ModelProto:
+    """Export one module as the template of all: every parameter an initializer of its own name
+    and shape, which `with_weights` replaces. ExportError when the exporter folded a parameter
+    into another constant: such an architecture is exported module by module."""
+    proto = export_graph(module, example)
     params = module.state_dict()
+    names = {init.name: tuple(init.dims) for init in proto.graph.initializer}
+    for name, value in params.items():
+        if names.get(name) != tuple(value.shape):
+            raise ExportError(f"parameter {name!r} is not an initializer of the exported graph")
     for init in proto.graph.initializer:
-        if init.name not in params or tuple(init.dims) != tuple(params[init.name].shape):
-            raise ExportError(
-                f"initializer {init.name!r} {tuple(init.dims)} of the exported graph is not a parameter of the "
-                "module; this architecture needs a per-module export"
-            )
+        if init.name not in params and np.prod(init.dims) > SMALL_CONSTANT:
+            raise ExportError(f"initializer {init.name!r} {tuple(init.dims)} of the exported graph is no parameter")
     return proto
 
 
@@ -83,6 +105,8 @@ def with_weights(template: onnx.ModelProto, module: nn.Module, doc: str) -> onnx
     params = module.state_dict()
     proto = copy.deepcopy(template)
     for i, init in enumerate(proto.graph.initializer):
+        if init.name not in params:
+            continue  # a shape or an axis, the same in every module
         array = params[init.name].detach().cpu().numpy()
         proto.graph.initializer[i].CopyFrom(numpy_helper.from_array(np.ascontiguousarray(array), init.name))
     proto.doc_string = doc

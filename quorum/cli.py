@@ -22,10 +22,36 @@ def _train_args(p: argparse.ArgumentParser) -> None:
     # Defaults are None so that a resumed run can tell which options were given explicitly;
     # the effective defaults come from TrainConfig and are shown in the help.
     g = p.add_argument_group("model")
-    g.add_argument("--arch", help="architecture from the registry (default: mlp)")
+    g.add_argument("--arch", help="mlp | convnet | treenet | densenet_bc (default: mlp)")
     g.add_argument("--modules", "-M", type=int, help="M, modules in the ensemble (default: 256)")
-    g.add_argument("--hidden", "-H", type=int, help="H, hidden units per MLP module (default: 4)")
+    g.add_argument("--hidden", "-H", type=int, help="mlp: H, hidden units per module (default: 4)")
+    g.add_argument(
+        "--filters",
+        help="convnet, treenet: output channels of each 3x3 layer, e.g. 32,64,64, or a preset: cifar10 (the "
+        "joint-training paper's Table 3), c3..c7 (the supplement's Table 2) (default: cifar10)",
+    )
+    g.add_argument("--strides", help="convnet, treenet: stride of each layer, e.g. 1,2,1 (default: the preset's, or 1)")
+    g.add_argument("--padding", type=int, help="convnet, treenet: zero padding of each layer (default: preset's, or 1)")
+    g.add_argument("--split", type=int, help="treenet: layers in the shared trunk (default: about the first half)")
+    g.add_argument(
+        "--preset",
+        choices=["DN-100-12-4", "DN-82-8-8", "DN-64-6-16"],
+        help="densenet_bc: the papers' ensembles (depth-growth-modules); sets --depth, --growth and --modules",
+    )
+    g.add_argument("--depth", type=int, help="densenet_bc: depth, 6n + 4 (default: 100)")
+    g.add_argument("--growth", type=int, help="densenet_bc: growth rate k (default: 12)")
     g = p.add_argument_group("loss and optimizer")
+    g.add_argument(
+        "--loss",
+        choices=["modular", "mcl"],
+        help="modular: the modular loss with --lam (default); mcl: Multiple Choice Learning (Lee et al. §6.2): "
+        "each example trains only its --mcl-k best modules",
+    )
+    g.add_argument("--mcl-k", type=int, help="mcl: modules each example trains (default: 1)")
+    g.add_argument("--pretrain-epochs", type=int, help="mcl: epochs of independent cross-entropy first (default: 0)")
+    g.add_argument(
+        "--weight-decay", type=float, help="weight decay as for one module trained alone (applied /M; default: 0)"
+    )
     g.add_argument(
         "--lam",
         type=float,
@@ -33,7 +59,7 @@ def _train_args(p: argparse.ArgumentParser) -> None:
         "0.95-0.99 keeps joint accuracy and degrades gracefully (default: 0.99)",
     )
     g.add_argument("--epochs", type=int, help="epochs to train; the best validation epoch is kept (default: 10)")
-    g.add_argument("--lr", type=float, help="SGD learning rate (default: 0.02·M; see docs/RESULTS.md)")
+    g.add_argument("--lr", type=float, help="SGD learning rate (default: 0.02·M for mlp, 0.1·M for the others)")
     g.add_argument("--batch-size", type=int, help="minibatch size (default: 100)")
     g.add_argument("--patience", type=int, help="stop after this many epochs without a better validation error")
     g.add_argument(
@@ -45,11 +71,30 @@ def _train_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--seed", type=int, help="seeds the split, subset, init and shuffles (default: 0)")
     g = p.add_argument_group("data and device")
     g.add_argument(
-        "--data-dir", help="folder of the Fashion-MNIST IDX .gz files (default: $QUORUM_DATA_DIR or Debian's)"
+        "--data-dir",
+        help="folder of the Fashion-MNIST IDX .gz files (default: $QUORUM_DATA_DIR or Debian's), or of CIFAR "
+        "(default: $QUORUM_DATA_DIR/cifar or ~/.cache/quorum/cifar)",
     )
     g.add_argument("--val-size", type=int, help="training images held out for validation (default: 10000)")
     g.add_argument("--subset", type=int, help="train on only N training images (smoke tests)")
+    g.add_argument(
+        "--dataset",
+        choices=["fashion-mnist", "cifar10", "cifar100"],
+        help="fashion-mnist (Debian's package) or CIFAR through torchvision, downloaded into --data-dir when "
+        "the internet is reachable (default: fashion-mnist)",
+    )
+    g.add_argument(
+        "--augment",
+        action=argparse.BooleanOptionalAction,
+        help="random crop and horizontal flip of image batches (default: on for CIFAR)",
+    )
     g.add_argument("--device", choices=["auto", "cpu", "cuda"], help="where to train (default: auto)")
+    g.add_argument(
+        "--precision",
+        choices=["auto", "fp32", "bf16", "fp16"],
+        help="CUDA autocast dtype (auto: bf16 where supported); the CPU trains in fp32 (default: auto)",
+    )
+    g.add_argument("--log-every", type=int, help="steps between progress updates, the only host syncs (default: 50)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -242,6 +287,11 @@ def _cmd_train(args: argparse.Namespace) -> int:
     # every TrainConfig field that is also a command-line option (`command` is recorded, not given)
     keys = [f.name for f in fields(TrainConfig) if f.name != "command" and hasattr(args, f.name)]
     given: dict[str, Any] = {k: getattr(args, k) for k in keys if getattr(args, k) is not None}
+    if args.preset:
+        from quorum.trainer.models.densenet import DENSENET_PRESETS
+
+        depth, growth, modules = DENSENET_PRESETS[args.preset]
+        given = {"arch": "densenet_bc", "depth": depth, "growth": growth, "modules": modules, **given}
     command = shlex.join(["quorum", *sys.argv[1:]])
     out = Path(args.out)
     if args.resume and (out / "config.json").exists():

@@ -130,8 +130,10 @@ class Engine:
         *,
         wait_for_first: bool = False,
         breaker: tuple[int, float, float] = (5, 30.0, 30.0),
+        trunk: ort.InferenceSession | None = None,
     ):
         self.bundle_dir = bundle_dir
+        self._trunk = trunk
         self.manifest = manifest
         self._states = modules
         # Calls per module on the packed path, added to in one vectorized step per request.
@@ -210,6 +212,8 @@ class Engine:
             states[j].status, states[j].reason = "quarantined", why
             sessions.pop(j, None)
 
+        trunk = cls._load_trunk(bundle_dir, manifest, opts, providers)
+
         for entry in manifest.modules:
             try:
                 session = cls._load_module(bundle_dir, manifest, entry, opts, providers)
@@ -229,6 +233,8 @@ class Engine:
         )
         # Every module must answer a probe input, finite and in shape, within the deadline.
         probe = probe_input(manifest.input)
+        if trunk is not None:
+            probe = trunk.run(None, {manifest.input.name: probe})[0]
         probe_logits: dict[int, np.ndarray] = {}
         for run in isolated.run(sorted(sessions), probe):
             if run.error is not None or run.logits is None:
@@ -265,10 +271,46 @@ class Engine:
                 if executor == "packed":
                     isolated.close()
                     raise BundleError(f"{bundle_dir}: executor=packed asked for, but {note}") from None
-                log.warning("packed graph not used (%s); running modules one session each", note)
+                expected = manifest.training.arch != "mlp" and manifest.packed is None
+                (log.info if expected else log.warning)("packed graph not used (%s); one session per module", note)
         return cls(
-            bundle_dir, manifest, isolated, modules, packed, note, wait_for_first=wait_for_first, breaker=breaker
+            bundle_dir,
+            manifest,
+            isolated,
+            modules,
+            packed,
+            note,
+            wait_for_first=wait_for_first,
+            breaker=breaker,
+            trunk=trunk,
         )
+
+    @staticmethod
+    def _load_trunk(
+        bundle_dir: Path, manifest: Manifest, opts: ort.SessionOptions, providers: list[str]
+    ) -> ort.InferenceSession | None:
+        """Verify and load the shared trunk, if the bundle has one. Every module needs it, so a
+        trunk that cannot run is a BundleError, not a quarantine."""
+        entry = manifest.trunk
+        if entry is None:
+            return None
+        path = (bundle_dir / entry.file).resolve()
+        why = None
+        if not path.is_relative_to(bundle_dir.resolve()) or not path.is_file():
+            why = f"trunk graph {entry.file} is missing"
+        elif (digest := _sha256(path)) != entry.sha256:
+            why = f"checksum mismatch for {entry.file}: manifest {entry.sha256[:12]}…, file {digest[:12]}…"
+        if why is None:
+            try:
+                session = ort.InferenceSession(str(path), opts, providers=providers)
+                out = session.run(None, {manifest.input.name: probe_input(manifest.input)})[0]
+                if tuple(out.shape[1:]) != tuple(entry.output_shape) or not np.isfinite(out).all():
+                    why = f"{entry.file} gives features of shape {out.shape[1:]}, expected {entry.output_shape}"
+            except Exception as e:
+                why = f"ONNX Runtime cannot run {entry.file}: {type(e).__name__}: {e}"
+        if why is not None:
+            raise BundleError(f"{bundle_dir}: {why}; every module needs the shared trunk; re-export the run")
+        return session
 
     @staticmethod
     def _load_module(
@@ -311,6 +353,10 @@ class Engine:
     ) -> PackedExecutor:
         """Load the packed graph and check it, module by module, against the healthy module files."""
         entry = manifest.packed
+        if entry is None and manifest.training.arch != "mlp":
+            raise _Quarantine(
+                f"packed graphs exist for mlp modules; {manifest.training.arch} modules run one session each"
+            )
         if entry is None:
             raise _Quarantine("the bundle has no packed graph (add one with `quorum pack BUNDLE`)")
         path = (bundle_dir / entry.file).resolve()
@@ -407,6 +453,18 @@ class Engine:
     @property
     def num_modules(self) -> int:
         return len(self.manifest.modules)
+
+    def _features(self, x: np.ndarray) -> np.ndarray:
+        """What the module graphs take: x itself, or the shared trunk's features of x."""
+        if self._trunk is None:
+            return x
+        try:
+            features: np.ndarray = self._trunk.run(None, {self.manifest.input.name: x})[0]
+        except Exception as e:
+            raise NoModulesAvailable(f"the shared trunk failed, and every module needs it: {e}") from e
+        if not np.isfinite(features).all():
+            raise NoModulesAvailable("the shared trunk gave non-finite features, and every module needs them")
+        return features
 
     def preprocess(self, x_raw: Any) -> np.ndarray:
         """Validate raw inputs (N, *input.shape) and normalize them as the manifest says."""
@@ -532,7 +590,7 @@ class Engine:
         t0 = time.perf_counter()
         if deadline_ms is not None and (isinstance(deadline_ms, bool) or not 0 < deadline_ms < math.inf):
             raise InvalidRequest(f"deadline_ms={deadline_ms!r} must be a positive number of milliseconds")
-        x = self.preprocess(x_raw)
+        x = self._features(self.preprocess(x_raw))
         plan_faults = FaultPlan.merge(self.faults, faults)
         fault_drops: list[int] = []
         if plan_faults is not None:
@@ -597,7 +655,7 @@ class Engine:
         """
         if not ids or (missing := [j for j in ids if j not in self._sessions]):
             raise InvalidRequest(f"module(s) {ids and missing} are not healthy modules of this bundle")
-        mean, _, failed, _ = self._combine(list(ids), self.preprocess(x_raw))
+        mean, _, failed, _ = self._combine(list(ids), self._features(self.preprocess(x_raw)))
         if failed:
             raise NoModulesAvailable("module(s) failed: " + "; ".join(f"m{f.id}: {f.reason}" for f in failed[:5]))
         return mean
@@ -679,7 +737,7 @@ class Engine:
         ids = sorted(self._sessions) if ids is None else list(ids)
         if missing := [j for j in ids if j not in self._sessions]:
             raise InvalidRequest(f"module(s) {missing} are not healthy in this bundle")
-        x = self.preprocess(x_raw)
+        x = self._features(self.preprocess(x_raw))
         out = np.empty((x.shape[0], len(ids), self.manifest.num_classes), np.float32)
         name_in, name_out = self.manifest.input.name, self.manifest.output.name
         for col, j in enumerate(ids):

@@ -5,9 +5,13 @@ A bundle is a folder:
     manifest.json
     modules/m000.onnx ... m255.onnx
     packed.onnx, packed_core.onnx     (optional: `packed`)
+    trunk.onnx                        (optional: `trunk`, schema version 2)
 
 Every module graph stands alone: one float32 input (N, *input.shape), one output of logits
-(N, K), dynamic batch axis. The packed graph takes the same input and int64 module ids (b,)
+(N, K), dynamic batch axis. In a bundle with a trunk (a TreeNet: layers all modules share),
+the trunk graph takes that input and gives features (N, *trunk.output_shape), and the module
+graphs take those features: the trunk runs once per request, then the chosen modules. The
+packed graph takes the same input and int64 module ids (b,)
 and gives the mean of those modules' logits (N, K), then the weights it gathered; the core
 takes the input and those weights and gives the same mean logits. Clients preprocess raw inputs as
 `x_model = (x_raw * input.scale - input.mean[c]) / input.std[c]`, combine the chosen modules'
@@ -30,6 +34,7 @@ __all__ = [
     "MANIFEST_FILE",
     "PARITY_ATOL",
     "PARITY_RTOL",
+    "READABLE_VERSIONS",
     "SCHEMA_VERSION",
     "EnsembleMetrics",
     "InputSpec",
@@ -40,11 +45,13 @@ __all__ = [
     "SpecialistEntry",
     "TaskSpec",
     "TrainingInfo",
+    "TrunkEntry",
     "probe_input",
 ]
 
 FORMAT: Literal["quorum-bundle"] = "quorum-bundle"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2 added `trunk`
+READABLE_VERSIONS = (1, 2)
 MANIFEST_FILE = "manifest.json"
 
 # Parity of a module graph with its reference (torch at export, the module file for the
@@ -140,6 +147,17 @@ class PackedEntry(_Strict):
     )
 
 
+class TrunkEntry(_Strict):
+    """The layers every module shares (a TreeNet's trunk), run once per request."""
+
+    file: str = Field(description="Path relative to the bundle folder, e.g. trunk.onnx.")
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    output_shape: list[int] = Field(min_length=1, description="Features of one input; the module graphs' input.")
+    params: int = Field(ge=0)
+    flops: int = Field(ge=0, description="Per input (2 per multiply-add); paid once, whatever the budget.")
+    parity: float = Field(ge=0, description="Max |feature difference| of ONNX Runtime vs torch on validation images.")
+
+
 class EnsembleMetrics(_Strict):
     val_error: float
     test_error: float
@@ -165,6 +183,9 @@ class Manifest(_Strict):
     specialist_criterion: str | None = Field(None, description="How the specialist subsets were chosen.")
     packed: PackedEntry | None = Field(
         None, description="All modules in one graph (input, module ids) -> mean logits; absent in older bundles."
+    )
+    trunk: TrunkEntry | None = Field(
+        None, description="Shared layers run before the modules (TreeNets); the module graphs take their output."
     )
     metrics: EnsembleMetrics
 
@@ -216,9 +237,10 @@ class Manifest(_Strict):
             raise BundleError(f"cannot read {path}: {e}") from e
         if not isinstance(data, dict) or data.get("format") != FORMAT:
             raise BundleError(f"{path} is not a {FORMAT} manifest")
-        if data.get("version") != SCHEMA_VERSION:
+        if data.get("version") not in READABLE_VERSIONS:
             raise BundleError(
-                f"{path} has schema version {data.get('version')}; this Quorum reads version {SCHEMA_VERSION}"
+                f"{path} has schema version {data.get('version')}; this Quorum reads versions "
+                f"{', '.join(map(str, READABLE_VERSIONS))}"
             )
         try:
             return cls.model_validate(data)

@@ -307,3 +307,24 @@ def test_faults_admin_limits_deadlines_and_metrics_over_real_uvicorn(server, tes
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+@pytest.mark.parametrize("arch", ["convnet", "treenet", "densenet_bc"])
+def test_every_convolutional_architecture_trains_exports_and_serves_from_the_cli(arch, tmp_path, test_images):
+    sizes = {"convnet": ["--filters", "6,8", "--strides", "2,2"],
+             "treenet": ["--filters", "6,8,8", "--strides", "2,2,1", "--split", "1"],
+             "densenet_bc": ["--depth", "10", "--growth", "4"]}[arch]  # fmt: skip
+    run, bundle = tmp_path / "run", tmp_path / "bundle"
+    _run("train", "--arch", arch, "--modules", "3", *sizes, "--lam", "0.95", "--epochs", "1", "--subset", "1000",
+         "--out", str(run), "--quiet")  # fmt: skip
+    _run("export", str(run), "--out", str(bundle), "--quiet")
+    proc, base = _serve(bundle)
+    try:
+        x = test_images[0][:8].reshape(-1, 1, 28, 28)
+        status, body = _request(f"{base}/predict?budget=2", json.dumps({"inputs": x.tolist()}).encode())
+        assert status == 200 and len(body["modules"]["used"]) == 2 and len(body["predictions"]) == 8
+        status, body = _request(f"{base}/predict?budget=2", json.dumps({"inputs": x.reshape(8, 784).tolist()}).encode())
+        assert status == 422 and "(N, 1, 28, 28)" in body["error"]
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)

@@ -18,7 +18,7 @@ from quorum.trainer.run import load_best
 
 def test_manifest_describes_every_module(bundle_dir: Path, run_dir: Path):
     m = Manifest.load(bundle_dir)
-    assert m.format == "quorum-bundle" and m.version == 1
+    assert m.format == "quorum-bundle" and m.version == 2 and m.trunk is None
     assert len(m.modules) == m.training.num_modules == 40
     assert m.training.lam == 0.99 and m.training.arch == "mlp" and m.training.command == "pytest"
     assert m.input.shape == [784] and m.input.scale == pytest.approx(1 / 255)
