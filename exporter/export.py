@@ -45,9 +45,9 @@ from quorum.runtime.manifest import (
     TrainingInfo,
     TrunkEntry,
 )
-from quorum.trainer.evaluate import evaluate_logits, module_logits
+from quorum.trainer.evaluate import evaluate_outputs, module_logits
 from quorum.trainer.models import Ensemble
-from quorum.trainer.run import load_best
+from quorum.trainer.run import LoadedRun, load_best
 from quorum.trainer.selection import (
     ANYTIME_CRITERION,
     SPECIALIST_CRITERION,
@@ -84,22 +84,28 @@ def export_run(
 
     val_logits = module_logits(model, data.val.x)  # (N, M, K)
     test_logits = module_logits(model, data.test.x)
-    val, test = evaluate_logits(val_logits, data.val.y), evaluate_logits(test_logits, data.test.y)
+    family, scale = cfg.family, data.target_scale
+    val = evaluate_outputs(val_logits, data.val.y, family, scale)
+    test = evaluate_outputs(test_logits, data.test.y, family, scale)
     module_errors = val.module_errors.tolist()
     # Both selections use the validation split, so the bundle's test metrics stay unbiased.
     t0 = time.perf_counter()
-    order = greedy_anytime_order(val_logits, data.val.y, progress=progress)
-    specialists = [
-        SpecialistEntry(
-            class_index=s.class_index,
-            class_name=run.class_names[s.class_index],
-            modules=s.modules,
-            val_f1=s.f1,
-            random_val_f1=float(random_subsets_f1(val_logits, data.val.y, s.class_index, len(s.modules)).mean()),
-            ensemble_val_f1=ensemble_f1(val_logits, data.val.y, s.class_index),
-        )
-        for s in select_specialists(val_logits, data.val.y, SPECIALIST_SIZE, progress=progress)
-    ]
+    order = greedy_anytime_order(val_logits, data.val.y, progress=progress, family=family)
+    specialists = (
+        []
+        if family != "categorical"
+        else [
+            SpecialistEntry(
+                class_index=s.class_index,
+                class_name=run.class_names[s.class_index],
+                modules=s.modules,
+                val_f1=s.f1,
+                random_val_f1=float(random_subsets_f1(val_logits, data.val.y, s.class_index, len(s.modules)).mean()),
+                ensemble_val_f1=ensemble_f1(val_logits, data.val.y, s.class_index),
+            )
+            for s in select_specialists(val_logits, data.val.y, SPECIALIST_SIZE, progress=progress)
+        ]
+    )
     log.info("anytime order and %d specialists chosen in %.1f s", len(specialists), time.perf_counter() - t0)
     x_parity = data.val.x[:parity_samples]
 
@@ -152,16 +158,16 @@ def export_run(
         manifest = Manifest(
             name=out_dir.name,
             created=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-            task=TaskSpec(class_names=run.class_names),
+            task=_task(run),
             input=InputSpec(
                 name=INPUT_NAME,
                 shape=list(run.in_shape),
                 scale=run.norm.scale,
                 mean=list(run.norm.mean),
                 std=list(run.norm.std),
-                raw_range=(0.0, 255.0),
+                raw_range=(0.0, 255.0) if len(run.in_shape) > 1 or cfg.dataset == "fashion-mnist" else None,
             ),
-            output=OutputSpec(name=OUTPUT_NAME),
+            output=_output(run),
             training=TrainingInfo(
                 arch=cfg.arch,
                 num_modules=M,
@@ -179,7 +185,7 @@ def export_run(
             anytime_order=order,
             anytime_criterion=ANYTIME_CRITERION,
             specialists=specialists,
-            specialist_criterion=SPECIALIST_CRITERION,
+            specialist_criterion=SPECIALIST_CRITERION if specialists else None,
             packed=packed,
             trunk=trunk_entry,
             metrics=EnsembleMetrics(
@@ -202,6 +208,24 @@ def export_run(
         test.ensemble_error,
     )
     return manifest
+
+
+def _task(run: LoadedRun) -> TaskSpec:
+    if run.task == "classification":
+        return TaskSpec(class_names=run.class_names)
+    return TaskSpec(kind=run.task, target_names=run.target_names)
+
+
+def _output(run: LoadedRun) -> OutputSpec:
+    """How the runtime combines the modules: softmax of mean logits, mean (undoing the targets'
+    standardization), or exp of the mean log-rate."""
+    if run.task == "regression":
+        return OutputSpec(
+            name=OUTPUT_NAME, combiner="mean", target_scale=run.target_scale, target_shift=run.target_shift
+        )
+    if run.task == "count":
+        return OutputSpec(name=OUTPUT_NAME, combiner="mean_exp")
+    return OutputSpec(name=OUTPUT_NAME)
 
 
 TRUNK_FILE = "trunk.onnx"

@@ -79,9 +79,10 @@ def _train_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--subset", type=int, help="train on only N training images (smoke tests)")
     g.add_argument(
         "--dataset",
-        choices=["fashion-mnist", "cifar10", "cifar100"],
-        help="fashion-mnist (Debian's package) or CIFAR through torchvision, downloaded into --data-dir when "
-        "the internet is reachable (default: fashion-mnist)",
+        choices=["fashion-mnist", "cifar10", "cifar100", "diabetes", "linnerud"],
+        help="fashion-mnist (Debian's package); cifar10, cifar100 through torchvision, downloaded into --data-dir "
+        "when the internet is reachable; diabetes (regression: Gaussian targets) and linnerud (counts: Poisson "
+        "targets), both shipped with scikit-learn (default: fashion-mnist)",
     )
     g.add_argument(
         "--augment",
@@ -92,7 +93,8 @@ def _train_args(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--precision",
         choices=["auto", "fp32", "bf16", "fp16"],
-        help="CUDA autocast dtype (auto: bf16 where supported); the CPU trains in fp32 (default: auto)",
+        help="autocast dtype: auto = bf16 on CUDA where supported, fp32 on the CPU; bf16 also runs on the CPU; "
+        "fp16 needs CUDA (default: auto)",
     )
     g.add_argument("--log-every", type=int, help="steps between progress updates, the only host syncs (default: 50)")
 
@@ -299,8 +301,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
     else:
         cfg = TrainConfig(**given, command=command)
     result = train(cfg, out, resume=args.resume, progress=not args.quiet)
+    metric = "error" if cfg.family == "categorical" else "RMSE"
     print(
-        f"{out}: {result.epochs_done} epochs; best validation error {result.best_val_error:.4f} "
+        f"{out}: {result.epochs_done} epochs; best validation {metric} {result.best_val_error:.4f} "
         f"at epoch {result.best_epoch} (best.pt)"
     )
     return 0
@@ -310,9 +313,10 @@ def _cmd_export(args: argparse.Namespace) -> int:
     from quorum.exporter.export import export_run
 
     m = export_run(args.run, args.out, data_dir=args.data_dir, overwrite=args.overwrite, progress=not args.quiet)
+    metric = "error" if m.task.kind == "classification" else "RMSE"
     print(
-        f"{args.out}: {len(m.modules)} modules, validation error {m.metrics.val_error:.4f}, "
-        f"test error {m.metrics.test_error:.4f}"
+        f"{args.out}: {len(m.modules)} modules, validation {metric} {m.metrics.val_error:.4f}, "
+        f"test {metric} {m.metrics.test_error:.4f}"
     )
     return 0
 

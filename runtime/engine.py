@@ -3,6 +3,9 @@
     engine = Engine.load("bundles/demo")
     result = engine.predict(x_raw, budget=32)   # x_raw: (N, 784) raw pixel values 0..255
 
+A classification bundle answers class probabilities and labels; a regression or count bundle
+(task.kind) answers values: the mean of the modules' outputs through the manifest's combiner.
+
 A module whose file is missing, fails its checksum or fails to load is quarantined at load
 and the engine serves with the rest. At request time a module that raises or returns
 non-finite logits is left out of that answer, with its reason. The engine knows nothing of HTTP.
@@ -27,7 +30,7 @@ from quorum.runtime.breaker import Breakers, BreakerState
 from quorum.runtime.errors import BundleError, InvalidRequest, NoModulesAvailable
 from quorum.runtime.executors import FailureKind, IsolatedExecutor, ModuleRun, PackedExecutor
 from quorum.runtime.faults import FaultPlan
-from quorum.runtime.manifest import PARITY_ATOL, PARITY_RTOL, Manifest, ModuleEntry, probe_input
+from quorum.runtime.manifest import PARITY_ATOL, PARITY_RTOL, Manifest, ModuleEntry, TaskKind, probe_input
 from quorum.runtime.plan import make_plan
 from quorum.runtime.providers import CUDA, requested_providers, session_options
 
@@ -70,9 +73,18 @@ class FailedModule:
 
 @dataclass
 class Prediction:
-    probabilities: np.ndarray  # (N, K) float32, softmax of the mean of the used modules' logits
-    labels: np.ndarray  # (N,) int64
-    class_names: list[str]  # (N,) name of each label
+    """The combined answer of the modules used.
+
+    `values` is what the bundle's combiner makes of the mean of their outputs, whatever the task.
+    `probabilities`, `labels` and `class_names` are the classification view: empty (size 0) for
+    regression and count bundles, which have no classes.
+    """
+
+    task: TaskKind
+    values: np.ndarray  # (N, K) class probabilities | (N, D) predicted values (regression) or expected counts (count)
+    probabilities: np.ndarray  # (N, K) float32, softmax of the mean of the used modules' logits; (N, 0) if no classes
+    labels: np.ndarray  # (N,) int64 argmax; (0,) if no classes
+    class_names: list[str]  # (N,) name of each label; [] if no classes
     requested: int  # modules asked for (the budget, or all modules of the bundle)
     used: list[int]  # ids whose logits were combined, in anytime order
     dropped: list[int] = field(default_factory=list)  # made unavailable by fault injection
@@ -149,12 +161,17 @@ class Engine:
         spec = manifest.input
         self._input_shape = tuple(spec.shape)
         channels = len(spec.mean)
-        # Preprocessing constants shaped once, at load: per channel on axis 1.
+        # Preprocessing constants shaped once, at load: per channel on axis 1 (per feature for
+        # tabular inputs of shape [F], where the F features are the channels).
         bshape = (1, channels) + (1,) * (len(spec.shape) - 1) if channels > 1 else (1,)
         self._scale = np.float32(spec.scale)
         self._mean = np.asarray(spec.mean, dtype=np.float32).reshape(bshape)
         self._std = np.asarray(spec.std, dtype=np.float32).reshape(bshape)
         self._class_names = np.asarray(manifest.task.class_names, dtype=object)
+        out = manifest.output
+        # regression: value = mean eta * target_scale + target_shift, per output: (1, D)
+        self._target_scale = np.asarray(out.target_scale or [1.0] * manifest.num_classes, np.float32)[None]
+        self._target_shift = np.asarray(out.target_shift or [0.0] * manifest.num_classes, np.float32)[None]
         self.breakers = Breakers(len(modules), *breaker)
         # The orders restricted to modules in rotation; recomputed only when that set changes.
         self._rotation_version = -1
@@ -202,6 +219,12 @@ class Engine:
             raise ValueError(f"executor must be auto, packed or isolated, got {executor!r}")
         bundle_dir = Path(bundle_dir)
         manifest = Manifest.load(bundle_dir)
+        spec = manifest.input
+        if len(spec.mean) not in (1, spec.shape[0]):
+            raise BundleError(
+                f"{bundle_dir}: input.mean and input.std hold {len(spec.mean)} entries for input shape {spec.shape}: "
+                "give one, or one per channel (the first axis; per feature for tabular inputs); re-export the run"
+            )
         providers = requested_providers(device)
         opts = session_options()
         sessions: dict[int, ort.InferenceSession] = {}
@@ -271,7 +294,10 @@ class Engine:
                 if executor == "packed":
                     isolated.close()
                     raise BundleError(f"{bundle_dir}: executor=packed asked for, but {note}") from None
-                expected = manifest.training.arch != "mlp" and manifest.packed is None
+                # Packed graphs are made for mlp classifiers; elsewhere their absence is no news.
+                expected = manifest.packed is None and (
+                    manifest.training.arch != "mlp" or manifest.task.kind != "classification"
+                )
                 (log.info if expected else log.warning)("packed graph not used (%s); one session per module", note)
         return cls(
             bundle_dir,
@@ -537,6 +563,12 @@ class Engine:
         used in the order they were selected, so `budget` and `drop` act on it as they act on
         the anytime order in `predict`. Positive when the subset's argmax is the class.
         """
+        task = self.manifest.task
+        if task.kind != "classification":
+            raise InvalidRequest(
+                f"specialists answer class questions (is it class c?), and bundle {self.manifest.name!r} is a "
+                f"{task.kind} model of {', '.join(task.target_names)}, with no classes; predict without a specialist"
+            )
         c = self.class_index(cls)
         if not self.manifest.specialists:
             raise InvalidRequest(
@@ -562,7 +594,10 @@ class Engine:
 
     def class_index(self, cls: int | str) -> int:
         """The index of class `cls`, given as an index or a name (case-insensitive)."""
-        names = self.manifest.task.class_names
+        task = self.manifest.task
+        if task.kind != "classification":
+            raise InvalidRequest(f"bundle {self.manifest.name!r} is a {task.kind} model: it has no classes")
+        names = task.class_names
         text = str(cls).strip()
         if text.lstrip("-").isdigit():
             c = int(text)
@@ -616,12 +651,20 @@ class Engine:
             if unfinished and not failed:
                 raise NoModulesAvailable(f"no module finished within deadline_ms={deadline_ms:g}")
             raise NoModulesAvailable("no module answered: " + "; ".join(f"m{f.id}: {f.reason}" for f in failed[:5]))
-        probs = softmax(mean)  # (N, K)
-        labels = probs.argmax(axis=1)
+        task = self.manifest.task.kind
+        if task == "classification":
+            values = probs = softmax(mean)  # (N, K)
+            labels = probs.argmax(axis=1)
+            names = list(self._class_names[labels])
+        else:
+            values = self._values(mean)  # (N, D)
+            probs, labels, names = np.empty((len(mean), 0), np.float32), np.empty(0, np.int64), []
         return Prediction(
+            task=task,
+            values=values,
             probabilities=probs,
             labels=labels,
-            class_names=list(self._class_names[labels]),
+            class_names=names,
             requested=plan.requested,
             used=used,
             dropped=dropped,
@@ -630,6 +673,20 @@ class Engine:
             degraded=len(used) < plan.requested,
             latency_ms=(time.perf_counter() - t0) * 1e3,
         )
+
+    def _values(self, mean: np.ndarray) -> np.ndarray:
+        """Regression values or expected counts (N, D) from the mean of the modules' outputs (N, D)."""
+        with np.errstate(over="ignore"):
+            if self.manifest.output.combiner == "mean_exp":
+                values: np.ndarray = np.exp(mean)  # Poisson: the mean log-rate -> the expected count
+            else:
+                values = mean * self._target_scale + self._target_shift  # Gaussian: back to the target's units
+        if not np.isfinite(values).all():
+            raise InvalidRequest(
+                f"the ensemble's prediction overflows float32 (largest mean output {float(np.abs(mean).max()):.4g}); "
+                "the inputs lie far outside the data the bundle was trained on"
+            )
+        return values.astype(np.float32, copy=False)
 
     def _run_packed(self, ids: list[int], x: np.ndarray, cacheable: bool = False) -> np.ndarray | None:
         """Mean logits of `ids` from the packed graph, or None when its answer is not usable."""

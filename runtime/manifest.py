@@ -43,6 +43,7 @@ __all__ = [
     "OutputSpec",
     "PackedEntry",
     "SpecialistEntry",
+    "TaskKind",
     "TaskSpec",
     "TrainingInfo",
     "TrunkEntry",
@@ -70,9 +71,28 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+TaskKind = Literal["classification", "regression", "count"]
+
+
 class TaskSpec(_Strict):
-    kind: Literal["classification"] = "classification"
-    class_names: list[str] = Field(min_length=2, description="Class k's name is class_names[k].")
+    """classification: K classes; regression (Gaussian targets) or count (Poisson targets): D outputs."""
+
+    kind: TaskKind = "classification"
+    class_names: list[str] = Field(default_factory=list, description="classification: class k's name.")
+    target_names: list[str] = Field(default_factory=list, description="regression, count: output d's name.")
+
+    @model_validator(mode="after")
+    def _names(self) -> TaskSpec:
+        if self.kind == "classification" and (len(self.class_names) < 2 or self.target_names):
+            raise ValueError("a classification task names its classes (>= 2) in class_names, and no target_names")
+        if self.kind != "classification" and (not self.target_names or self.class_names):
+            raise ValueError(f"a {self.kind} task names its outputs in target_names, and no class_names")
+        return self
+
+    @property
+    def num_outputs(self) -> int:
+        """K classes, or D outputs: the width of every module's output."""
+        return len(self.class_names) or len(self.target_names)
 
 
 class InputSpec(_Strict):
@@ -92,8 +112,18 @@ class InputSpec(_Strict):
 
 
 class OutputSpec(_Strict):
-    name: str = Field(description="Output tensor name of every module graph: logits (N, K).")
-    combiner: Literal["mean_logits_softmax"] = "mean_logits_softmax"
+    """How module outputs become a prediction: the mean over the chosen modules of their
+    natural parameters, then the family's inverse link.
+
+    mean_logits_softmax  classification: probabilities softmax(mean_j eta_j)
+    mean                 regression (Gaussian): value mean_j eta_j * target_scale + target_shift
+    mean_exp             count (Poisson): expected count exp(mean_j eta_j)
+    """
+
+    name: str = Field(description="Output tensor name of every module graph: (N, K) logits or (N, D) parameters.")
+    combiner: Literal["mean_logits_softmax", "mean", "mean_exp"] = "mean_logits_softmax"
+    target_scale: list[float] | None = Field(None, description="mean: per output, the training targets' std.")
+    target_shift: list[float] | None = Field(None, description="mean: per output, the training targets' mean.")
 
 
 class TrainingInfo(_Strict):
@@ -116,7 +146,7 @@ class ModuleEntry(_Strict):
     sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
     params: int = Field(ge=0, description="Parameter count.")
     flops: int = Field(ge=0, description="Floating-point operations per input (2 per multiply-add).")
-    val_error: float = Field(ge=0, le=1)
+    val_error: float = Field(ge=0, description="Validation error rate; RMSE for regression and count tasks.")
     parity: float = Field(ge=0, description="Max |logit difference| of ONNX Runtime vs torch on validation images.")
 
 
@@ -159,6 +189,8 @@ class TrunkEntry(_Strict):
 
 
 class EnsembleMetrics(_Strict):
+    """Of the whole ensemble: error rates (classification) or RMSEs in the targets' units (regression, count)."""
+
     val_error: float
     test_error: float
     val_nll: float
@@ -198,6 +230,14 @@ class Manifest(_Strict):
             raise ValueError("anytime_order must be a permutation of the module ids")
         if self.training.num_modules != len(ids):
             raise ValueError("training.num_modules disagrees with the module list")
+        combiner = {"classification": "mean_logits_softmax", "regression": "mean", "count": "mean_exp"}[self.task.kind]
+        if self.output.combiner != combiner:
+            raise ValueError(f"a {self.task.kind} task combines its modules with {combiner!r}")
+        scales = (self.output.target_scale, self.output.target_shift)
+        if combiner == "mean" and any(v is None or len(v) != self.num_classes for v in scales):
+            raise ValueError("output.target_scale and target_shift need one entry per output")
+        if self.specialists and self.task.kind != "classification":
+            raise ValueError("specialist subsets answer one-vs-all class questions: classification only")
         if self.specialists:
             names = self.task.class_names
             if [s.class_index for s in self.specialists] != list(range(len(names))):
@@ -213,7 +253,8 @@ class Manifest(_Strict):
 
     @property
     def num_classes(self) -> int:
-        return len(self.task.class_names)
+        """The width of every module's output: K classes, or D regression/count outputs."""
+        return self.task.num_outputs
 
     def dump(self, bundle_dir: Path) -> Path:
         """Write `bundle_dir/manifest.json` atomically: readers see the old or the new one, whole."""

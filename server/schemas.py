@@ -7,6 +7,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from quorum.runtime.faults import FaultPlan
+from quorum.runtime.manifest import TaskKind
 
 __all__ = [
     "ClassPrediction",
@@ -17,9 +18,11 @@ __all__ = [
     "ModulesUsed",
     "PredictRequest",
     "PredictResponse",
+    "RegressionResponse",
     "ReloadBody",
     "ReloadResult",
     "ServiceInfo",
+    "ValuePrediction",
 ]
 
 
@@ -121,6 +124,24 @@ class PredictResponse(BaseModel):
     latency_ms: float
 
 
+class ValuePrediction(BaseModel):
+    values: dict[str, float] = Field(
+        description="Per output name: the predicted value (regression) or expected count (count).",
+        examples=[{"progression": 151.3}],
+    )
+
+
+class RegressionResponse(BaseModel):
+    """The answer of a regression or count bundle: values in place of classes."""
+
+    task: Literal["regression", "count"]
+    targets: list[str] = Field(description="The names of the outputs, in the manifest's order.")
+    predictions: list[ValuePrediction]
+    modules: ModulesUsed
+    degraded: bool = Field(description="True when fewer modules answered than were requested.")
+    latency_ms: float
+
+
 class SpecialistInfo(BaseModel):
     class_index: int
     class_name: str
@@ -169,7 +190,9 @@ class ServiceInfo(BaseModel):
     bundle: str
     num_modules: int
     healthy_modules: int
-    classes: list[str]
+    classes: list[str] = Field(description="Class names; empty for regression and count bundles.")
+    task: TaskKind = Field(description="classification, regression (Gaussian targets) or count (Poisson targets).")
+    targets: list[str] = Field(description="Output names of a regression or count bundle; empty for classification.")
     input_shape: list[int]
     lam: float
     test_error: float

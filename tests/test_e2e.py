@@ -328,3 +328,37 @@ def test_every_convolutional_architecture_trains_exports_and_serves_from_the_cli
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+@pytest.mark.parametrize("dataset", ["diabetes", "linnerud"])
+def test_regression_and_count_targets_train_export_and_serve_from_the_cli(dataset, tmp_path):
+    from quorum.trainer.data import load_dataset
+
+    run, bundle = tmp_path / "run", tmp_path / "bundle"
+    epochs, batch = ("40", "100") if dataset == "diabetes" else ("30", "4")
+    _run("train", "--dataset", dataset, "--modules", "8", "--hidden", "8", "--lam", "0.9", "--epochs", epochs,
+         "--batch-size", batch, "--out", str(run), "--quiet")  # fmt: skip
+    out = _run("export", str(run), "--out", str(bundle), "--quiet")
+    assert "RMSE" in out.stdout
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    kind, combiner = ("regression", "mean") if dataset == "diabetes" else ("count", "mean_exp")
+    assert manifest["task"]["kind"] == kind and manifest["output"]["combiner"] == combiner
+    assert manifest["specialists"] == [] and all(m["parity"] <= 1e-4 for m in manifest["modules"])
+    data = load_dataset(dataset)
+    # Raw feature rows, as a client has them: undo the training normalization of the test rows.
+    mean, std = np.array(data.norm.mean), np.array(data.norm.std)
+    raw = data.test.x.numpy()[:5] * std + mean
+    proc, base = _serve(bundle)
+    try:
+        status, body = _request(f"{base}/predict?budget=4", json.dumps({"inputs": raw.tolist()}).encode())
+        assert status == 200 and body["task"] == kind and len(body["modules"]["used"]) == 4, body
+        names = manifest["task"]["target_names"]
+        values = np.array([[p["values"][n] for n in names] for p in body["predictions"]])
+        truth = data.test.y.numpy()[:5]
+        if dataset == "diabetes":
+            truth = truth * data.target_scale[0] + data.target_shift[0]
+            assert np.sqrt(((values - truth) ** 2).mean()) < 2 * manifest["metrics"]["test_error"] + 1
+        assert values.shape == truth.shape and np.isfinite(values).all() and (values > 0).all()
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)

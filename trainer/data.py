@@ -39,6 +39,7 @@ __all__ = [
     "load_dataset",
     "load_fashion_mnist",
     "load_raw",
+    "load_tabular",
     "read_idx",
     "resolve_data_dir",
 ]
@@ -56,11 +57,12 @@ class Normalization:
     std: tuple[float, ...]  # per channel, after scaling
 
     def apply(self, x_raw: torch.Tensor) -> torch.Tensor:
-        """Normalize a (N, C*H*W) or (N, C, H, W) uint8/float tensor of raw values."""
+        """Normalize a (N, C*H*W) or (N, C, H, W) uint8/float tensor of raw values, or (N, F)
+        features with one mean and std each."""
         mean = torch.tensor(self.mean, dtype=torch.float32)
         std = torch.tensor(self.std, dtype=torch.float32)
-        if x_raw.dim() == 2:  # flat, one channel (MLP input)
-            assert len(self.mean) == 1, "flat inputs carry one channel"
+        if x_raw.dim() == 2:  # flat: one channel (MLP input), or F features
+            assert len(self.mean) in (1, x_raw.shape[1]), "flat inputs carry one channel, or one per feature"
             return (x_raw.float() * self.scale - mean) / std
         shape = (1, -1, 1, 1)
         return (x_raw.float() * self.scale - mean.view(shape)) / std.view(shape)
@@ -83,12 +85,26 @@ class Splits:
     val: Split
     test: Split
     norm: Normalization
-    class_names: tuple[str, ...]
-    image_shape: tuple[int, ...] = (1, 28, 28)  # (C, H, W) of one input
+    class_names: tuple[str, ...]  # classification; empty for regression and count tasks
+    image_shape: tuple[int, ...] = (1, 28, 28)  # (C, H, W) of one input; (F,) for tabular data
+    task: str = "classification"  # classification | regression (Gaussian targets) | count (Poisson targets)
+    target_names: tuple[str, ...] = ()  # regression, count: the D outputs
+    target_shift: tuple[float, ...] = ()  # regression: y was standardized as (y - shift) / scale
+    target_scale: tuple[float, ...] = ()
+
+    @property
+    def num_outputs(self) -> int:
+        return len(self.class_names) or len(self.target_names)
 
     def input_shape(self, image_input: bool) -> tuple[int, ...]:
         """What a model sees: the image, or (for an MLP on one-channel data) the flat vector, as
         bundles of MLPs on Fashion-MNIST have always taken."""
+        if len(self.image_shape) == 1:
+            if image_input:
+                raise ConfigError(
+                    f"{self.task} data are feature vectors; convolutional modules need images: --arch mlp"
+                )
+            return self.image_shape
         if image_input or self.image_shape[0] > 1:
             return self.image_shape
         return (int(np.prod(self.image_shape)),)
@@ -206,6 +222,73 @@ def load_cifar(
     )
 
 
+TABULAR = ("diabetes", "linnerud")
+TEST_FRACTION = 0.2  # of the rows of a tabular dataset, fixed whatever the seed
+TEST_SEED = 20_260_101
+
+
+def load_tabular(name: str, *, val_size: int = 10_000, subset: int | None = None, seed: int = 0) -> Splits:
+    """A tabular dataset that scikit-learn ships (nothing is downloaded):
+
+    - diabetes: 442 patients, 10 features, one regression target (disease progression after a
+      year); Gaussian targets, standardized for training (the manifest undoes it).
+    - linnerud: 20 men, 3 physiological measures (weight, waist, pulse) -> 3 exercise counts
+      (chins, situps, jumps); Poisson targets. Tiny: a demonstration of count targets.
+
+    A fixed 20 % of the rows is the test split; of the rest, `val_size` rows (at most 20 %) are
+    held out for validation, seeded by `seed`. Features are standardized with the training rows.
+    """
+    from sklearn import datasets  # the train extra installs it; only these datasets need it
+
+    if name == "diabetes":
+        bunch = datasets.load_diabetes(scaled=False)
+        x, y = bunch.data, bunch.target.reshape(-1, 1)
+        task, features, targets = "regression", tuple(bunch.feature_names), ("progression",)
+    elif name == "linnerud":
+        bunch = datasets.load_linnerud()
+        x, y = bunch.target, bunch.data  # predict the exercise counts from the body measures
+        task, features, targets = "count", tuple(bunch.target_names), tuple(bunch.feature_names)
+    else:
+        raise ConfigError(f"unknown tabular dataset {name!r}; choose one of {', '.join(TABULAR)}")
+    x, y = np.asarray(x, np.float32), np.asarray(y, np.float32)
+    order = np.random.default_rng(TEST_SEED).permutation(len(y))
+    n_test = max(1, round(TEST_FRACTION * len(y)))
+    test_idx, rest = order[:n_test], order[n_test:]
+    rest = rest[np.random.default_rng(seed).permutation(len(rest))]
+    n_val = max(1, min(val_size, round(0.2 * len(rest))))
+    val_idx, train_idx = rest[:n_val], rest[n_val:]
+    if subset is not None:
+        if not 0 < subset <= len(train_idx):
+            raise ConfigError(f"--subset must lie in 1..{len(train_idx)}, got {subset}")
+        train_idx = train_idx[:subset]
+    std = x[train_idx].std(axis=0)
+    norm = Normalization(
+        scale=1.0,
+        mean=tuple(float(v) for v in x[train_idx].mean(axis=0)),
+        std=tuple(float(v) if v > 0 else 1.0 for v in std),
+    )
+    shift = tuple(float(v) for v in y[train_idx].mean(axis=0)) if task == "regression" else ()
+    scale = tuple(float(v) for v in y[train_idx].std(axis=0)) if task == "regression" else ()
+
+    def split(idx: np.ndarray) -> Split:
+        target = (y[idx] - np.array(shift, np.float32)) / np.array(scale, np.float32) if shift else y[idx]
+        return Split(norm.apply(torch.from_numpy(x[idx])), torch.from_numpy(np.ascontiguousarray(target)))
+
+    del features  # the manifest's input carries no names
+    return Splits(
+        train=split(train_idx),
+        val=split(val_idx),
+        test=split(test_idx),
+        norm=norm,
+        class_names=(),
+        image_shape=(x.shape[1],),
+        task=task,
+        target_names=targets,
+        target_shift=shift,
+        target_scale=scale,
+    )
+
+
 def load_dataset(
     name: str,
     data_dir: str | os.PathLike[str] | None = None,
@@ -214,12 +297,15 @@ def load_dataset(
     subset: int | None = None,
     seed: int = 0,
 ) -> Splits:
-    """The dataset called `name` (fashion-mnist, cifar10, cifar100) with a seeded validation hold-out."""
+    """The dataset called `name` (fashion-mnist, cifar10, cifar100, diabetes, linnerud) with a seeded
+    validation hold-out."""
     if name == "fashion-mnist":
         return load_fashion_mnist(data_dir, val_size=val_size, subset=subset, seed=seed)
     if name in ("cifar10", "cifar100"):
         return load_cifar(name, data_dir, val_size=val_size, subset=subset, seed=seed)
-    raise ConfigError(f"unknown dataset {name!r}; choose one of fashion-mnist, cifar10, cifar100")
+    if name in TABULAR:
+        return load_tabular(name, val_size=val_size, subset=subset, seed=seed)
+    raise ConfigError(f"unknown dataset {name!r}; choose one of fashion-mnist, cifar10, cifar100, {', '.join(TABULAR)}")
 
 
 def augment(x: torch.Tensor, generator: torch.Generator, pad: int = 4) -> torch.Tensor:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -23,10 +23,18 @@ class LoadedRun:
     config: TrainConfig
     model: Ensemble  # eval mode, on the CPU, with the best epoch's weights
     norm: Normalization
-    class_names: list[str]
+    class_names: list[str]  # classification; empty for regression and counts
     in_shape: tuple[int, ...]
     best_epoch: int
     metrics: list[dict[str, Any]]  # metrics.jsonl, one record per finished epoch
+    task: str = "classification"  # classification | regression | count
+    target_names: list[str] = field(default_factory=list)
+    target_shift: list[float] = field(default_factory=list)  # regression: targets were (y - shift) / scale
+    target_scale: list[float] = field(default_factory=list)
+
+    @property
+    def num_outputs(self) -> int:
+        return len(self.class_names) or len(self.target_names)
 
     @property
     def epochs_done(self) -> int:
@@ -46,7 +54,8 @@ def load_best(run_dir: str | Path) -> LoadedRun:
         raise RunDirError(f"cannot read {best}: {e}") from e
     cfg = TrainConfig.from_dict(ckpt["config"])
     in_shape = tuple(ckpt["in_shape"])
-    model = build_model(cfg, in_shape, len(ckpt["class_names"]))
+    outputs = len(ckpt["class_names"]) or len(ckpt.get("target_names", []))
+    model = build_model(cfg, in_shape, outputs)
     model.load_state_dict(ckpt["model"])
     model.eval()
     n = ckpt["norm"]
@@ -58,4 +67,8 @@ def load_best(run_dir: str | Path) -> LoadedRun:
         in_shape=in_shape,
         best_epoch=int(ckpt["epoch"]),
         metrics=read_jsonl(run_dir / "metrics.jsonl"),
+        task=ckpt.get("task", "classification"),
+        target_names=list(ckpt.get("target_names", [])),
+        target_shift=list(ckpt.get("target_shift", [])),
+        target_scale=list(ckpt.get("target_scale", [])),
     )

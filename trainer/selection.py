@@ -62,20 +62,43 @@ def _check(logits: ArrayLike, y: ArrayLike) -> tuple[torch.Tensor, torch.Tensor]
 
 
 @torch.no_grad()
+def _prefix_nll(family: str, mean: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """NLL (up to constants) of each candidate prefix mean (N, C, D) against targets y, mean over N: (C,).
+
+    categorical: y (N,) labels and mean = logits; gaussian/poisson: y (N, D) and mean = natural parameters."""
+    if family == "categorical":
+        return (
+            -torch.log_softmax(mean, dim=-1).gather(2, y.view(-1, 1, 1).expand(-1, mean.shape[1], 1)).mean(dim=(0, 2))
+        )
+    target = y.unsqueeze(1)
+    if family == "gaussian":
+        return (0.5 * (mean - target) ** 2).sum(dim=2).mean(dim=0)
+    return (torch.exp(mean) - target * mean).sum(dim=2).mean(dim=0)  # poisson
+
+
 def greedy_anytime_order(
-    logits: ArrayLike, y: ArrayLike, chunk_elems: int = 1 << 24, *, progress: bool = False
+    logits: ArrayLike,
+    y: ArrayLike,
+    chunk_elems: int = 1 << 24,
+    *,
+    progress: bool = False,
+    family: str = "categorical",
 ) -> list[int]:
     """Module ids in greedy forward-selection order on (logits (N, M, K), labels y).
 
     Step t adds the module j that minimizes the NLL of softmax((S + logits_j) / t), where S is
     the sum of the chosen modules' logits. Ties go to the lower id. O(M^2 N K) work, done in
-    chunks of candidates so that memory stays near `chunk_elems` floats.
+    chunks of candidates so that memory stays near `chunk_elems` floats. For Gaussian or
+    Poisson targets (`family`), logits are the modules' natural parameters (N, M, D), y the
+    targets (N, D), and the NLL is that family's.
     """
     from tqdm.auto import tqdm
 
-    logits, y = _check(logits, y)
+    if family == "categorical":
+        logits, y = _check(logits, y)
+    else:
+        logits, y = torch.as_tensor(logits).float(), torch.as_tensor(y).float()
     n, m, k = logits.shape
-    target = y.view(n, 1, 1)
     chosen: list[int] = []
     remaining = list(range(m))
     total = torch.zeros(n, 1, k)
@@ -83,9 +106,7 @@ def greedy_anytime_order(
     for t in tqdm(range(1, m + 1), desc="anytime order", unit="module", disable=not progress):
         nll = torch.cat(
             [
-                -torch.log_softmax((total + logits[:, cand]) / t, dim=-1)
-                .gather(2, target.expand(n, len(cand), 1))
-                .mean(dim=(0, 2))
+                _prefix_nll(family, (total + logits[:, cand]) / t, y)
                 for cand in (remaining[i : i + per_chunk] for i in range(0, len(remaining), per_chunk))
             ]
         )

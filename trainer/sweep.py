@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from multiprocessing import get_context
 from pathlib import Path
+from typing import Any
 
 from tqdm.auto import tqdm
 
@@ -47,6 +48,7 @@ __all__ = [
     "SHARED_LAM",
     "SweepConfig",
     "SweepReport",
+    "config_name",
     "format_markdown",
     "lam_dirname",
     "parse_config",
@@ -69,24 +71,37 @@ DEFAULT_CONFIGS = ("1-M-1024-H", "16-M-64-H", "64-M-16-H", "256-M-4-H")  # §4.1
 DEFAULT_LAMS = (0.0, 0.5, 0.8, 0.9, 0.95, 0.99, 1.0)  # §4.1
 SHARED_LAM = 1.0  # λ at which an M = 1 configuration is trained and stored: its joint CE term alone
 
-_CONFIG = re.compile(r"(\d+)-M-(\d+)-H", re.IGNORECASE)
+_MLP = re.compile(r"(\d+)-M-(\d+)-H", re.IGNORECASE)
+_CONVNET = re.compile(r"(\d+)-M-convnet-(\d+(?:\.\d+)*)(?:-s(\d+(?:\.\d+)*))?", re.IGNORECASE)
 
 
-def parse_config(text: str) -> tuple[int, int]:
-    """(M, H) of a configuration name such as 256-M-4-H."""
-    m = _CONFIG.fullmatch(text.strip())
-    if m is None or int(m[1]) < 1 or int(m[2]) < 1:
-        raise ConfigError(
-            f"--configs: {text.strip()!r} is not a configuration; write M-M-H-H with M, H >= 1, "
-            "e.g. 256-M-4-H (256 modules of 4 hidden units)"
-        )
-    return int(m[1]), int(m[2])
+def parse_config(text: str) -> dict[str, Any]:
+    """The TrainConfig options of a configuration name: 256-M-4-H (256 MLP modules of 4 hidden
+    units) or 16-M-convnet-16.32.32-s2.2.1 (16 ConvNets of 3x3 layers of 16, 32, 32 channels,
+    strides 2, 2, 1; strides default to 1)."""
+    text = text.strip()
+    if (m := _MLP.fullmatch(text)) and int(m[1]) >= 1 and int(m[2]) >= 1:
+        return {"modules": int(m[1]), "hidden": int(m[2])}
+    if (c := _CONVNET.fullmatch(text)) and int(c[1]) >= 1:
+        filters = c[2].replace(".", ",")
+        strides = c[3].replace(".", ",") if c[3] else None
+        if strides is not None and len(strides.split(",")) != len(filters.split(",")):
+            raise ConfigError(f"--configs: {text!r} needs one stride per layer")
+        return {"arch": "convnet", "modules": int(c[1]), "filters": filters, "strides": strides}
+    raise ConfigError(
+        f"--configs: {text!r} is not a configuration; write M-M-H-H with M, H >= 1, e.g. 256-M-4-H (256 modules "
+        "of 4 hidden units), or M-M-convnet-F1.F2…[-sS1.S2…], e.g. 16-M-convnet-16.32.32-s2.2.1"
+    )
+
+
+def config_name(text: str) -> str:
+    """The canonical name of a configuration (what TrainConfig.name gives its runs)."""
+    return TrainConfig(**parse_config(text)).name
 
 
 def parse_configs(text: str) -> list[str]:
     """Comma-separated configuration names -> canonical names, duplicates dropped, order kept."""
-    names = [f"{m}-M-{h}-H" for m, h in (parse_config(part) for part in text.split(","))]
-    return list(dict.fromkeys(names))
+    return list(dict.fromkeys(config_name(part) for part in text.split(",")))
 
 
 def parse_lams(text: str) -> list[float]:
@@ -129,7 +144,7 @@ class SweepConfig:
     command: str = ""  # the command line, recorded in every new run's config.json
 
     def __post_init__(self) -> None:
-        self.configs = tuple(dict.fromkeys(f"{m}-M-{h}-H" for m, h in map(parse_config, self.configs)))
+        self.configs = tuple(dict.fromkeys(map(config_name, self.configs)))
         self.lams = tuple(sorted({check_lambda(float(lam)) for lam in self.lams}))
         if not self.configs or not self.lams:
             raise ConfigError("a sweep needs at least one configuration (--configs) and one λ (--lams)")
@@ -140,11 +155,10 @@ class SweepConfig:
             raise ConfigError(f"--subset must be >= 1, got {self.subset}")
 
     def train_config(self, name: str, lam: float, seed: int) -> TrainConfig:
-        modules, hidden = parse_config(name)
+        opts = parse_config(name)
         return TrainConfig(
-            modules=modules,
-            hidden=hidden,
-            lam=SHARED_LAM if modules == 1 else lam,
+            **opts,
+            lam=SHARED_LAM if opts["modules"] == 1 else lam,
             epochs=self.epochs,
             lr=self.lr,
             seed=seed,
@@ -195,7 +209,7 @@ def _plan(cfg: SweepConfig, runs_root: Path, progress: bool) -> tuple[list[_Job]
     jobs, reused = [], 0
     for trial in range(cfg.trials):
         for name in cfg.configs:
-            lams = [SHARED_LAM] if parse_config(name)[0] == 1 else cfg.lams
+            lams = [SHARED_LAM] if parse_config(name)["modules"] == 1 else cfg.lams
             for lam in lams:
                 want = cfg.train_config(name, lam, cfg.seed + trial)
                 run_dir = runs_root / name / lam_dirname(lam) / f"seed{want.seed}"

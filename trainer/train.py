@@ -31,8 +31,8 @@ from quorum.trainer.config import TrainConfig
 from quorum.trainer.data import Splits, augment, load_dataset
 from quorum.trainer.diagnostics import check_dominance, oracle_accuracy
 from quorum.trainer.errors import ConfigError, RunDirError, TrainerError
-from quorum.trainer.evaluate import evaluate_logits, module_logits
-from quorum.trainer.loss import mcl_loss, modular_loss
+from quorum.trainer.evaluate import evaluate_outputs, module_logits
+from quorum.trainer.loss import family_loss, mcl_loss, modular_loss
 from quorum.trainer.models import Ensemble, create, takes_images
 
 __all__ = [
@@ -80,14 +80,19 @@ def load_data(cfg: TrainConfig, data_dir: str | None = None) -> tuple[Splits, tu
 
 
 def autocast_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype of the run's --precision on `device`; None: full fp32 (always on the CPU)."""
-    if device.type != "cuda" or cfg.precision == "fp32":
+    """The autocast dtype of the run's --precision on `device`; None: full fp32.
+
+    auto: bf16 on CUDA where supported, else fp16; fp32 on the CPU. bf16 asked for explicitly
+    runs on the CPU too; fp16 needs CUDA (its loss scaling)."""
+    if cfg.precision == "fp32" or (cfg.precision == "auto" and device.type != "cuda"):
         return None
-    if cfg.precision == "fp16":
-        return torch.float16
-    if cfg.precision == "bf16" or torch.cuda.is_bf16_supported():
+    if cfg.precision == "bf16":
         return torch.bfloat16
-    return torch.float16
+    if cfg.precision == "fp16":
+        if device.type != "cuda":
+            raise ConfigError("--precision fp16 needs CUDA (it scales the loss); on the CPU use bf16 or fp32")
+        return torch.float16
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
 
 
 def loss_for_epoch(cfg: TrainConfig, epoch: int) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
@@ -97,6 +102,8 @@ def loss_for_epoch(cfg: TrainConfig, epoch: int) -> Callable[[torch.Tensor, torc
         if epoch < cfg.pretrain_epochs:
             return lambda logits, y: modular_loss(logits, y, 0.0)
         return lambda logits, y: mcl_loss(logits, y, cfg.mcl_k)
+    if cfg.family != "categorical":
+        return lambda eta, y: family_loss(cfg.family, eta, y, cfg.lam)
     return lambda logits, y: modular_loss(logits, y, cfg.lam)
 
 
@@ -176,18 +183,22 @@ def train(cfg: TrainConfig, out_dir: str | Path, *, resume: bool = False, progre
     """Train (or resume) the run in `out_dir`. See the module docstring."""
     out_dir = Path(out_dir)
     device = resolve_device(cfg.device)
+    autocast = autocast_dtype(cfg, device)  # refuses fp16 on the CPU before anything is written
     state = _prepare_run_dir(cfg, out_dir, resume)
     data, in_shape = load_data(cfg)
 
     torch.manual_seed(cfg.seed)  # the same init for every lambda of a seed
-    model = build_model(cfg, in_shape, len(data.class_names)).to(device)
+    model = build_model(cfg, in_shape, data.num_outputs).to(device)
+    if cfg.family == "poisson":  # start every module at the mean count: exp(eta) far off it diverges at once
+        bias = model.get_parameter("b2")  # the MLP's output biases (M, D); counts train MLPs only
+        with torch.no_grad():
+            bias.copy_(torch.log(data.train.y.mean(dim=0).clamp_min(1e-3)).expand_as(bias))
     if device.type == "cuda" and len(in_shape) == 3:
         model = model.to(memory_format=torch.channels_last)  # what cuDNN's convolutions run fastest on
     # The loss's gradients carry 1/M (eq. 8) and the default rate M: weight decay as for one module alone.
     opt = torch.optim.SGD(
         model.parameters(), lr=cfg.learning_rate, momentum=cfg.momentum, weight_decay=cfg.weight_decay / cfg.modules
     )
-    autocast = autocast_dtype(cfg, device)
     scaler = torch.amp.GradScaler("cuda") if autocast == torch.float16 else None
 
     start_epoch, best_epoch, best_val = 0, 0, math.inf
@@ -214,6 +225,10 @@ def train(cfg: TrainConfig, out_dir: str | Path, *, resume: bool = False, progre
         "norm": asdict(data.norm),
         "class_names": list(data.class_names),
         "in_shape": list(in_shape),
+        "task": data.task,
+        "target_names": list(data.target_names),
+        "target_shift": list(data.target_shift),
+        "target_scale": list(data.target_scale),
     }
 
     stopped_early = False
@@ -252,7 +267,8 @@ def train(cfg: TrainConfig, out_dir: str | Path, *, resume: bool = False, progre
             )
 
         val_logits = module_logits(model, x_val)
-        ev = evaluate_logits(val_logits, y_val)
+        ev = evaluate_outputs(val_logits, y_val, cfg.family, data.target_scale)
+        classes = cfg.family == "categorical"
         module_errors = ev.module_errors.tolist()  # (M,)
         record: dict[str, Any] = {
             "epoch": epoch + 1,
@@ -264,11 +280,13 @@ def train(cfg: TrainConfig, out_dir: str | Path, *, resume: bool = False, progre
             "val_module_error_max": float(ev.module_errors.max()),
             "val_module_error_median": round(statistics.median(module_errors), 5),
             "val_module_errors": [round(x, 5) for x in module_errors],
-            "val_oracle_accuracy": oracle_accuracy(val_logits, y_val),  # Lee et al.: some module is right
+            # Lee et al.: some module is right
+            **({"val_oracle_accuracy": oracle_accuracy(val_logits, y_val)} if classes else {}),
             "lr": cfg.learning_rate,
             "seconds": round(time.perf_counter() - t0, 3),
         }
-        dominance = check_dominance(epoch + 1, module_errors, ev.ensemble_error, cfg.dominance_epoch)
+        # The dominance rule's thresholds are error rates: classification only.
+        dominance = check_dominance(epoch + 1, module_errors, ev.ensemble_error, cfg.dominance_epoch if classes else 0)
         if dominance is not None:
             record["dominance"] = dominance.to_dict()
             (log.warning if dominance.warning else log.info)(dominance.message(cfg.lam))

@@ -54,6 +54,8 @@ def info(engine: EngineDep) -> ServiceInfo:
         num_modules=engine.num_modules,
         healthy_modules=len(engine.healthy_ids),
         classes=m.task.class_names,
+        task=m.task.kind,
+        targets=m.task.target_names,
         input_shape=m.input.shape,
         lam=m.training.lam,
         test_error=m.metrics.test_error,

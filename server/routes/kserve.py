@@ -8,7 +8,8 @@
 `parameters` report the modules requested, used and failed, and `degraded`. Input tensors come
 as JSON `data` or, with Triton's binary extension (what `tritonclient` sends by default), as
 raw bytes after the JSON header. Outputs are JSON: `probabilities` (FP32 [N, K]) and `label`
-(INT64 [N]); for a specialist query, `is_class` (BOOL [N]) and `probability` (FP32 [N]).
+(INT64 [N]); for a specialist query, `is_class` (BOOL [N]) and `probability` (FP32 [N]); for a
+regression or count bundle, `value` (FP32 [N, D]: predicted values or expected counts).
 """
 
 from __future__ import annotations
@@ -125,16 +126,21 @@ async def metadata(request: Request, name: str) -> Response:
     """The model's name, platform, and input and output tensors."""
     engine = _model(request, name)
     m = engine.manifest
+    outputs = (
+        [
+            {"name": "probabilities", "datatype": "FP32", "shape": [-1, m.num_classes]},
+            {"name": "label", "datatype": "INT64", "shape": [-1]},
+        ]
+        if m.task.kind == "classification"
+        else [{"name": "value", "datatype": "FP32", "shape": [-1, m.num_classes]}]
+    )
     return _json(
         {
             "name": m.name,
             "versions": ["1"],
             "platform": "quorum",
             "inputs": [{"name": m.input.name, "datatype": "FP32", "shape": [-1, *m.input.shape]}],
-            "outputs": [
-                {"name": "probabilities", "datatype": "FP32", "shape": [-1, m.num_classes]},
-                {"name": "label", "datatype": "INT64", "shape": [-1]},
-            ],
+            "outputs": outputs,
             "parameters": {"modules": engine.num_modules, "healthy_modules": len(engine.healthy_ids)},
         }
     )
@@ -212,6 +218,9 @@ def _run(
             {"name": "probability", "datatype": "FP32", "shape": [n], "data": spec.probability.tolist()},
         ], spec.prediction
     pred = engine.predict(tensor, budget=budget, drop=drop, seed=seed, deadline_ms=deadline, faults=faults)
+    if pred.task != "classification":
+        n, d = pred.values.shape
+        return [{"name": "value", "datatype": "FP32", "shape": [n, d], "data": pred.values.ravel().tolist()}], pred
     n, k = pred.probabilities.shape
     return [
         {"name": "probabilities", "datatype": "FP32", "shape": [n, k], "data": pred.probabilities.ravel().tolist()},

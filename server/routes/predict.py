@@ -20,9 +20,11 @@ from quorum.server.schemas import (
     FailedModuleOut,
     ModulesUsed,
     PredictResponse,
+    RegressionResponse,
     SpecialistAnswer,
     SpecialistInfo,
     SpecialistResponse,
+    ValuePrediction,
 )
 
 __all__ = ["router"]
@@ -121,18 +123,21 @@ def _modules(result: Prediction) -> ModulesUsed:
 
 @router.post(
     "/predict",
-    response_model=PredictResponse | SpecialistResponse,
+    response_model=PredictResponse | SpecialistResponse | RegressionResponse,
     openapi_extra={"requestBody": OPENAPI_REQUEST_BODY, "parameters": _QUERY_DOCS},
     responses={
         400: {"description": "The body is not valid JSON or .npy."},
         413: {"description": "The body or the batch exceeds its limit."},
         415: {"description": "An unsupported Content-Type."},
-        422: {"description": "Wrong shape, dtype or values; a bad query parameter."},
+        422: {"description": "Wrong shape, dtype or values; a bad query parameter; `specialist` without classes."},
         503: {"description": "No module could answer."},
     },
 )
-async def predict(request: Request) -> PredictResponse | SpecialistResponse:
-    """Classify a batch with a budgeted quorum of modules, or ask one class's specialists.
+async def predict(request: Request) -> PredictResponse | SpecialistResponse | RegressionResponse:
+    """Predict for a batch with a budgeted quorum of modules, or ask one class's specialists.
+
+    A classification bundle answers labels and probabilities; a regression or count bundle
+    answers per input a value for each of its outputs (`targets`).
 
     The body is JSON `{"inputs": [...]}`, or binary: raw bytes (`application/octet-stream`
     with headers `X-Shape: N,784` and `X-Dtype: float32|uint8`) or a `.npy` file
@@ -195,7 +200,7 @@ def _answer(
     specialist: str | None,
     deadline_ms: float | None,
     faults: FaultPlan | None,
-) -> PredictResponse | SpecialistResponse:
+) -> PredictResponse | SpecialistResponse | RegressionResponse:
     if specialist is not None:
         spec = engine.predict_specialist(
             inputs, specialist, budget=budget, drop=drop, seed=seed, deadline_ms=deadline_ms, faults=faults
@@ -215,6 +220,16 @@ def _answer(
         )
     result = engine.predict(inputs, budget=budget, drop=drop, seed=seed, deadline_ms=deadline_ms, faults=faults)
     metrics.observe_answer(result)
+    if result.task != "classification":
+        targets = engine.manifest.task.target_names
+        return RegressionResponse(
+            task=result.task,
+            targets=targets,
+            predictions=[ValuePrediction(values=dict(zip(targets, v, strict=True))) for v in result.values.tolist()],
+            modules=_modules(result),
+            degraded=result.degraded,
+            latency_ms=round(result.latency_ms, 3),
+        )
     return PredictResponse(
         predictions=[
             ClassPrediction(label=label, class_name=name, probabilities=p)

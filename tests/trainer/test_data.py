@@ -61,3 +61,42 @@ def test_idx_reader_round_trip(tmp_path: Path):
     with gzip.open(tmp_path / "x.gz", "wb") as f:
         f.write(header + arr.tobytes())
     np.testing.assert_array_equal(read_idx(tmp_path / "x.gz"), arr)
+
+
+def test_cifar_without_its_files_says_where_to_put_them(tmp_path: Path):
+    from quorum.trainer.data import load_cifar
+    from quorum.trainer.errors import DataError
+
+    with pytest.raises(DataError, match=r"cifar-10-python\.tar\.gz .*" + str(tmp_path)):
+        load_cifar("cifar10", tmp_path, download=False)
+
+
+def test_augmentation_crops_and_mirrors_whole_batches_reproducibly():
+    from quorum.trainer.data import augment
+
+    x = torch.arange(2 * 3 * 8 * 8, dtype=torch.float32).view(2, 3, 8, 8) + 1
+    a = augment(x, torch.Generator().manual_seed(5))
+    assert a.shape == x.shape
+    torch.testing.assert_close(a, augment(x, torch.Generator().manual_seed(5)))  # the generator decides
+    # Without padding the only freedom left is the mirror: each image is itself or mirrored.
+    same = augment(x, torch.Generator().manual_seed(0), pad=0)
+    for i in range(2):
+        assert torch.equal(same[i], x[i]) or torch.equal(same[i], x[i].flip(-1))
+    # Every value of a padded crop is a pixel of the image or a zero of the padding.
+    assert set(a.unique().tolist()) <= set(x.unique().tolist()) | {0.0}
+
+
+def test_tabular_datasets_have_fixed_test_rows_and_standardized_features():
+    from quorum.trainer.data import load_dataset
+
+    a, b = load_dataset("diabetes", seed=0), load_dataset("diabetes", seed=1)
+
+    def raw(s, split):  # targets in their units: each seed standardizes with its own training rows
+        return split.y * s.target_scale[0] + s.target_shift[0]
+
+    torch.testing.assert_close(raw(a, a.test), raw(b, b.test))  # the test rows are fixed
+    assert not torch.allclose(raw(a, a.val), raw(b, b.val))  # the validation rows follow the seed
+    assert len(a.test) == 88 and a.image_shape == (10,) and a.task == "regression"
+    assert abs(float(a.train.x.mean())) < 1e-5 and abs(float(a.train.y.mean())) < 1e-5
+    counts = load_dataset("linnerud")
+    assert counts.task == "count" and counts.train.y.min() >= 0 and counts.target_names == ("Chins", "Situps", "Jumps")

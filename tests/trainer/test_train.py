@@ -9,7 +9,7 @@ import torch
 
 from quorum.trainer.checkpoint import read_jsonl
 from quorum.trainer.config import TrainConfig, default_lr
-from quorum.trainer.errors import RunDirError
+from quorum.trainer.errors import ConfigError, RunDirError
 from quorum.trainer.run import load_best
 from quorum.trainer.train import train
 
@@ -82,3 +82,53 @@ def test_default_learning_rate_scales_with_modules():
     assert default_lr(1, 0.5) == pytest.approx(0.02)
     assert TrainConfig(modules=16).learning_rate == pytest.approx(0.32)
     assert TrainConfig(modules=16, lr=0.1).learning_rate == 0.1
+
+
+def test_mcl_trains_each_example_into_its_best_modules_and_reports_oracle_accuracy(tmp_path: Path, data_dir: Path):
+    cfg = TrainConfig(**{**TINY, "lam": 0.0}, epochs=3, loss="mcl", mcl_k=1, pretrain_epochs=1)
+    train(cfg, tmp_path / "mcl", progress=False)
+    rows = read_jsonl(tmp_path / "mcl" / "metrics.jsonl")
+    for r in rows:  # the oracle (some module right) is never below the best module
+        assert 1 - r["val_oracle_accuracy"] <= r["val_module_error_min"] + 1e-9
+    # k = 1 specializes: after MCL epochs the oracle is far better than any one module
+    assert rows[-1]["val_oracle_accuracy"] > 1 - rows[-1]["val_module_error_min"] + 0.1
+
+
+def test_mcl_options_are_checked():
+    with pytest.raises(ConfigError, match="--mcl-k"):
+        TrainConfig(modules=4, loss="mcl", mcl_k=5)
+    with pytest.raises(ConfigError, match="--pretrain-epochs"):
+        TrainConfig(modules=4, pretrain_epochs=2)
+
+
+def test_regression_on_diabetes_beats_predicting_the_mean(tmp_path: Path):
+    from quorum.trainer.data import load_dataset
+
+    res = train(
+        TrainConfig(dataset="diabetes", modules=8, hidden=8, lam=0.9, epochs=40), tmp_path / "r", progress=False
+    )
+    data = load_dataset("diabetes")
+    baseline = float(data.val.y.std()) * data.target_scale[0]  # RMSE of the training mean, about
+    assert res.best_val_error < 0.85 * baseline, (res.best_val_error, baseline)
+    run = load_best(tmp_path / "r")
+    assert run.task == "regression" and run.target_names == ["progression"] and run.model.num_classes == 1
+    with pytest.raises(ConfigError, match="--arch mlp"):
+        TrainConfig(dataset="diabetes", arch="convnet")
+
+
+def test_count_targets_train_with_the_poisson_loss(tmp_path: Path):
+    train(TrainConfig(dataset="linnerud", modules=4, hidden=4, lam=0.9, epochs=20, batch_size=4), tmp_path / "c",
+          progress=False)  # fmt: skip
+    run = load_best(tmp_path / "c")
+    assert run.task == "count" and run.target_names == ["Chins", "Situps", "Jumps"]
+    rows = read_jsonl(tmp_path / "c" / "metrics.jsonl")
+    assert all(math.isfinite(r["train_loss"]) for r in rows) and "val_oracle_accuracy" not in rows[0]
+
+
+def test_bf16_autocast_trains_as_well_as_fp32(tmp_path: Path, data_dir: Path):
+    fp32 = train(TrainConfig(**TINY, epochs=2, precision="fp32"), tmp_path / "fp32", progress=False)
+    bf16 = train(TrainConfig(**TINY, epochs=2, precision="bf16"), tmp_path / "bf16", progress=False)
+    assert abs(bf16.best_val_error - fp32.best_val_error) < 0.05, (bf16.best_val_error, fp32.best_val_error)
+    with pytest.raises(ConfigError, match="fp16 needs CUDA"):
+        train(TrainConfig(**TINY, epochs=1, precision="fp16", device="cpu"), tmp_path / "fp16", progress=False)
+    assert not (tmp_path / "fp16").exists()

@@ -30,14 +30,14 @@ class BatchedMLP(Ensemble):
         num_modules: M, the number of modules.
         hidden: H, hidden units per module.
         in_shape: shape of one input; flattened to `in_features`.
-        num_classes: K.
+        num_classes: K classes, or D regression/count outputs.
     """
 
     def __init__(self, num_modules: int, hidden: int, in_shape: tuple[int, ...] = (784,), num_classes: int = 10):
         super().__init__()
-        if num_modules < 1 or hidden < 1 or num_classes < 2:
+        if num_modules < 1 or hidden < 1 or num_classes < 1:
             raise ConfigError(
-                f"mlp needs modules >= 1, hidden >= 1, classes >= 2; got {num_modules}, {hidden}, {num_classes}"
+                f"mlp needs modules >= 1, hidden >= 1, outputs >= 1; got {num_modules}, {hidden}, {num_classes}"
             )
         self.num_modules = num_modules
         self.hidden = hidden
