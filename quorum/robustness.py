@@ -27,7 +27,7 @@ from tqdm import tqdm
 from quorum.datasets import load_raw
 from quorum.robustness_report import plot_reports
 from quorum.runtime.engine import Engine
-from quorum.runtime.errors import InvalidRequest
+from quorum.runtime.errors import BundleError, InvalidRequest
 from quorum.runtime.plan import drop_count
 
 __all__ = [
@@ -222,9 +222,18 @@ class SubsetScorer:
 
 
 def bundle_module_logits(engine: Engine, x_raw: np.ndarray, ids: list[int], progress: bool) -> np.ndarray:
-    """(N, M, K) logits of the modules `ids`, as a view of a module-major array (SubsetScorer's layout)."""
-    by_module = np.empty((len(ids), len(x_raw), engine.manifest.num_classes), np.float32)  # (M, N, K)
-    name = engine.manifest.name
+    """(N, M, K) logits of the modules `ids`, as a view of a module-major array (SubsetScorer's layout).
+
+    `x_raw` are Fashion-MNIST images, flat or not: they are shaped as the bundle's modules take them."""
+    m = engine.manifest
+    if m.task.kind != "classification" or m.training.dataset != "fashion-mnist":
+        raise BundleError(
+            f"bundle {m.name!r} is a {m.training.dataset} {m.task.kind} model; robustness curves and specialist "
+            "comparisons are measured on Fashion-MNIST classifiers"
+        )
+    x_raw = x_raw.reshape(len(x_raw), *m.input.shape)
+    by_module = np.empty((len(ids), len(x_raw), m.num_classes), np.float32)  # (M, N, K)
+    name = m.name
     with tqdm(total=len(ids), unit="module", desc=f"{name}: module logits", disable=not progress) as bar:
         for c in range(0, len(ids), _CHUNK):
             chunk = ids[c : c + _CHUNK]

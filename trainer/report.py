@@ -199,6 +199,10 @@ def make_report(run_dir: str | Path, out_dir: str | Path | None = None, *, data_
     """Write `report.png` and `report.json` for the run in `run_dir` to `out_dir` (default: the run)."""
     run_dir = Path(run_dir)
     run = load_best(run_dir)
+    if run.task != "classification":
+        raise RunDirError(f"{run_dir} is a {run.task} run; the report (errors, entropies, dominance) is for classifiers")
+            f"{run_dir} is a {run.task} run; the report (errors, entropies, dominance) covers classifiers"
+        )
     if not run.metrics:
         raise RunDirError(f"{run_dir}/metrics.jsonl holds no epoch; train the run first, or --resume it")
     out = Path(out_dir) if out_dir is not None else run_dir
