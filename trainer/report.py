@@ -200,7 +200,7 @@ def make_report(run_dir: str | Path, out_dir: str | Path | None = None, *, data_
     run_dir = Path(run_dir)
     run = load_best(run_dir)
     if run.task != "classification":
-        raise RunDirError(f"{run_dir} is a {run.task} run; the report (errors, entropies, dominance) is for classifiers")
+        raise RunDirError(
             f"{run_dir} is a {run.task} run; the report (errors, entropies, dominance) covers classifiers"
         )
     if not run.metrics:
