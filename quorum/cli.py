@@ -301,7 +301,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     else:
         cfg = TrainConfig(**given, command=command)
     result = train(cfg, out, resume=args.resume, progress=not args.quiet)
-    metric = "error" if cfg.family == "categorical" else "RMSE"
+    metric = "oracle error" if cfg.loss == "mcl" else "error" if cfg.family == "categorical" else "RMSE"
     print(
         f"{out}: {result.epochs_done} epochs; best validation {metric} {result.best_val_error:.4f} "
         f"at epoch {result.best_epoch} (best.pt)"

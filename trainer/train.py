@@ -53,7 +53,7 @@ log = logging.getLogger(__name__)
 class TrainResult:
     out_dir: Path
     epochs_done: int  # epochs finished, counting those of earlier (resumed) sessions
-    best_epoch: int  # 1-based epoch whose weights are in best.pt
+    best_epoch: int  # 1-based epoch whose weights are in best.pt (lowest validation error; MCL: oracle error)
     best_val_error: float
     stopped_early: bool
 
@@ -290,15 +290,18 @@ def train(cfg: TrainConfig, out_dir: str | Path, *, resume: bool = False, progre
         if dominance is not None:
             record["dominance"] = dominance.to_dict()
             (log.warning if dominance.warning else log.info)(dominance.message(cfg.lam))
-        improved = ev.ensemble_error < best_val
+        # What best.pt keeps: the lowest validation error; for MCL, which trains the oracle
+        # (some module right, Lee et al.), the lowest oracle error.
+        score = 1.0 - record["val_oracle_accuracy"] if cfg.loss == "mcl" else ev.ensemble_error
+        improved = score < best_val
         if improved:
-            best_val, best_epoch = ev.ensemble_error, epoch + 1
+            best_val, best_epoch = score, epoch + 1
             atomic_torch_save(
                 {
                     **meta,
                     "model": model.state_dict(),
                     "epoch": epoch + 1,
-                    "val_error": best_val,
+                    "val_error": ev.ensemble_error,
                     "module_val_errors": ev.module_errors.tolist(),
                 },
                 out_dir / "best.pt",

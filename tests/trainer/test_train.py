@@ -86,8 +86,10 @@ def test_default_learning_rate_scales_with_modules():
 
 def test_mcl_trains_each_example_into_its_best_modules_and_reports_oracle_accuracy(tmp_path: Path, data_dir: Path):
     cfg = TrainConfig(**{**TINY, "lam": 0.0}, epochs=3, loss="mcl", mcl_k=1, pretrain_epochs=1)
-    train(cfg, tmp_path / "mcl", progress=False)
+    res = train(cfg, tmp_path / "mcl", progress=False)
     rows = read_jsonl(tmp_path / "mcl" / "metrics.jsonl")
+    # best.pt keeps what MCL trains: the epoch of the best oracle
+    assert res.best_val_error == pytest.approx(1 - max(r["val_oracle_accuracy"] for r in rows))
     for r in rows:  # the oracle (some module right) is never below the best module
         assert 1 - r["val_oracle_accuracy"] <= r["val_module_error_min"] + 1e-9
     # k = 1 specializes: after MCL epochs the oracle is far better than any one module
