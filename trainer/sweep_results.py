@@ -53,9 +53,9 @@ RESULT_FILE = "result.json"
 class RunResult:
     """What result.json holds: one trained run's test metrics at its best validation epoch."""
 
-    config: str  # the papers' naming, e.g. 256-M-4-H
+    config: str  # the papers' naming, e.g. 256-M-4-H, 16-M-convnet-16.32.32-s2.2.1
     modules: int  # M
-    hidden: int  # H
+    hidden: int | None  # H of an MLP; None for other architectures
     lam: float  # λ the run was trained with
     lam_independent: bool  # M = 1: the loss is the same for every λ; this run stands for all of them
     seed: int  # seeds the split and the init: trial t of a sweep with --seed s has seed s + t
@@ -140,7 +140,7 @@ def compute_result(run_dir: Path, *, data_dir: str | None = None) -> RunResult:
     result = RunResult(
         config=cfg.name,
         modules=cfg.modules,
-        hidden=cfg.hidden,
+        hidden=cfg.hidden if cfg.arch == "mlp" else None,
         lam=cfg.lam,
         lam_independent=cfg.modules == 1,
         seed=cfg.seed,
@@ -196,7 +196,7 @@ class Cell:
 
     config: str  # e.g. 256-M-4-H
     modules: int  # M
-    hidden: int  # H
+    hidden: int | None  # H of an MLP; None for other architectures
     lam: float  # the table's λ column
     lam_independent: bool  # M = 1: the same runs (trained once per trial) fill every λ column
     n: int  # trials
@@ -240,14 +240,15 @@ def _cell(runs: list[RunResult], lam: float) -> Cell:
 
 
 def aggregate(results: Iterable[RunResult], lams: Iterable[float]) -> list[Cell]:
-    """One cell per (configuration, λ), configurations by (M, H), λ ascending.
+    """One cell per (configuration, λ), configurations by (M, H, name), λ ascending.
 
     A λ-independent configuration (M = 1) gets a cell for every λ in `lams`, all from the same runs.
     """
-    groups: dict[tuple[int, int, float | None], list[RunResult]] = defaultdict(list)
+    # Keyed by configuration name too: two ConvNets of the same M differ only there.
+    groups: dict[tuple[int, int, str, float | None], list[RunResult]] = defaultdict(list)
     for r in results:
-        groups[(r.modules, r.hidden, None if r.lam_independent else r.lam)].append(r)
+        groups[(r.modules, r.hidden or 0, r.config, None if r.lam_independent else r.lam)].append(r)
     cells: list[Cell] = []
-    for (_, _, lam), runs in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][1], kv[0][2] or 0.0)):
+    for (*_, lam), runs in sorted(groups.items(), key=lambda kv: (*kv[0][:3], kv[0][3] or 0.0)):
         cells.extend(_cell(runs, column) for column in (sorted(set(lams)) if lam is None else [lam]))
     return cells

@@ -109,3 +109,17 @@ def test_bad_options_exit_2_with_a_message(tmp_path: Path, args: list[str], matc
     err = capsys.readouterr().err
     assert "quorum sweep: error:" in err and match in err
     assert not (tmp_path / "runs").exists()
+
+
+def test_convnets_of_the_same_size_stay_apart_in_the_table():
+    from quorum.trainer.sweep_results import RunResult, aggregate
+
+    def result(config: str, err: float) -> RunResult:
+        return RunResult(config=config, modules=8, hidden=None, lam=0.5, lam_independent=False, seed=0, lr=0.8,
+                         epochs=1, epochs_run=1, best_epoch=1, val_error=err, test_error=err, test_nll=1.0,
+                         module_test_nll=1.0, module_test_error=err, seconds=1.0, init_sha256="0", device="cpu",
+                         torch="x", written="now")  # fmt: skip
+
+    cells = aggregate([result("8-M-convnet-8.16", 0.2), result("8-M-convnet-16.32", 0.1)], [0.5])
+    got = sorted((c.config, c.test_error_mean) for c in cells)
+    assert got == [("8-M-convnet-16.32", 0.1), ("8-M-convnet-8.16", 0.2)]
