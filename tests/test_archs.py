@@ -71,10 +71,9 @@ def test_the_data_takes_the_shape_the_architecture_takes(exported):
     assert json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[0])["val_oracle_accuracy"] > 0
 
 
+@pytest.mark.parametrize("exported", ["treenet"], indirect=True)  # only a TreeNet has a shared trunk
 def test_a_corrupt_trunk_refuses_the_bundle(exported, tmp_path: Path):
-    arch, _, bundle = exported
-    if arch != "treenet":
-        pytest.skip("only a TreeNet has a shared trunk")
+    _, _, bundle = exported
     copy = tmp_path / "bundle"
     shutil.copytree(bundle, copy)
     data = (copy / "trunk.onnx").read_bytes()

@@ -4,14 +4,19 @@ onnxruntime and manifest.json."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import shutil
+import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -171,21 +176,33 @@ def test_kserve_v2_protocol_with_tritonclient(server, test_images):
         client.infer(name, [tensor], parameters={"budget": 0})
 
 
-def test_hot_reload_while_clients_send_loses_no_request(server, test_images):
-    import shutil
-    import threading
-
-    _, bundle, tmp = server
-    other = tmp / "other-bundle"
-    shutil.copytree(bundle, other)
-    proc, base = _serve(bundle, QUORUM_ADMIN_TOKEN="t0ken")
-    body = json.dumps({"inputs": test_images[0][:4].tolist()}).encode()
+@contextlib.contextmanager
+def _sending(url: str, body: bytes, clients: int) -> Iterator[list[int]]:
+    """`clients` threads POST `body` to `url` until the block ends; yields their statuses."""
     statuses: list[int] = []
     stop = threading.Event()
 
     def send() -> None:
         while not stop.is_set():
-            statuses.append(_request(f"{base}/predict?budget=16", body)[0])
+            statuses.append(_request(url, body)[0])
+
+    threads = [threading.Thread(target=send) for _ in range(clients)]
+    for t in threads:
+        t.start()
+    try:
+        yield statuses
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(timeout=30)
+
+
+def test_hot_reload_while_clients_send_loses_no_request(server, test_images):
+    _, bundle, tmp = server
+    other = tmp / "other-bundle"
+    shutil.copytree(bundle, other)
+    proc, base = _serve(bundle, QUORUM_ADMIN_TOKEN="t0ken")
+    body = json.dumps({"inputs": test_images[0][:4].tolist()}).encode()
 
     def reload(target: Path | None) -> tuple[int, dict]:
         data = json.dumps({"bundle": str(target)} if target else {}).encode()
@@ -194,41 +211,26 @@ def test_hot_reload_while_clients_send_loses_no_request(server, test_images):
         with urllib.request.urlopen(req, timeout=60) as r:
             return r.status, json.loads(r.read())
 
-    clients = [threading.Thread(target=send) for _ in range(4)]
     try:
-        for t in clients:
-            t.start()
-        time.sleep(0.5)
-        status, swapped = reload(other)
-        assert status == 200 and swapped["bundle"] == str(other) and swapped["healthy_modules"] == 64
-        time.sleep(0.5)
-        assert reload(None)[1]["bundle"] == str(bundle)  # back to the configured bundle
-        time.sleep(0.5)
+        with _sending(f"{base}/predict?budget=16", body, clients=4) as statuses:
+            time.sleep(0.5)
+            status, swapped = reload(other)
+            assert status == 200 and swapped["bundle"] == str(other) and swapped["healthy_modules"] == 64
+            time.sleep(0.5)
+            assert reload(None)[1]["bundle"] == str(bundle)  # back to the configured bundle
+            time.sleep(0.5)
     finally:
-        stop.set()
-        for t in clients:
-            t.join(timeout=30)
         proc.terminate()
         proc.wait(timeout=30)
     assert len(statuses) > 20 and set(statuses) == {200}
 
 
 def test_sighup_reloads_the_configured_bundle_and_a_bad_one_changes_nothing(server, test_images):
-    import shutil
-    import signal
-    import threading
-
     _, bundle, tmp = server
     served = tmp / "sighup-bundle"
     shutil.copytree(bundle, served)
     proc, base = _serve(served)
     body = json.dumps({"inputs": test_images[0][:4].tolist()}).encode()
-    statuses: list[int] = []
-    stop = threading.Event()
-
-    def send() -> None:
-        while not stop.is_set():
-            statuses.append(_request(f"{base}/predict?budget=16", body)[0])
 
     def healthy_after_sighup(expect: int) -> bool:
         proc.send_signal(signal.SIGHUP)
@@ -241,21 +243,16 @@ def test_sighup_reloads_the_configured_bundle_and_a_bad_one_changes_nothing(serv
 
     manifest = json.loads((served / "manifest.json").read_text())
     victim = served / manifest["modules"][manifest["anytime_order"][0]]["file"]
-    clients = [threading.Thread(target=send) for _ in range(3)]
     try:
-        for t in clients:
-            t.start()
-        time.sleep(0.5)
-        victim.write_bytes(victim.read_bytes()[::-1])  # the bundle on disk changes: one module is corrupt
-        assert healthy_after_sighup(63), "SIGHUP did not reload the bundle"
-        (served / "manifest.json").rename(served / "manifest.json.bak")  # now it cannot be served at all
-        proc.send_signal(signal.SIGHUP)
-        time.sleep(2.0)
-        assert proc.poll() is None and _request(f"{base}/modules")[1]["healthy"] == 63
+        with _sending(f"{base}/predict?budget=16", body, clients=3) as statuses:
+            time.sleep(0.5)
+            victim.write_bytes(victim.read_bytes()[::-1])  # the bundle on disk changes: one module is corrupt
+            assert healthy_after_sighup(63), "SIGHUP did not reload the bundle"
+            (served / "manifest.json").rename(served / "manifest.json.bak")  # now it cannot be served at all
+            proc.send_signal(signal.SIGHUP)
+            time.sleep(2.0)
+            assert proc.poll() is None and _request(f"{base}/modules")[1]["healthy"] == 63
     finally:
-        stop.set()
-        for t in clients:
-            t.join(timeout=30)
         proc.terminate()
         out, _ = proc.communicate(timeout=30)
     assert len(statuses) > 20 and set(statuses) == {200}

@@ -110,6 +110,23 @@ class Splits:
         return (int(np.prod(self.image_shape)),)
 
 
+def _first(train_idx: np.ndarray, subset: int | None) -> np.ndarray:
+    """The first `subset` training rows (all with None)."""
+    if subset is None:
+        return train_idx
+    if not 0 < subset <= len(train_idx):
+        raise ConfigError(f"--subset must lie in 1..{len(train_idx)}, got {subset}")
+    return train_idx[:subset]
+
+
+def _holdout(n: int, val_size: int, subset: int | None, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Validation and training row indices of n rows: `val_size` held out at random by `seed`."""
+    if not 0 < val_size < n:
+        raise ConfigError(f"val_size must lie in 1..{n - 1}, got {val_size}")
+    perm = np.random.default_rng(seed).permutation(n)
+    return perm[:val_size], _first(perm[val_size:], subset)
+
+
 def load_fashion_mnist(
     data_dir: str | os.PathLike[str] | None = None,
     *,
@@ -130,14 +147,7 @@ def load_fashion_mnist(
     """
     raw = load_raw(data_dir)
     x_all, y_all = raw["train"]
-    if not 0 < val_size < len(y_all):
-        raise ConfigError(f"val_size must lie in 1..{len(y_all) - 1}, got {val_size}")
-    perm = np.random.default_rng(seed).permutation(len(y_all))
-    val_idx, train_idx = perm[:val_size], perm[val_size:]
-    if subset is not None:
-        if not 0 < subset <= len(train_idx):
-            raise ConfigError(f"--subset must lie in 1..{len(train_idx)}, got {subset}")
-        train_idx = train_idx[:subset]
+    val_idx, train_idx = _holdout(len(y_all), val_size, subset, seed)
 
     x_train = torch.from_numpy(x_all[train_idx].astype(np.float32) / 255.0)
     norm = Normalization(
@@ -192,14 +202,7 @@ def load_cifar(
             f"(from {CIFAR_URL}) or its extracted folder in {root}, or pass --data-dir."
         ) from None
     x_all, y_all = train_set.data, np.asarray(train_set.targets)  # (N, 32, 32, 3) uint8
-    if not 0 < val_size < len(y_all):
-        raise ConfigError(f"val_size must lie in 1..{len(y_all) - 1}, got {val_size}")
-    perm = np.random.default_rng(seed).permutation(len(y_all))
-    val_idx, train_idx = perm[:val_size], perm[val_size:]
-    if subset is not None:
-        if not 0 < subset <= len(train_idx):
-            raise ConfigError(f"--subset must lie in 1..{len(train_idx)}, got {subset}")
-        train_idx = train_idx[:subset]
+    val_idx, train_idx = _holdout(len(y_all), val_size, subset, seed)
     chw = np.ascontiguousarray(x_all.transpose(0, 3, 1, 2))  # (N, 3, 32, 32)
     scaled = chw[train_idx].astype(np.float32) / 255.0
     norm = Normalization(
@@ -256,11 +259,7 @@ def load_tabular(name: str, *, val_size: int = 10_000, subset: int | None = None
     test_idx, rest = order[:n_test], order[n_test:]
     rest = rest[np.random.default_rng(seed).permutation(len(rest))]
     n_val = max(1, min(val_size, round(0.2 * len(rest))))
-    val_idx, train_idx = rest[:n_val], rest[n_val:]
-    if subset is not None:
-        if not 0 < subset <= len(train_idx):
-            raise ConfigError(f"--subset must lie in 1..{len(train_idx)}, got {subset}")
-        train_idx = train_idx[:subset]
+    val_idx, train_idx = rest[:n_val], _first(rest[n_val:], subset)
     std = x[train_idx].std(axis=0)
     norm = Normalization(
         scale=1.0,
