@@ -120,6 +120,18 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def _verified(bundle_dir: Path, file: str, sha256: str) -> Path:
+    """The path of a bundle file that lies inside the bundle and matches its checksum; else _Quarantine."""
+    path = (bundle_dir / file).resolve()
+    if not path.is_relative_to(bundle_dir.resolve()):
+        raise _Quarantine(f"file {file!r} lies outside the bundle")
+    if not path.is_file():
+        raise _Quarantine(f"file {file} is missing")
+    if (digest := _sha256(path)) != sha256:
+        raise _Quarantine(f"checksum mismatch for {file}: manifest {sha256[:12]}…, file {digest[:12]}…")
+    return path
+
+
 Executor = Literal["auto", "packed", "isolated"]
 
 
@@ -320,22 +332,19 @@ class Engine:
         entry = manifest.trunk
         if entry is None:
             return None
-        path = (bundle_dir / entry.file).resolve()
-        why = None
-        if not path.is_relative_to(bundle_dir.resolve()) or not path.is_file():
-            why = f"trunk graph {entry.file} is missing"
-        elif (digest := _sha256(path)) != entry.sha256:
-            why = f"checksum mismatch for {entry.file}: manifest {entry.sha256[:12]}…, file {digest[:12]}…"
-        if why is None:
+        try:
+            path = _verified(bundle_dir, entry.file, entry.sha256)
             try:
                 session = ort.InferenceSession(str(path), opts, providers=providers)
                 out = session.run(None, {manifest.input.name: probe_input(manifest.input)})[0]
-                if tuple(out.shape[1:]) != tuple(entry.output_shape) or not np.isfinite(out).all():
-                    why = f"{entry.file} gives features of shape {out.shape[1:]}, expected {entry.output_shape}"
             except Exception as e:
-                why = f"ONNX Runtime cannot run {entry.file}: {type(e).__name__}: {e}"
-        if why is not None:
-            raise BundleError(f"{bundle_dir}: {why}; every module needs the shared trunk; re-export the run")
+                raise _Quarantine(f"ONNX Runtime cannot run {entry.file}: {type(e).__name__}: {e}") from e
+            if tuple(out.shape[1:]) != tuple(entry.output_shape) or not np.isfinite(out).all():
+                raise _Quarantine(
+                    f"{entry.file} gives features of shape {out.shape[1:]}, expected {entry.output_shape}"
+                )
+        except _Quarantine as q:
+            raise BundleError(f"{bundle_dir}: {q}; every module needs the shared trunk; re-export the run") from None
         return session
 
     @staticmethod
@@ -347,15 +356,7 @@ class Engine:
         providers: list[str],
     ) -> ort.InferenceSession:
         """Verify module `entry`'s file and load it."""
-        root = bundle_dir.resolve()
-        path = (bundle_dir / entry.file).resolve()
-        if not path.is_relative_to(root):
-            raise _Quarantine(f"file {entry.file!r} lies outside the bundle")
-        if not path.is_file():
-            raise _Quarantine(f"file {entry.file} is missing")
-        digest = _sha256(path)
-        if digest != entry.sha256:
-            raise _Quarantine(f"checksum mismatch for {entry.file}: manifest {entry.sha256[:12]}…, file {digest[:12]}…")
+        path = _verified(bundle_dir, entry.file, entry.sha256)
         try:
             session = ort.InferenceSession(str(path), opts, providers=providers)
         except Exception as e:
@@ -385,11 +386,7 @@ class Engine:
             )
         if entry is None:
             raise _Quarantine("the bundle has no packed graph (add one with `quorum pack BUNDLE`)")
-        path = (bundle_dir / entry.file).resolve()
-        if not path.is_relative_to(bundle_dir.resolve()) or not path.is_file():
-            raise _Quarantine(f"packed graph {entry.file} is missing")
-        if (digest := _sha256(path)) != entry.sha256:
-            raise _Quarantine(f"checksum mismatch for {entry.file}: manifest {entry.sha256[:12]}…, file {digest[:12]}…")
+        path = _verified(bundle_dir, entry.file, entry.sha256)
         try:
             session = ort.InferenceSession(str(path), opts, providers=providers)
             packed = PackedExecutor(session, manifest.input.name, entry.index_input, manifest.output.name)
