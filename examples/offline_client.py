@@ -1,12 +1,15 @@
 """Reproduce a Quorum prediction with nothing but numpy, onnxruntime and the bundle's manifest.json.
 
-This is the bundle contract seen from a client: verify the module files, preprocess as the
-manifest says, average the chosen modules' logits, softmax.
+This is the bundle contract seen from a client: verify the files, preprocess as the manifest
+says, run the shared trunk if there is one (TreeNets), average the chosen modules' outputs,
+then apply the combiner: softmax (classification), the targets' scale and shift (regression)
+or exp (counts).
 
     python examples/offline_client.py bundles/demo --modules 3,17,42 --inputs runs/demo/example-request.json
 
 `--inputs` takes a JSON file shaped like a /predict body, {"inputs": [[...], ...]}. Prints
-{"probabilities": [[...], ...], "labels": [...]} as JSON.
+{"probabilities": [[...], ...], "labels": [...]} (classification) or {"values": [[...], ...]}
+as JSON.
 """
 
 from __future__ import annotations
@@ -20,8 +23,16 @@ import numpy as np
 import onnxruntime as ort
 
 
+def _session(bundle: Path, entry: dict, what: str) -> ort.InferenceSession:
+    data = (bundle / entry["file"]).read_bytes()
+    if hashlib.sha256(data).hexdigest() != entry["sha256"]:
+        raise SystemExit(f"{what}: checksum mismatch; the file is corrupt")
+    return ort.InferenceSession(data, providers=["CPUExecutionProvider"])
+
+
 def predict(bundle: Path, x_raw: np.ndarray, module_ids: list[int]) -> np.ndarray:
-    """Probabilities (N, K) of the sub-ensemble `module_ids`, from raw inputs (N, *input.shape)."""
+    """What the sub-ensemble `module_ids` predicts for raw inputs (N, *input.shape): class
+    probabilities (N, K), or values (N, D) for a regression or count bundle."""
     manifest = json.loads((bundle / "manifest.json").read_text())
     spec = manifest["input"]
     channels = len(spec["mean"])
@@ -29,17 +40,20 @@ def predict(bundle: Path, x_raw: np.ndarray, module_ids: list[int]) -> np.ndarra
     mean = np.asarray(spec["mean"], np.float32).reshape(axis_shape)
     std = np.asarray(spec["std"], np.float32).reshape(axis_shape)
     x = ((np.asarray(x_raw, np.float32) * np.float32(spec["scale"]) - mean) / std).astype(np.float32)
+    if manifest.get("trunk"):  # shared layers: run once, the modules take their features
+        x = _session(bundle, manifest["trunk"], "trunk").run(None, {spec["name"]: x})[0]
 
-    logits = []
-    for j in module_ids:
-        entry = manifest["modules"][j]
-        data = (bundle / entry["file"]).read_bytes()
-        if hashlib.sha256(data).hexdigest() != entry["sha256"]:
-            raise SystemExit(f"module {j}: checksum mismatch; the file is corrupt")
-        session = ort.InferenceSession(data, providers=["CPUExecutionProvider"])
-        logits.append(session.run([manifest["output"]["name"]], {spec["name"]: x})[0])
-    z = np.mean(np.stack(logits), axis=0)  # combiner: mean of logits, then softmax
-    e = np.exp(z - z.max(axis=1, keepdims=True))
+    outputs = [
+        _session(bundle, manifest["modules"][j], f"module {j}").run([manifest["output"]["name"]], {spec["name"]: x})[0]
+        for j in module_ids
+    ]
+    z = np.mean(np.stack(outputs), axis=0)  # every combiner starts from the mean of the modules' outputs
+    out = manifest["output"]
+    if out["combiner"] == "mean":  # regression: the targets were standardized for training
+        return z * np.asarray(out["target_scale"], np.float32) + np.asarray(out["target_shift"], np.float32)
+    if out["combiner"] == "mean_exp":  # counts: the mean log-rate
+        return np.exp(z)
+    e = np.exp(z - z.max(axis=1, keepdims=True))  # classification: softmax of the mean logits
     return e / e.sum(axis=1, keepdims=True)
 
 
@@ -51,8 +65,11 @@ def main() -> None:
     args = p.parse_args()
     ids = [int(s) for s in args.modules.split(",") if s.strip()]
     x_raw = np.asarray(json.loads(args.inputs.read_text())["inputs"], np.float32)
-    probs = predict(args.bundle, x_raw, ids)
-    print(json.dumps({"probabilities": probs.tolist(), "labels": probs.argmax(1).tolist()}))
+    result = predict(args.bundle, x_raw, ids)
+    if json.loads((args.bundle / "manifest.json").read_text())["task"]["kind"] != "classification":
+        print(json.dumps({"values": result.tolist()}))
+    else:
+        print(json.dumps({"probabilities": result.tolist(), "labels": result.argmax(1).tolist()}))
 
 
 if __name__ == "__main__":

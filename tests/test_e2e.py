@@ -104,6 +104,13 @@ def test_a_client_with_only_numpy_onnxruntime_and_the_manifest_reproduces_the_se
     assert status == 200
     used = body["modules"]["used"]
     assert len(used) == 32 and not set(used) & set(body["modules"]["dropped"])
+    mine = np.array(_offline_client(bundle, request, used, tmp)["probabilities"])
+    served = np.array([p["probabilities"] for p in body["predictions"]])
+    assert np.abs(mine - served).max() <= 1e-5
+
+
+def _offline_client(bundle: Path, request: dict, used: list[int], tmp: Path) -> dict:
+    """What examples/offline_client.py (numpy, onnxruntime and the manifest only) answers."""
     (tmp / "request.json").write_text(json.dumps(request))
     client = ROOT / "examples" / "offline_client.py"
     assert "quorum" not in "".join(line for line in client.read_text().splitlines() if "import" in line)
@@ -112,9 +119,8 @@ def test_a_client_with_only_numpy_onnxruntime_and_the_manifest_reproduces_the_se
          "--inputs", str(tmp / "request.json")],
         capture_output=True, text=True, check=True,
     )  # fmt: skip
-    mine = np.array(json.loads(out.stdout)["probabilities"])
-    served = np.array([p["probabilities"] for p in body["predictions"]])
-    assert np.abs(mine - served).max() <= 1e-5
+    answer: dict = json.loads(out.stdout)
+    return answer
 
 
 def test_bad_request_over_http_is_a_4xx_with_a_message(server):
@@ -320,6 +326,9 @@ def test_every_convolutional_architecture_trains_exports_and_serves_from_the_cli
         x = test_images[0][:8].reshape(-1, 1, 28, 28)
         status, body = _request(f"{base}/predict?budget=2", json.dumps({"inputs": x.tolist()}).encode())
         assert status == 200 and len(body["modules"]["used"]) == 2 and len(body["predictions"]) == 8
+        mine = _offline_client(bundle, {"inputs": x.tolist()}, body["modules"]["used"], tmp_path)["probabilities"]
+        served = [p["probabilities"] for p in body["predictions"]]
+        assert np.abs(np.array(mine) - np.array(served)).max() <= 1e-5  # a TreeNet's trunk included
         status, body = _request(f"{base}/predict?budget=2", json.dumps({"inputs": x.reshape(8, 784).tolist()}).encode())
         assert status == 422 and "(N, 1, 28, 28)" in body["error"]
     finally:
@@ -351,6 +360,8 @@ def test_regression_and_count_targets_train_export_and_serve_from_the_cli(datase
         assert status == 200 and body["task"] == kind and len(body["modules"]["used"]) == 4, body
         names = manifest["task"]["target_names"]
         values = np.array([[p["values"][n] for n in names] for p in body["predictions"]])
+        mine = _offline_client(bundle, {"inputs": raw.tolist()}, body["modules"]["used"], tmp_path)["values"]
+        np.testing.assert_allclose(mine, values, rtol=1e-4)
         truth = data.test.y.numpy()[:5]
         if dataset == "diabetes":
             truth = truth * data.target_scale[0] + data.target_shift[0]
