@@ -36,6 +36,11 @@ def test_inference_bench_prints_its_comparison(bundle_dir: Path, data_dir: Path)
     assert [r[1] for r in rows] == ["1", "3"]
 
 
+def test_epoch_time_bench_runs_both_workloads(data_dir: Path):
+    out = _run("bench/epoch_time.py", "--device", "cpu", "--images", "8", "--epochs", "1")
+    assert "mlp 256-M-4-H" in out and "DN-64-6-16" in out and "s/epoch" in out
+
+
 def test_train_bench_prints_its_comparison(data_dir: Path):
     out = _run("bench/train.py", "--epochs", "1", "--subset", "1000", "--skip-torchensemble")
     assert "ours / floor" in out

@@ -193,8 +193,10 @@ def train(cfg: TrainConfig, out_dir: str | Path, *, resume: bool = False, progre
         bias = model.get_parameter("b2")  # the MLP's output biases (M, D); counts train MLPs only
         with torch.no_grad():
             bias.copy_(torch.log(data.train.y.mean(dim=0).clamp_min(1e-3)).expand_as(bias))
-    if device.type == "cuda" and len(in_shape) == 3:
-        model = model.to(memory_format=torch.channels_last)  # what cuDNN's convolutions run fastest on
+    if len(in_shape) == 3:
+        # Grouped convolutions run far faster channels-last, on cuDNN and on the CPU alike
+        # (DN-64-6-16 on 2 CPU cores: 20 s -> 6 s for a batch of 16, forward and backward).
+        model = model.to(memory_format=torch.channels_last)
     # The loss's gradients carry 1/M (eq. 8) and the default rate M: weight decay as for one module alone.
     opt = torch.optim.SGD(
         model.parameters(), lr=cfg.learning_rate, momentum=cfg.momentum, weight_decay=cfg.weight_decay / cfg.modules

@@ -143,6 +143,19 @@ def test_manifest_of_another_version_is_refused(bundle_copy: Path):
         Engine.load(bundle_copy)
 
 
+def test_a_bundle_of_schema_version_1_still_loads(bundle_copy: Path, test_images):
+    raw = json.loads((bundle_copy / "manifest.json").read_text())
+    del raw["trunk"]  # version 1 had no trunk; classification was its only task
+    raw["version"], raw["task"] = 1, {"kind": "classification", "class_names": raw["task"]["class_names"]}
+    raw["output"] = {"name": raw["output"]["name"], "combiner": "mean_logits_softmax"}
+    (bundle_copy / "manifest.json").write_text(json.dumps(raw))
+    engine = Engine.load(bundle_copy, device="cpu")
+    try:
+        assert engine.manifest.version == 1 and engine.predict(test_images[0][:2], budget=3).labels.shape == (2,)
+    finally:
+        engine.close()
+
+
 def test_a_manifest_that_breaks_the_schema_is_summarized(bundle_copy: Path):
     raw = json.loads((bundle_copy / "manifest.json").read_text())
     for entry in raw["modules"]:

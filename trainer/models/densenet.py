@@ -139,7 +139,7 @@ class BatchedDenseNetBC(Ensemble):
         self.bn = nn.BatchNorm2d(M * c)
         self.head = BatchedHead(M, c, num_classes)
         self._features = c
-        self._flops = self._count_flops()
+        self._flops: int | None = None  # counted on first use: a probe pass costs seconds on a CPU
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B = x.shape[0]
@@ -166,14 +166,17 @@ class BatchedDenseNetBC(Ensemble):
 
         handles = [m.register_forward_hook(hook) for m in self.modules() if isinstance(m, nn.Conv2d)]
         with torch.no_grad():
+            was_training = self.training
             self.eval()
-            self(torch.zeros(1, *self.in_shape))
-            self.train()
+            self(torch.zeros(1, *self.in_shape, device=self.head.weight.device))
+            self.train(was_training)
         for h in handles:
             h.remove()
         return flops + 2 * self._features * self.num_classes
 
     def module_flops(self) -> int:
+        if self._flops is None:
+            self._flops = self._count_flops()
         return self._flops
 
     def module_params(self) -> int:
