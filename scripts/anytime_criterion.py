@@ -1,4 +1,5 @@
-"""Which greedy criterion makes the better anytime order: log-likelihood or accuracy?
+"""Which greedy criterion makes the better anytime order: the Brier score, the log-likelihood or
+accuracy, with forward selection throughout, or backward elimination for the larger budgets?
 
 Decided without the test set: each order is built on one half of a run's validation split and
 scored on the other half, at every budget of the robustness grid (M - s, M - 2s, ..., s = M/20),
@@ -11,6 +12,8 @@ budgets where the ordered prefix does not beat random, and the mean and worst ma
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
+from functools import partial
 
 import numpy as np
 import torch
@@ -26,7 +29,8 @@ def greedy_accuracy_order(logits: torch.Tensor, y: torch.Tensor) -> list[int]:
     """Greedy forward selection on the prefix ensemble's accuracy; NLL breaks ties."""
     n, m, _ = logits.shape
     target = y.view(n, 1, 1)
-    chosen, remaining = [], list(range(m))
+    chosen: list[int] = []
+    remaining = list(range(m))
     total = torch.zeros(n, 1, logits.shape[2])
     while remaining:
         z = (total + logits[:, remaining]) / (len(chosen) + 1)
@@ -36,6 +40,24 @@ def greedy_accuracy_order(logits: torch.Tensor, y: torch.Tensor) -> list[int]:
         chosen.append(j)
         total += logits[:, j : j + 1]
     return chosen
+
+
+@torch.no_grad()
+def backward_tail_order(logits: torch.Tensor, y: torch.Tensor, keep: int) -> list[int]:
+    """Backward elimination on the NLL from all M modules down to `keep`, which are then ordered by
+    forward selection (NLL) among themselves; the eliminated modules follow, last removed first."""
+    n, m, _ = logits.shape
+    remaining, removed = list(range(m)), list[int]()
+    total = logits.sum(1, keepdim=True)
+    target = y.view(n, 1, 1)
+    while len(remaining) > keep:
+        z = (total - logits[:, remaining]) / (len(remaining) - 1)
+        nll = -torch.log_softmax(z, -1).gather(2, target.expand(n, len(remaining), 1)).mean(dim=(0, 2))
+        j = remaining.pop(int(torch.argmin(nll)))
+        removed.append(j)
+        total -= logits[:, j : j + 1]
+    head = greedy_anytime_order(logits[:, remaining], y, score="nll")
+    return [remaining[i] for i in head] + removed[::-1]
 
 
 def margins(order: list[int], logits: torch.Tensor, y: torch.Tensor, trials: int = 20) -> list[tuple[int, float]]:
@@ -56,7 +78,9 @@ def margins(order: list[int], logits: torch.Tensor, y: torch.Tensor, trials: int
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("runs", nargs="+", help="run directories written by `quorum train`")
+    parser.add_argument("--criteria", nargs="*", help="only these criteria (default: all)")
     args = parser.parse_args()
+    lost: dict[str, int] = {}
     for run_dir in args.runs:
         run = load_best(run_dir)
         cfg = run.config
@@ -64,13 +88,24 @@ def main() -> None:
         logits, y = module_logits(run.model, data.val.x), data.val.y
         perm = torch.from_numpy(np.random.default_rng(1).permutation(len(y)))
         a, b = perm[: len(y) // 2], perm[len(y) // 2 :]
-        for name, build in (("log-likelihood", greedy_anytime_order), ("accuracy", greedy_accuracy_order)):
+        m = logits.shape[1]
+        criteria: dict[str, Callable[[torch.Tensor, torch.Tensor], list[int]]] = {
+            "Brier score": greedy_anytime_order,
+            "log-likelihood": partial(greedy_anytime_order, score="nll"),
+            "accuracy": greedy_accuracy_order,
+            "log-likelihood, backward from M/2": partial(backward_tail_order, keep=m // 2),
+        }
+        for name, build in criteria.items():
+            if args.criteria and name not in args.criteria:
+                continue
             result = margins(build(logits[a], y[a]), logits[b], y[b])
             losses = [budget for budget, d in result if d <= 0]
+            lost[name] = lost.get(name, 0) + len(losses)
             mean, worst = np.mean([d for _, d in result]), min(d for _, d in result)
             print(
                 f"{run_dir} {name}: loses at budgets {losses}; margin mean {mean:+.4f}, worst {worst:+.4f}", flush=True
             )
+    print("budgets lost over all runs:", ", ".join(f"{name} {n}" for name, n in lost.items()))
 
 
 if __name__ == "__main__":

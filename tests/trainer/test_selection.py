@@ -38,20 +38,50 @@ def test_planted_strong_module_comes_first():
 
 def test_order_prefers_a_complementary_module_to_a_copy():
     # modules 0 and 1 are identical and good; module 2 is as good but errs elsewhere:
-    # after 0, adding 2 helps the pair more than adding 0's copy.
+    # after one of the twins, adding 2 helps the pair more than adding the other twin.
     logits, y = _noise(1)
     right = np.zeros((N, K), np.float32)
     right[np.arange(N), y] = 3.0
     half = np.arange(N) < N // 2
-    logits[:, 0] = logits[:, 1] = np.where(half[:, None], right, 0.0) + 0.01  # tie-break: 0 before 1
+    logits[:, 0] = logits[:, 1] = np.where(half[:, None], right, 0.0)
     logits[:, 2] = np.where(~half[:, None], right, 0.0)
-    order = greedy_anytime_order(logits, y)
-    assert order[:2] == [0, 2]
+    for score in ("brier", "nll"):
+        first_two = set(greedy_anytime_order(logits, y, score=score)[:2])
+        assert 2 in first_two and len(first_two & {0, 1}) == 1
 
 
 def test_order_is_the_same_in_chunks_and_from_torch():
     logits, y = _noise(2)
     assert greedy_anytime_order(logits, y) == greedy_anytime_order(torch.from_numpy(logits), y, chunk_elems=N * K)
+
+
+def test_brier_order_is_not_decided_by_a_few_confident_mistakes():
+    # module 0 is right and sure on 99 % of the images and absurdly sure of a wrong class on 1 %;
+    # module 1 is right everywhere but less sure. The log-likelihood starts with 1 (module 0
+    # costs 50 nats on each of its mistakes); the Brier score, bounded at 2 per image, with 0.
+    rng = np.random.default_rng(5)
+    y = rng.integers(0, K, N)
+    logits = np.zeros((N, 2, K), np.float32)
+    logits[np.arange(N), 0, y] = 8.0
+    bad = np.arange(N) < N // 100
+    logits[bad, 0] = 0.0
+    logits[bad, 0, (y[bad] + 1) % K] = 50.0
+    logits[np.arange(N), 1, y] = 2.5  # p(y) = 0.80: NLL 0.22 against module 0's 0.5; Brier 0.05 against 0.02
+    assert greedy_anytime_order(logits, y)[0] == 0
+    assert greedy_anytime_order(logits, y, score="nll")[0] == 1
+
+
+def test_brier_score_of_the_prefix_matches_its_definition():
+    from quorum.trainer.selection import _prefix_loss
+
+    logits, y = _noise(6)
+    mean = torch.from_numpy(logits)  # each module its own one-module "prefix"
+    p = torch.softmax(mean, -1)
+    onehot = torch.nn.functional.one_hot(torch.from_numpy(y), K).float().unsqueeze(1)
+    expected = ((p - onehot) ** 2).sum(-1).mean(0)
+    torch.testing.assert_close(_prefix_loss("categorical", "brier", mean, torch.from_numpy(y)), expected)
+    with pytest.raises(ValueError, match="score"):
+        greedy_anytime_order(logits, y, score="accuracy")
 
 
 def test_f1_from_counts_and_one_vs_all():
