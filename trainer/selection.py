@@ -99,8 +99,8 @@ def greedy_anytime_order(
 
     Step t adds the module j that minimizes the Brier score (`score="nll"`: the negative
     log-likelihood) of softmax((S + logits_j) / t), where S is the sum of the chosen modules'
-    logits. Ties go to the lower id. O(M^2 N K) work, done in
-    chunks of candidates so that memory stays near `chunk_elems` floats. For Gaussian or
+    logits. Ties go to the lower id. O(M^2 N K) work, done in chunks of candidates so that
+    memory stays near `chunk_elems` floats. For Gaussian or
     Poisson targets (`family`), logits are the modules' natural parameters (N, M, D), y the
     targets (N, D), and the NLL is that family's.
     """
@@ -118,13 +118,13 @@ def greedy_anytime_order(
     total = torch.zeros(n, 1, k)
     per_chunk = max(1, chunk_elems // (n * k))
     for t in tqdm(range(1, m + 1), desc="anytime order", unit="module", disable=not progress):
-        nll = torch.cat(
+        loss = torch.cat(
             [
                 _prefix_loss(family, score, (total + logits[:, cand]) / t, y)
                 for cand in (remaining[i : i + per_chunk] for i in range(0, len(remaining), per_chunk))
             ]
         )
-        j = remaining.pop(int(torch.argmin(nll)))  # the first minimum: the lowest id among ties
+        j = remaining.pop(int(torch.argmin(loss)))  # the first minimum: the lowest id among ties
         chosen.append(j)
         total += logits[:, j : j + 1]
     return chosen
