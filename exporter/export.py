@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import math
 import shutil
 import tempfile
 import time
@@ -50,6 +51,7 @@ from quorum.trainer.models import Ensemble
 from quorum.trainer.run import LoadedRun, load_best
 from quorum.trainer.selection import (
     ANYTIME_CRITERION,
+    LABELLED_SHARE,
     SPECIALIST_CRITERION,
     ensemble_f1,
     greedy_anytime_order,
@@ -90,7 +92,8 @@ def export_run(
     module_errors = val.module_errors.tolist()
     # Both selections use the validation split, so the bundle's test metrics stay unbiased.
     t0 = time.perf_counter()
-    order = greedy_anytime_order(val_logits, data.val.y, progress=progress, family=family)
+    labelled = math.ceil(LABELLED_SHARE * cfg.modules) if family == "categorical" else None
+    order = greedy_anytime_order(val_logits, data.val.y, progress=progress, family=family, labelled=labelled)
     specialists = (
         []
         if family != "categorical"

@@ -1,12 +1,13 @@
 """Which greedy criterion makes the better anytime order: the Brier score, the log-likelihood or
-accuracy, with forward selection throughout, or backward elimination for the larger budgets?
+accuracy, with forward selection throughout; backward elimination for the larger budgets; or
+the whole ensemble's probabilities as the target, at every step or after the first M/8 or M/4?
 
 Decided without the test set: each order is built on one half of a run's validation split and
-scored on the other half, at every budget of the robustness grid (M - s, M - 2s, ..., s = M/20),
+scored on the other half, at every budget of the robustness grid (M - s, M - 2s, ..., 1; s = M/20),
 against the mean of 20 random subsets of the same size. Prints, per run and criterion, the
 budgets where the ordered prefix does not beat random, and the mean and worst margin.
 
-    python scripts/anytime_criterion.py runs/a [runs/b ...]
+    python scripts/anytime_criterion.py runs/a [runs/b ...] [--halvings 1 2 3] [--criteria NAME ...]
 """
 
 from __future__ import annotations
@@ -69,9 +70,10 @@ def margins(order: list[int], logits: torch.Tensor, y: torch.Tensor, trials: int
     def accuracy(ids: list[int] | np.ndarray) -> float:
         return float((logits[:, list(ids)].mean(1).argmax(-1) == y).double().mean())
 
+    budgets = sorted({*range(m - step, 0, -step), 1}, reverse=True)  # the robustness grid's, one module included
     return [
         (b, accuracy(order[:b]) - float(np.mean([accuracy(rng.choice(m, b, replace=False)) for _ in range(trials)])))
-        for b in range(m - step, 0, -step)
+        for b in budgets
     ]
 
 
@@ -79,14 +81,17 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("runs", nargs="+", help="run directories written by `quorum train`")
     parser.add_argument("--criteria", nargs="*", help="only these criteria (default: all)")
+    parser.add_argument(
+        "--halvings", type=int, nargs="+", default=[1], help="seeds of the random halvings of each validation split"
+    )
     args = parser.parse_args()
     lost: dict[str, int] = {}
-    for run_dir in args.runs:
+    for run_dir, split in ((r, s) for r in args.runs for s in args.halvings):
         run = load_best(run_dir)
         cfg = run.config
         data = load_fashion_mnist(cfg.data_dir, val_size=cfg.val_size, subset=cfg.subset, seed=cfg.seed)
         logits, y = module_logits(run.model, data.val.x), data.val.y
-        perm = torch.from_numpy(np.random.default_rng(1).permutation(len(y)))
+        perm = torch.from_numpy(np.random.default_rng(split).permutation(len(y)))
         a, b = perm[: len(y) // 2], perm[len(y) // 2 :]
         m = logits.shape[1]
         criteria: dict[str, Callable[[torch.Tensor, torch.Tensor], list[int]]] = {
@@ -94,6 +99,9 @@ def main() -> None:
             "log-likelihood": partial(greedy_anytime_order, score="nll"),
             "accuracy": greedy_accuracy_order,
             "log-likelihood, backward from M/2": partial(backward_tail_order, keep=m // 2),
+            "match the full ensemble": partial(greedy_anytime_order, labelled=0),
+            "Brier to M/8, then match": partial(greedy_anytime_order, labelled=m // 8),
+            "Brier to M/4, then match": partial(greedy_anytime_order, labelled=m // 4),
         }
         for name, build in criteria.items():
             if args.criteria and name not in args.criteria:
@@ -103,7 +111,9 @@ def main() -> None:
             lost[name] = lost.get(name, 0) + len(losses)
             mean, worst = np.mean([d for _, d in result]), min(d for _, d in result)
             print(
-                f"{run_dir} {name}: loses at budgets {losses}; margin mean {mean:+.4f}, worst {worst:+.4f}", flush=True
+                f"{run_dir} (halving {split}) {name}: loses at budgets {losses}; margin mean {mean:+.4f}, "
+                f"worst {worst:+.4f}",
+                flush=True,
             )
     print("budgets lost over all runs:", ", ".join(f"{name} {n}" for name, n in lost.items()))
 

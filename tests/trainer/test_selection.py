@@ -84,6 +84,38 @@ def test_brier_score_of_the_prefix_matches_its_definition():
         greedy_anytime_order(logits, y, score="accuracy")
 
 
+def test_steps_after_the_labelled_ones_match_the_whole_ensemble():
+    # modules 0 and 1 lean to the true class, module 2 to one wrong class, module 3 says nothing.
+    # Against the labels the order is 0, 1, 3, 2. After one labelled step every step brings the
+    # prefix's probabilities closest to those of all four, which are far less sure than module 0:
+    # module 2 comes second, to soften it (0, 2, 1, 3), and the labels no longer matter.
+    logits, y = _noise(7)
+    logits = logits[:, :4].copy()
+    logits[np.arange(N), 0, y] += 3.0
+    logits[np.arange(N), 1, y] += 2.0
+    logits[np.arange(N), 2, (y + 1) % K] += 3.0
+    logits[:, 3] = 0.0
+    by_labels = greedy_anytime_order(logits, y)
+    assert by_labels[0] == 0
+    assert greedy_anytime_order(logits, y, labelled=M) == by_labels  # more labelled steps than modules
+    matched = greedy_anytime_order(logits, y, labelled=1)
+    assert matched[0] == by_labels[0] and matched[1:] != by_labels[1:]
+    lt = torch.from_numpy(logits)
+    p_all = torch.softmax(lt.mean(1), -1)
+    total = lt[:, matched[0]].clone()
+    for t, j in enumerate(matched[1:], start=2):  # each later step: the closest prefix, no label used
+        rest = [r for r in range(4) if r not in matched[: t - 1]]
+        dist = [float(((torch.softmax((total + lt[:, r]) / t, -1) - p_all) ** 2).sum(-1).mean()) for r in rest]
+        assert j == rest[int(np.argmin(dist))]
+        total += lt[:, j]
+    shuffled = np.random.default_rng(0).permutation(y)
+    assert greedy_anytime_order(logits, shuffled, labelled=0) == greedy_anytime_order(logits, y, labelled=0)
+    with pytest.raises(ValueError, match="labelled"):
+        greedy_anytime_order(logits, y, labelled=-1)
+    with pytest.raises(ValueError, match="labelled"):
+        greedy_anytime_order(logits, y.astype(np.float32)[:, None], family="gaussian", labelled=1)
+
+
 def test_f1_from_counts_and_one_vs_all():
     y = np.array([0, 0, 1, 1, 2, 2])
     pred = np.array([0, 1, 1, 1, 0, 2])
