@@ -13,6 +13,7 @@ budgets where the ordered prefix does not beat random, and the mean and worst ma
 from __future__ import annotations
 
 import argparse
+import math
 from collections.abc import Callable
 from functools import partial
 
@@ -22,7 +23,7 @@ import torch
 from quorum.trainer.data import load_fashion_mnist
 from quorum.trainer.evaluate import module_logits
 from quorum.trainer.run import load_best
-from quorum.trainer.selection import greedy_anytime_order
+from quorum.trainer.selection import LABELLED_SHARE, greedy_anytime_order
 
 
 @torch.no_grad()
@@ -101,7 +102,7 @@ def main() -> None:
             "log-likelihood, backward from M/2": partial(backward_tail_order, keep=m // 2),
             "match the full ensemble": partial(greedy_anytime_order, labelled=0),
             "Brier to M/8, then match": partial(greedy_anytime_order, labelled=m // 8),
-            "Brier to M/4, then match": partial(greedy_anytime_order, labelled=m // 4),
+            "Brier to M/4, then match": partial(greedy_anytime_order, labelled=math.ceil(LABELLED_SHARE * m)),
         }
         for name, build in criteria.items():
             if args.criteria and name not in args.criteria:
