@@ -51,6 +51,7 @@ from quorum.trainer.models import Ensemble
 from quorum.trainer.run import LoadedRun, load_best
 from quorum.trainer.selection import (
     ANYTIME_CRITERION,
+    FORWARD_SHARE,
     LABELLED_SHARE,
     SPECIALIST_CRITERION,
     ensemble_f1,
@@ -92,8 +93,14 @@ def export_run(
     module_errors = val.module_errors.tolist()
     # Both selections use the validation split, so the bundle's test metrics stay unbiased.
     t0 = time.perf_counter()
-    labelled = math.ceil(LABELLED_SHARE * cfg.modules) if family == "categorical" else None
-    order = greedy_anytime_order(val_logits, data.val.y, progress=progress, family=family, labelled=labelled)
+    labelled, backward_above = (
+        (math.ceil(LABELLED_SHARE * cfg.modules), max(1, int(FORWARD_SHARE * cfg.modules)))
+        if family == "categorical"
+        else (None, None)
+    )
+    order = greedy_anytime_order(
+        val_logits, data.val.y, progress=progress, family=family, labelled=labelled, backward_above=backward_above
+    )
     specialists = (
         []
         if family != "categorical"

@@ -1,6 +1,7 @@
 """Which greedy criterion makes the better anytime order: the Brier score, the log-likelihood or
-accuracy, with forward selection throughout; backward elimination for the larger budgets; or
-the whole ensemble's probabilities as the target, at every step or after the first M/8 or M/4?
+accuracy, with forward selection throughout; backward elimination on the log-likelihood for the
+larger budgets; or the whole ensemble's probabilities as the target, at every step or after the
+first M/8 or M/4, forwards throughout or backwards from all M down to M/2?
 
 Decided without the test set: each order is built on one half of a run's validation split and
 scored on the other half, at every budget of the robustness grid (M - s, M - 2s, ..., 1; s = M/20),
@@ -23,7 +24,7 @@ import torch
 from quorum.trainer.data import load_fashion_mnist
 from quorum.trainer.evaluate import module_logits
 from quorum.trainer.run import load_best
-from quorum.trainer.selection import LABELLED_SHARE, greedy_anytime_order
+from quorum.trainer.selection import FORWARD_SHARE, LABELLED_SHARE, greedy_anytime_order
 
 
 @torch.no_grad()
@@ -103,6 +104,9 @@ def main() -> None:
             "match the full ensemble": partial(greedy_anytime_order, labelled=0),
             "Brier to M/8, then match": partial(greedy_anytime_order, labelled=m // 8),
             "Brier to M/4, then match": partial(greedy_anytime_order, labelled=math.ceil(LABELLED_SHARE * m)),
+            "Brier to M/4, match to M/2, then backward": partial(
+                greedy_anytime_order, labelled=math.ceil(LABELLED_SHARE * m), backward_above=int(FORWARD_SHARE * m)
+            ),
         }
         for name, build in criteria.items():
             if args.criteria and name not in args.criteria:

@@ -28,7 +28,8 @@ def test_manifest_describes_every_module(bundle_dir: Path, run_dir: Path):
         assert hashlib.sha256(data).hexdigest() == entry.sha256
         assert entry.params == 784 * 4 + 4 + 4 * 10 + 10 and entry.flops == 2 * (784 * 4 + 4 * 10)
         assert 0 <= entry.parity <= 1e-4
-    assert sorted(m.anytime_order) == list(range(40)) and "Brier score" in m.anytime_criterion
+    assert sorted(m.anytime_order) == list(range(40))
+    assert "Brier score" in m.anytime_criterion and "backward elimination" in m.anytime_criterion
     # one specialist per class: k = 20 distinct modules chosen for F1 on the validation split, so
     # there they beat random 20-subsets of the same modules
     assert [s.class_index for s in m.specialists] == list(range(10))

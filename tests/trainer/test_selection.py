@@ -116,6 +116,34 @@ def test_steps_after_the_labelled_ones_match_the_whole_ensemble():
         greedy_anytime_order(logits, y.astype(np.float32)[:, None], family="gaussian", labelled=1)
 
 
+def test_backward_tail_leaves_out_what_the_whole_ensemble_needs_least():
+    # module 7 is strong and comes first. Module 11 is the mean of the other eleven: all twelve
+    # together say exactly what the other eleven say, so backward elimination removes it first
+    # and it goes last.
+    logits, y = _noise(8)
+    logits[np.arange(N), 7, y] += 4.0
+    logits[:, 11] = logits[:, :11].mean(axis=1)
+    lt = torch.from_numpy(logits)
+    forward = greedy_anytime_order(logits, y, labelled=1)
+    order = greedy_anytime_order(logits, y, labelled=1, backward_above=1)
+    assert sorted(order) == list(range(M))
+    assert order[0] == forward[0] == 7  # the head is the forward order's
+    assert order[-1] == 11
+    p_all = torch.softmax(lt.mean(1), -1)
+    total = lt.sum(1)
+    for size in range(M, 1, -1):  # each tail step: the removal that moves the whole least
+        j, rest = order[size - 1], order[1:size]
+        dist = [float(((torch.softmax((total - lt[:, r]) / (size - 1), -1) - p_all) ** 2).sum(-1).mean()) for r in rest]
+        assert j == rest[int(np.argmin(dist))]
+        total -= lt[:, j]
+    assert greedy_anytime_order(logits, y, labelled=1, backward_above=6)[:6] == forward[:6]
+    assert greedy_anytime_order(logits, y, labelled=1, backward_above=M) == forward
+    with pytest.raises(ValueError, match="backward_above"):
+        greedy_anytime_order(logits, y, backward_above=0)
+    with pytest.raises(ValueError, match="backward_above"):
+        greedy_anytime_order(logits, y.astype(np.float32)[:, None], family="gaussian", backward_above=1)
+
+
 def test_f1_from_counts_and_one_vs_all():
     y = np.array([0, 0, 1, 1, 2, 2])
     pred = np.array([0, 1, 1, 1, 0, 2])
