@@ -2,10 +2,11 @@
 removed is as accurate as λ = 1 with 50 % removed", measured over several independently trained
 bundles of each λ rather than one.
 
-Reads a robustness.json, keeps the bundles whose names match --match, groups them by λ and
-prints, per λ, the mean ± standard error over bundles (trials) of the random-removal accuracy at
-the two removal shares compared, the difference of the two with its standard error, the same
-per trial where bundle names pair up (names equal once their leading "lam<λ>" is dropped), and
+Reads one or more robustness.json (a bundle name met again in a later file is skipped), keeps
+the bundles whose names match --match, groups them by λ and prints, per λ, the mean ± standard
+error over bundles (trials) of the random-removal accuracy at the two removal shares compared,
+the difference of the two with its standard error, the same per trial where the two λ share a
+seed (the name's "seedN", seed 0 where it has none: the same split and initial weights), and
 for each bundle the budgets where the anytime order does not beat the random mean. Writes a PNG:
 mean ± standard error over trials against the share of modules removed, random and ordered.
 
@@ -39,7 +40,7 @@ def _mean_se(values: list[float]) -> tuple[float, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("report", help="robustness.json written by `quorum robustness`")
+    parser.add_argument("reports", nargs="+", help="robustness.json files written by `quorum robustness`")
     parser.add_argument("--match", default="", help="regular expression the bundle names must contain")
     parser.add_argument(
         "--compare",
@@ -51,13 +52,18 @@ def main() -> None:
     parser.add_argument("--out", help="PNG to write (default: none)")
     args = parser.parse_args()
 
-    with open(args.report) as f:
-        bundles = [b for b in json.load(f)["bundles"] if re.search(args.match, b["name"])]
+    bundles: list[dict[str, Any]] = []
+    for path in args.reports:
+        with open(path) as f:
+            seen = {b["name"] for b in bundles}
+            bundles += [
+                b for b in json.load(f)["bundles"] if re.search(args.match, b["name"]) and b["name"] not in seen
+            ]
     groups: dict[float, list[dict[str, Any]]] = defaultdict(list)
     for b in bundles:
         groups[b["lam"]].append(b)
     if not groups:
-        raise SystemExit(f"no bundle in {args.report} matches {args.match!r}")
+        raise SystemExit(f"no bundle in {', '.join(args.reports)} matches {args.match!r}")
 
     (lam_a, share_a), (lam_b, share_b) = ((float(x) for x in c.split(":")) for c in args.compare)
     for lam in (lam_a, lam_b):
@@ -72,7 +78,8 @@ def main() -> None:
     print(f"difference: {ma - mb:+.4f} ± {math.hypot(sa, sb):.4f} (standard error, trials independent)")
 
     def key(name: str) -> str:
-        return re.sub(r"^lam[0-9.]+", "", name)
+        found = re.search(r"seed(\d+)", name)
+        return f"seed {found.group(1) if found else 0}"
 
     by_key = {key(x["name"]): x for x in groups[lam_b]}
     pairs = [(x, by_key[key(x["name"])]) for x in groups[lam_a] if key(x["name"]) in by_key]
@@ -80,8 +87,8 @@ def main() -> None:
         diffs = [_at(x, share_a) - _at(y, share_b) for x, y in pairs]
         md, sd = _mean_se(diffs)
         wins = sum(d > 0 for d in diffs)
-        each = ", ".join(f"{key(x['name']) or x['name']} {d:+.4f}" for (x, _), d in zip(pairs, diffs, strict=True))
-        print(f"paired by name: {md:+.4f} ± {sd:.4f}; λ = {lam_a:g} ahead in {wins} of {len(pairs)} pairs: {each}")
+        each = ", ".join(f"{key(x['name'])} {d:+.4f}" for (x, _), d in zip(pairs, diffs, strict=True))
+        print(f"paired by seed: {md:+.4f} ± {sd:.4f}; λ = {lam_a:g} ahead in {wins} of {len(pairs)} pairs: {each}")
     for x in bundles:
         lost = [p["modules"] for p in x["curve"] if p["removed"] > 0 and p["ordered"] <= p["mean"]]
         worst = min(p["ordered"] - p["mean"] for p in x["curve"] if p["removed"] > 0)

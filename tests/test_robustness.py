@@ -183,27 +183,29 @@ def test_runs_and_imports_without_torch(bundle_dir: Path, tmp_path: Path):
 
 
 def test_trials_script_pools_bundles_by_lam(report: tuple[Path, dict], tmp_path: Path):
-    # four copies of the real report's bundle as two trials each of λ = 0.99 and λ = 1, with the
-    # accuracies at 90 % (36 of 40) and 50 % (20) removed set so that the pooled numbers are known
+    # four copies of the real report's bundle as two trials (seeds) each of λ = 0.99 and λ = 1, with
+    # the accuracies at 90 % (36 of 40) and 50 % (20) removed set so that the pooled numbers are
+    # known; a name without a seed is seed 0, and a name met again in a second file is skipped
     _, doc = report
     (b,) = doc["bundles"]
     bundles = []
     for name, lam, at_90, at_50 in (
-        ("lam0.99-s0", 0.99, 0.80, 0.0),
-        ("lam0.99-s1", 0.99, 0.84, 0.0),
-        ("lam1-s0", 1.0, 0.0, 0.83),
-        ("lam1-s1", 1.0, 0.0, 0.85),
+        ("lam0.99-seed0", 0.99, 0.80, 0.0),
+        ("lam0.99-seed1", 0.99, 0.84, 0.0),
+        ("lam1", 1.0, 0.0, 0.83),
+        ("lam1-seed1", 1.0, 0.0, 0.85),
     ):
         copy = json.loads(json.dumps(b))
         copy.update(name=name, lam=lam)
         for p in copy["summary"]:
             p["mean"] = {36: at_90, 20: at_50}.get(p["removed"], p["mean"])
         bundles.append(copy)
-    src = tmp_path / "robustness.json"
+    src, again = tmp_path / "robustness.json", tmp_path / "again.json"
     src.write_text(json.dumps({**doc, "bundles": bundles}))
+    again.write_text(json.dumps({**doc, "bundles": bundles[:1]}))
     png = tmp_path / "trials.png"
     out = subprocess.run(
-        [sys.executable, "scripts/robustness_trials.py", str(src), "--out", str(png)],
+        [sys.executable, "scripts/robustness_trials.py", str(src), str(again), "--out", str(png)],
         cwd=Path(__file__).resolve().parents[1],
         capture_output=True,
         text=True,
@@ -213,5 +215,5 @@ def test_trials_script_pools_bundles_by_lam(report: tuple[Path, dict], tmp_path:
     assert "λ = 0.99, 90% removed at random: 0.8200 ± 0.0200 over 2 trials (0.8000, 0.8400)" in out.stdout
     assert "λ = 1, 50% removed at random: 0.8400 ± 0.0100 over 2 trials" in out.stdout
     assert "difference: -0.0200 ± 0.0224" in out.stdout
-    assert "λ = 0.99 ahead in 0 of 2 pairs: -s0 -0.0300, -s1 -0.0100" in out.stdout
+    assert "λ = 0.99 ahead in 0 of 2 pairs: seed 0 -0.0300, seed 1 -0.0100" in out.stdout
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
