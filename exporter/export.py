@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
-import math
 import shutil
 import tempfile
 import time
@@ -51,9 +50,8 @@ from quorum.trainer.models import Ensemble
 from quorum.trainer.run import LoadedRun, load_best
 from quorum.trainer.selection import (
     ANYTIME_CRITERION,
-    FORWARD_SHARE,
-    LABELLED_SHARE,
     SPECIALIST_CRITERION,
+    classifier_order_steps,
     ensemble_f1,
     greedy_anytime_order,
     random_subsets_f1,
@@ -93,11 +91,7 @@ def export_run(
     module_errors = val.module_errors.tolist()
     # Both selections use the validation split, so the bundle's test metrics stay unbiased.
     t0 = time.perf_counter()
-    labelled, backward_above = (
-        (math.ceil(LABELLED_SHARE * cfg.modules), max(1, int(FORWARD_SHARE * cfg.modules)))
-        if family == "categorical"
-        else (None, None)
-    )
+    labelled, backward_above = classifier_order_steps(cfg.modules) if family == "categorical" else (None, None)
     order = greedy_anytime_order(
         val_logits, data.val.y, progress=progress, family=family, labelled=labelled, backward_above=backward_above
     )

@@ -14,7 +14,6 @@ budgets where the ordered prefix does not beat random, and the mean and worst ma
 from __future__ import annotations
 
 import argparse
-import math
 from collections.abc import Callable
 from functools import partial
 
@@ -24,7 +23,7 @@ import torch
 from quorum.trainer.data import load_fashion_mnist
 from quorum.trainer.evaluate import module_logits
 from quorum.trainer.run import load_best
-from quorum.trainer.selection import FORWARD_SHARE, LABELLED_SHARE, greedy_anytime_order
+from quorum.trainer.selection import classifier_order_steps, greedy_anytime_order
 
 
 @torch.no_grad()
@@ -96,6 +95,7 @@ def main() -> None:
         perm = torch.from_numpy(np.random.default_rng(split).permutation(len(y)))
         a, b = perm[: len(y) // 2], perm[len(y) // 2 :]
         m = logits.shape[1]
+        labelled, backward_above = classifier_order_steps(m)
         criteria: dict[str, Callable[[torch.Tensor, torch.Tensor], list[int]]] = {
             "Brier score": greedy_anytime_order,
             "log-likelihood": partial(greedy_anytime_order, score="nll"),
@@ -103,9 +103,9 @@ def main() -> None:
             "log-likelihood, backward from M/2": partial(backward_tail_order, keep=m // 2),
             "match the full ensemble": partial(greedy_anytime_order, labelled=0),
             "Brier to M/8, then match": partial(greedy_anytime_order, labelled=m // 8),
-            "Brier to M/4, then match": partial(greedy_anytime_order, labelled=math.ceil(LABELLED_SHARE * m)),
+            "Brier to M/4, then match": partial(greedy_anytime_order, labelled=labelled),
             "Brier to M/4, match to M/2, then backward": partial(
-                greedy_anytime_order, labelled=math.ceil(LABELLED_SHARE * m), backward_above=int(FORWARD_SHARE * m)
+                greedy_anytime_order, labelled=labelled, backward_above=backward_above
             ),
         }
         for name, build in criteria.items():

@@ -34,6 +34,7 @@ The sub-ensemble of a set S predicts softmax(mean_{j in S} logits_j), as the run
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -48,6 +49,7 @@ __all__ = [
     "SPECIALIST_CRITERION",
     "Specialist",
     "best_of_random_specialist",
+    "classifier_order_steps",
     "ensemble_f1",
     "f1_score",
     "greedy_anytime_order",
@@ -66,6 +68,13 @@ ANYTIME_CRITERION = (
 )
 LABELLED_SHARE = 0.25  # of the steps of a classifier's anytime order scored against the labels
 FORWARD_SHARE = 0.5  # of a classifier's anytime order chosen forwards; the rest by backward elimination
+
+
+def classifier_order_steps(m: int) -> tuple[int, int]:
+    """`greedy_anytime_order`'s (`labelled`, `backward_above`) for a classifier of m modules, as exported."""
+    return math.ceil(LABELLED_SHARE * m), max(1, int(FORWARD_SHARE * m))
+
+
 ANYTIME_SCORES = ("brier", "nll")
 SPECIALIST_CRITERION = (
     "one-vs-all F1 (positive = argmax is the class) on the validation split: greedy forward selection, "
