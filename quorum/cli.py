@@ -217,7 +217,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="accuracy as modules are removed at random, anytime order vs random subsets; a CI gate",
         description="Webb et al.'s Fig. 4 for one or more bundles: test accuracy with 0, s, 2s, ... M-1 modules "
         "removed at random (--trials subsets per point), and the anytime order's prefix against random subsets "
-        "of the same size. Writes robustness.json and robustness.png to --out and prints a table. Needs no torch "
+        "of the same size, with the 95 % interval of its margin (paired by image). Writes robustness.json and "
+        "robustness.png to --out and prints a table. Needs no torch "
         "(pip install 'quorum[report]'). With --require, exits 1 when a requirement fails.",
         epilog="Example: quorum robustness bundles/lam0 bundles/lam099 bundles/lam1 --out reports/robustness "
         '--require "drop=0.5:acc>=0.85" --require "drop=0.9:min_acc>=0.7"',

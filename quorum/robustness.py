@@ -31,6 +31,7 @@ from quorum.runtime.errors import BundleError, InvalidRequest
 from quorum.runtime.plan import drop_count
 
 __all__ = [
+    "MARGIN_Z",
     "REQUIRE_SYNTAX",
     "BundleReport",
     "Check",
@@ -40,6 +41,7 @@ __all__ = [
     "SubsetScorer",
     "bundle_module_logits",
     "evaluate",
+    "paired_margin",
     "removal_grid",
     "run_robustness",
 ]
@@ -58,6 +60,7 @@ _OPS: dict[str, Callable[[float, float], bool]] = {
     "<=": operator.le,
     "<": operator.lt,
 }
+MARGIN_Z = 1.96  # two-sided 95 % normal interval of the ordered prefix's margin over the random mean
 _CHUNK = 16  # modules per Engine.module_logits call: one progress step, one preprocessing of the images
 
 
@@ -146,6 +149,12 @@ class Point:
     max: float  # best trial
     ordered: float  # accuracy of the first `modules` healthy modules of the anytime order
     beats: float  # fraction of the random subsets that the ordered prefix beats (strictly)
+    margin_se: float  # standard error of ordered - mean over the images, paired by image (paired_margin)
+
+    @property
+    def resolvably_worse(self) -> bool:
+        """The ordered prefix is below the random mean by more than the 95 % interval of the margin."""
+        return self.ordered - self.mean + MARGIN_Z * self.margin_se < 0
 
 
 @dataclass(frozen=True)
@@ -171,6 +180,7 @@ class BundleReport:
     curve: list[Point]  # the grid: removed = 0, step, 2*step, ..., M - 1
     summary: list[Point]  # removed = 0, 50 %, 90 %, M - 1 (the printed table)
     ordered_beats_random: bool  # the anytime prefix beats the random mean at every budget < M
+    ordered_worse_at: list[int]  # budgets of the grid where it is resolvably worse (Point.resolvably_worse)
     checks: list[Check] = field(default_factory=list)
 
 
@@ -199,26 +209,52 @@ class SubsetScorer:
         self._by_module = np.ascontiguousarray(logits.transpose(1, 0, 2), dtype=np.float32).reshape(m, n * k)
         self._labels = np.asarray(labels)
 
-    def accuracy(self, subsets: Sequence[Sequence[int] | np.ndarray]) -> np.ndarray:
-        """Accuracy (T,) of each subset of module columns: argmax of the mean of its members' logits."""
+    def correct(self, subsets: Sequence[Sequence[int] | np.ndarray]) -> np.ndarray:
+        """(T, N): whether each subset of module columns classifies each image right, by the argmax of
+        the mean of its members' logits."""
         weights = np.zeros((len(subsets), self.num_modules), np.float32)  # (T, M)
         for row, cols in zip(weights, subsets, strict=True):
             row[np.asarray(cols)] = 1.0 / len(cols)
         scores = weights @ self._by_module  # (T, N*K): mean logits of each subset
         labels = scores.reshape(len(subsets), *self._shape).argmax(axis=2)  # (T, N)
-        out: np.ndarray = (labels == self._labels).mean(axis=1)
+        out: np.ndarray = labels == self._labels
         return out
 
-    def random_removal(self, removed: int, trials: int, seed: int) -> np.ndarray:
-        """Accuracy (trials,) of random subsets with `removed` modules left out, seeded by (seed, removed)."""
+    def accuracy(self, subsets: Sequence[Sequence[int] | np.ndarray]) -> np.ndarray:
+        """Accuracy (T,) of each subset of module columns."""
+        out: np.ndarray = self.correct(subsets).mean(axis=1)
+        return out
+
+    def random_subsets(self, removed: int, trials: int, seed: int) -> list[np.ndarray]:
+        """`trials` random subsets of module columns with `removed` modules left out, seeded by (seed, removed)."""
         m = self.num_modules
         if not 0 <= removed < m:
             raise InvalidRequest(f"can remove 0..{m - 1} of {m} modules, not {removed}")
         if removed == 0:  # every trial is the whole ensemble
-            return np.repeat(self.accuracy([np.arange(m)]), trials)
+            return [np.arange(m)] * trials
         rng = np.random.default_rng([seed, removed])
-        keep = np.argsort(rng.random((trials, m)), axis=1)[:, : m - removed]  # (T, M - removed)
-        return self.accuracy(list(keep))
+        return list(np.argsort(rng.random((trials, m)), axis=1)[:, : m - removed])  # T of (M - removed,)
+
+    def random_removal(self, removed: int, trials: int, seed: int) -> np.ndarray:
+        """Accuracy (trials,) of random subsets with `removed` modules left out, seeded by (seed, removed)."""
+        return self.accuracy(self.random_subsets(removed, trials, seed))
+
+
+def paired_margin(ordered: np.ndarray, random: np.ndarray) -> tuple[float, float]:
+    """Accuracy of one subset minus the mean accuracy of others on the same images, and its standard error.
+
+    Args:
+        ordered: (N,) whether the one subset (the anytime prefix) classifies each image right.
+        random: (T, N) the same for each of T other subsets (random ones of the same size).
+
+    The standard error treats the N images as a sample from the data the bundle will see: per image the
+    difference d_i = ordered_i - mean_t random_ti, and SE = std(d, ddof=1) / sqrt(N). Pairing by image
+    removes what the images share (most are right for every subset), so it resolves margins of a few
+    images that unpaired intervals of two accuracies would not.
+    """
+    d = ordered.astype(np.float64) - random.mean(axis=0)
+    se = float(d.std(ddof=1) / np.sqrt(len(d))) if len(d) > 1 else float("nan")
+    return float(d.mean()), se
 
 
 def bundle_module_logits(engine: Engine, x_raw: np.ndarray, ids: list[int], progress: bool) -> np.ndarray:
@@ -270,12 +306,14 @@ def evaluate(
     column = {j: c for c, j in enumerate(ids)}
     order = [column[j] for j in engine.manifest.anytime_order if j in column]  # healthy ids only
     wanted = sorted(set(grid) | set(summary_at) | {r for _, r in checks_at})
-    ordered = dict(zip(wanted, scorer.accuracy([order[: m - r] for r in wanted]), strict=True))
+    ordered = dict(zip(wanted, scorer.correct([order[: m - r] for r in wanted]), strict=True))  # r -> (N,)
     trials: dict[int, np.ndarray] = {}
     points: dict[int, Point] = {}
     for r in tqdm(wanted, unit="point", desc=f"{engine.manifest.name}: random removal", disable=not progress):
-        acc = trials[r] = scorer.random_removal(r, cfg.trials, cfg.seed)
-        o = float(ordered[r])
+        right = scorer.correct(scorer.random_subsets(r, cfg.trials, cfg.seed))  # (T, N)
+        acc = trials[r] = right.mean(axis=1)
+        o = float(ordered[r].mean())
+        _, margin_se = paired_margin(ordered[r], right)
         points[r] = Point(
             removed=r,
             modules=m - r,
@@ -285,6 +323,7 @@ def evaluate(
             max=float(acc.max()),
             ordered=o,
             beats=float((o > acc).mean()),
+            margin_se=margin_se,
         )
     checks = []
     for req, r in checks_at:
@@ -304,6 +343,7 @@ def evaluate(
         curve=[points[r] for r in grid],
         summary=[points[r] for r in summary_at],
         ordered_beats_random=all(points[r].ordered > points[r].mean for r in grid if r > 0),
+        ordered_worse_at=[points[r].modules for r in grid if r > 0 and points[r].resolvably_worse],
         checks=checks,
     )
 

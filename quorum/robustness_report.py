@@ -19,48 +19,84 @@ def _labels(reports: Sequence[BundleReport]) -> list[str]:
 
 
 def plot_reports(reports: Sequence[BundleReport], path: str | os.PathLike[str], split: str = "test") -> None:
-    """(a) accuracy against modules removed at random; (b) anytime prefix against random subsets by budget."""
+    """(a) accuracy against modules removed at random; (b) anytime prefix against random subsets by budget;
+    (c) the prefix's margin over the random mean by budget, with its 95 % interval paired by image.
+
+    One legend below the panels names the bundles by colour; line styles are explained in (b)."""
     import matplotlib
 
     matplotlib.use("Agg")  # files only, no display
     import matplotlib.pyplot as plt
-    from matplotlib.ticker import StrMethodFormatter
+    from matplotlib.lines import Line2D
+    from matplotlib.patches import Patch
+    from matplotlib.ticker import FixedLocator, StrMethodFormatter
 
-    fig, (ax_a, ax_b) = plt.subplots(1, 2, figsize=(12, 4.6), constrained_layout=True)
+    from quorum.robustness import MARGIN_Z  # imported here: quorum.robustness imports this module
+
+    fig, (ax_a, ax_b, ax_c) = plt.subplots(1, 3, figsize=(18, 5), constrained_layout=True)
+    handles = []
     for i, (report, label) in enumerate(zip(reports, _labels(reports), strict=True)):
         color = f"C{i % 10}"
         removed = [p.removed for p in report.curve]
         budget = [p.modules for p in report.curve]
         mean, lo, hi = ([getattr(p, k) for p in report.curve] for k in ("mean", "min", "max"))
-        name = f"{label} (λ={report.lam:g}, M={report.modules})"
-        ax_a.plot(removed, mean, color=color, marker=".", label=name)
+        handles.append(Line2D([], [], color=color, marker=".", label=f"{label} (λ={report.lam:g}, M={report.modules})"))
+        ax_a.plot(removed, mean, color=color, marker=".")
         ax_a.fill_between(removed, lo, hi, color=color, alpha=0.2, linewidth=0)
-        ax_b.plot(budget, [p.ordered for p in report.curve], color=color, marker=".", label=f"{name}: anytime order")
-        ax_b.plot(budget, mean, color=color, linestyle="--", label=f"{name}: random, mean")
+        ax_b.plot(budget, [p.ordered for p in report.curve], color=color, marker=".")
+        ax_b.plot(budget, mean, color=color, linestyle="--")
         ax_b.fill_between(budget, lo, hi, color=color, alpha=0.15, linewidth=0)
+        inner = [p for p in report.curve if p.removed > 0]  # the whole ensemble has no margin
+        ax_c.errorbar(
+            [p.modules for p in inner],
+            [100 * (p.ordered - p.mean) for p in inner],
+            yerr=[100 * MARGIN_Z * p.margin_se for p in inner],
+            color=color,
+            marker=".",
+            capsize=2,
+        )
     ylabel = f"{split} accuracy"
     ax_a.set(xlabel="modules removed at random", ylabel=ylabel, title="(a) removal: mean and min–max over trials")
     ax_b.set(xscale="log", xlabel="modules evaluated (budget)", ylabel=ylabel)
-    ax_b.xaxis.set_major_formatter(StrMethodFormatter("{x:g}"))  # 1, 10, 100 rather than 10^0, 10^1, 10^2
     ax_b.set_title("(b) anytime-order prefix vs random subsets")
-    for ax in (ax_a, ax_b):
+    ax_b.legend(
+        handles=[
+            Line2D([], [], color="gray", marker=".", label="anytime-order prefix"),
+            Line2D([], [], color="gray", linestyle="--", label="random subsets, mean"),
+            Patch(color="gray", alpha=0.3, label="random subsets, min–max"),
+        ],
+        fontsize="small",
+    )
+    ax_c.axhline(0, color="black", linewidth=0.8)
+    # symlog: margins of tens of points at one module and of a few images near M on one axis
+    ax_c.set(xscale="log", xlabel="modules evaluated (budget)", ylabel="ordered − random mean (accuracy points)")
+    ax_c.set_yscale("symlog", linthresh=0.5, linscale=1.5)
+    ax_c.yaxis.set_major_locator(FixedLocator([-2, -1, -0.5, 0, 0.5, 1, 2, 5, 10, 20, 50]))
+    ax_c.yaxis.set_major_formatter(StrMethodFormatter("{x:g}"))
+    ax_c.set_title(f"(c) order − random mean, ±{MARGIN_Z:g} SE paired by image")
+    for ax in (ax_b, ax_c):
+        ax.xaxis.set_major_formatter(StrMethodFormatter("{x:g}"))  # 1, 10, 100 rather than 10^0, 10^1, 10^2
+    for ax in (ax_a, ax_b, ax_c):
         ax.grid(alpha=0.3)
-        ax.legend(fontsize="small")
+    fig.legend(handles=handles, loc="outside lower center", ncols=min(4, len(handles)), fontsize="small")
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
 
 def format_table(reports: Sequence[BundleReport]) -> str:
     """A few rows per bundle (removed 0, 50 %, 90 %, M - 1) and the anytime verdict."""
+    from quorum.robustness import MARGIN_Z  # imported here: quorum.robustness imports this module
+
     labels = _labels(reports)
     width = max(6, *map(len, labels))
     head = f"{'bundle':<{width}}  {'λ':>5}  {'removed':>7}  {'left':>4}  {'random mean ± std':>17}  "
-    lines = [head + f"{'min':>6}  {'max':>6}  {'ordered':>7}"]
+    lines = [head + f"{'min':>6}  {'max':>6}  {'ordered':>7}  {'margin ± 95 %':>16}"]
     for report, label in zip(reports, labels, strict=True):
         for p in report.summary:
             lines.append(
                 f"{label:<{width}}  {report.lam:>5g}  {p.removed:>7}  {p.modules:>4}  "
-                f"{p.mean:>8.4f} ± {p.std:<6.4f}  {p.min:>6.4f}  {p.max:>6.4f}  {p.ordered:>7.4f}"
+                f"{p.mean:>8.4f} ± {p.std:<6.4f}  {p.min:>6.4f}  {p.max:>6.4f}  {p.ordered:>7.4f}  "
+                + (f"{p.ordered - p.mean:>+7.4f} ± {MARGIN_Z * p.margin_se:<6.4f}" if p.removed else f"{'—':>16}")
             )
         losses = [p for p in report.curve if p.removed > 0 and p.ordered <= p.mean]
         budgets = ", ".join(str(p.modules) for p in losses)
@@ -70,6 +106,9 @@ def format_table(reports: Sequence[BundleReport]) -> str:
             else f"no: it loses at {len(losses)} of {len(report.curve) - 1} budgets ({budgets})"
         )
         lines.append(f"{label}: anytime order beats the random mean at every budget < {report.modules}: {verdict}")
+        if not report.ordered_beats_random:
+            worse = ", ".join(map(str, report.ordered_worse_at)) or "none"
+            lines.append(f"{label}: budgets where it is worse by more than the 95 % interval: {worse}")
     return "\n".join(lines)
 
 

@@ -92,7 +92,10 @@ def main() -> None:
     for x in bundles:
         lost = [p["modules"] for p in x["curve"] if p["removed"] > 0 and p["ordered"] <= p["mean"]]
         worst = min(p["ordered"] - p["mean"] for p in x["curve"] if p["removed"] > 0)
-        print(f"{x['name']}: the anytime order loses to random at budgets {lost or 'none'}; worst margin {worst:+.4f}")
+        line = f"{x['name']}: the anytime order loses to random at budgets {lost or 'none'}; worst margin {worst:+.4f}"
+        if "ordered_worse_at" in x:  # reports since the margin's standard error was added
+            line += f"; worse by more than the 95 % interval at {x['ordered_worse_at'] or 'none'}"
+        print(line)
 
     if args.out:
         import matplotlib

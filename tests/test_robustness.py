@@ -11,7 +11,15 @@ import numpy as np
 import pytest
 
 from quorum.cli import main
-from quorum.robustness import Requirement, RobustnessConfig, SubsetScorer, evaluate, removal_grid
+from quorum.robustness import (
+    MARGIN_Z,
+    Requirement,
+    RobustnessConfig,
+    SubsetScorer,
+    evaluate,
+    paired_margin,
+    removal_grid,
+)
 from quorum.runtime.engine import Engine
 from quorum.runtime.errors import InvalidRequest
 
@@ -76,6 +84,22 @@ def test_anytime_order_is_compared_with_random_subsets(report: tuple[Path, dict]
     assert all(0 <= p["beats"] <= 1 for p in b["curve"])
     verdict = all(p["ordered"] > p["mean"] for p in b["curve"] if p["removed"] > 0)
     assert b["ordered_beats_random"] is verdict
+    assert b["curve"][0]["margin_se"] == 0  # the whole ensemble against itself
+    assert all(p["margin_se"] > 0 for p in b["curve"][1:])  # some image tells subsets of fewer modules apart
+    worse = [p["modules"] for p in b["curve"][1:] if p["ordered"] - p["mean"] + MARGIN_Z * p["margin_se"] < 0]
+    assert b["ordered_worse_at"] == worse
+
+
+def test_paired_margin_by_image():
+    # Four images; the one subset is right on 0, 1, 2; three others are right on 0 and on one of 1, 2, 3.
+    ordered = np.array([1, 1, 1, 0], bool)
+    random = np.array([[1, 1, 0, 0], [1, 0, 1, 0], [1, 0, 0, 1]], bool)
+    margin, se = paired_margin(ordered, random)
+    d = np.array([0, 2 / 3, 2 / 3, -1 / 3])  # per image: ordered - mean over the three
+    assert margin == pytest.approx(0.75 - 0.5)
+    assert se == pytest.approx(d.std(ddof=1) / 2)
+    # subsets that agree on every image: no margin, and nothing to be uncertain about
+    assert paired_margin(ordered, ordered[None].repeat(3, 0)) == (0.0, 0.0)
 
 
 def test_table_has_a_few_rows_per_bundle(bundle_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]):
@@ -84,6 +108,15 @@ def test_table_has_a_few_rows_per_bundle(bundle_dir: Path, tmp_path: Path, capsy
     rows = [line.split() for line in out.splitlines() if line.startswith("small ")]
     assert [int(r[2]) for r in rows] == [0, 20, 36, 39]
     assert "anytime order beats the random mean at every budget < 40" in out
+    doc = json.loads((tmp_path / "robustness.json").read_text())
+    (b,) = doc["bundles"]
+    half = next(p for p in b["curve"] if p["removed"] == 20)
+    half_row = next(r for r in rows if r[2] == "20")
+    # the last two columns: margin ± its 95 % half-width
+    assert half_row[-3:] == [f"{half['ordered'] - half['mean']:+.4f}", "±", f"{MARGIN_Z * half['margin_se']:.4f}"]
+    if not b["ordered_beats_random"]:
+        worse = ", ".join(map(str, b["ordered_worse_at"])) or "none"
+        assert f"budgets where it is worse by more than the 95 % interval: {worse}" in out
 
 
 def test_requirements_pass_and_fail(report: tuple[Path, dict], bundle_dir: Path, tmp_path: Path, capsys):
