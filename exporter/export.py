@@ -47,7 +47,7 @@ from quorum.runtime.manifest import (
 )
 from quorum.trainer.evaluate import evaluate_outputs, module_logits
 from quorum.trainer.models import Ensemble
-from quorum.trainer.run import LoadedRun, load_best
+from quorum.trainer.run import Checkpoint, LoadedRun, load_run
 from quorum.trainer.selection import (
     ANYTIME_CRITERION,
     SPECIALIST_CRITERION,
@@ -72,14 +72,16 @@ def export_run(
     *,
     data_dir: str | None = None,
     overwrite: bool = False,
+    checkpoint: Checkpoint = "best",
     parity_samples: int = 1000,
     progress: bool = True,
 ) -> Manifest:
-    """Export `run_dir`'s best epoch to the bundle folder `out_dir`; return its manifest."""
+    """Export one of `run_dir`'s checkpoints (best: the lowest validation error; last: the last epoch)
+    to the bundle folder `out_dir`; return its manifest."""
     run_dir, out_dir = Path(run_dir), Path(out_dir)
     if out_dir.exists() and not overwrite:
         raise ExportError(f"{out_dir} exists; pass --overwrite to replace it, or choose another --out")
-    run = load_best(run_dir)
+    run = load_run(run_dir, checkpoint)
     cfg, model = run.config, run.model
     data, _ = load_data(cfg, data_dir)
 
@@ -181,6 +183,8 @@ def export_run(
                 seed=cfg.seed,
                 epochs=run.epochs_done,
                 best_epoch=run.best_epoch,
+                checkpoint=run.checkpoint,
+                exported_epoch=run.epoch,
                 lr=cfg.learning_rate,
                 batch_size=cfg.batch_size,
                 command=cfg.command,

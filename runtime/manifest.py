@@ -51,8 +51,8 @@ __all__ = [
 ]
 
 FORMAT: Literal["quorum-bundle"] = "quorum-bundle"
-SCHEMA_VERSION = 2  # 2 added `trunk`
-READABLE_VERSIONS = (1, 2)
+SCHEMA_VERSION = 3  # 2 added `trunk`, 3 `training.checkpoint` and `training.exported_epoch`
+READABLE_VERSIONS = (1, 2, 3)
 MANIFEST_FILE = "manifest.json"
 
 # Parity of a module graph with its reference (torch at export, the module file for the
@@ -134,7 +134,13 @@ class TrainingInfo(_Strict):
     dataset: str
     seed: int
     epochs: int = Field(description="Epochs trained.")
-    best_epoch: int = Field(description="Epoch whose weights were exported (lowest validation error).")
+    best_epoch: int = Field(description="Epoch with the lowest validation error (the run's best.pt).")
+    checkpoint: Literal["best", "last"] = Field(
+        "best", description="Checkpoint exported: best (best.pt, the lowest validation error) or last (last.pt)."
+    )
+    exported_epoch: int | None = Field(
+        None, description="Epoch whose weights were exported; absent before schema version 3, where it is best_epoch."
+    )
     lr: float
     batch_size: int
     command: str = Field(description="The command line that trained the run.")

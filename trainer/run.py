@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
@@ -15,18 +15,26 @@ from quorum.trainer.errors import RunDirError
 from quorum.trainer.models import Ensemble
 from quorum.trainer.train import build_model
 
-__all__ = ["LoadedRun", "load_best"]
+__all__ = ["CHECKPOINTS", "Checkpoint", "LoadedRun", "load_best", "load_run"]
+
+Checkpoint = Literal["best", "last"]
+CHECKPOINTS: dict[str, str] = {  # what each checkpoint of a run directory holds
+    "best": "best.pt, the epoch with the lowest validation error",
+    "last": "last.pt, the last finished epoch",
+}
 
 
 @dataclass
 class LoadedRun:
     config: TrainConfig
-    model: Ensemble  # eval mode, on the CPU, with the best epoch's weights
+    model: Ensemble  # eval mode, on the CPU, with the loaded checkpoint's weights
     norm: Normalization
     class_names: list[str]  # classification; empty for regression and counts
     in_shape: tuple[int, ...]
-    best_epoch: int
+    best_epoch: int  # 1-based epoch of best.pt, the lowest validation error
     metrics: list[dict[str, Any]]  # metrics.jsonl, one record per finished epoch
+    checkpoint: Checkpoint = "best"  # which file the weights came from
+    epoch: int = 0  # 1-based epoch whose weights `model` holds: best_epoch for best.pt
     task: str = "classification"  # classification | regression | count
     target_names: list[str] = field(default_factory=list)
     target_shift: list[float] = field(default_factory=list)  # regression: targets were (y - shift) / scale
@@ -43,15 +51,22 @@ class LoadedRun:
 
 def load_best(run_dir: str | Path) -> LoadedRun:
     """Load `run_dir/best.pt`, the weights of the epoch with the lowest validation error."""
+    return load_run(run_dir, "best")
+
+
+def load_run(run_dir: str | Path, checkpoint: Checkpoint = "best") -> LoadedRun:
+    """Load one of a run's checkpoints: `best` (best.pt) or `last` (last.pt, the last finished epoch)."""
+    if checkpoint not in CHECKPOINTS:
+        raise RunDirError(f"checkpoint must be one of {', '.join(CHECKPOINTS)}, got {checkpoint!r}")
     run_dir = Path(run_dir)
-    best = run_dir / "best.pt"
-    if not best.exists():
+    path = run_dir / f"{checkpoint}.pt"
+    if not path.exists():
         what = "no run (no config.json)" if not (run_dir / "config.json").exists() else "no finished epoch yet"
         raise RunDirError(f"{run_dir} holds {what}: train it first with `quorum train --out {run_dir}`")
     try:
-        ckpt = torch.load(best, map_location="cpu", weights_only=False)
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as e:
-        raise RunDirError(f"cannot read {best}: {e}") from e
+        raise RunDirError(f"cannot read {path}: {e}") from e
     cfg = TrainConfig.from_dict(ckpt["config"])
     in_shape = tuple(ckpt["in_shape"])
     outputs = len(ckpt["class_names"]) or len(ckpt.get("target_names", []))
@@ -59,14 +74,17 @@ def load_best(run_dir: str | Path) -> LoadedRun:
     model.load_state_dict(ckpt["model"])
     model.eval()
     n = ckpt["norm"]
+    epoch = int(ckpt["epoch"])
     return LoadedRun(
         config=cfg,
         model=model,
         norm=Normalization(scale=n["scale"], mean=tuple(n["mean"]), std=tuple(n["std"])),
         class_names=list(ckpt["class_names"]),
         in_shape=in_shape,
-        best_epoch=int(ckpt["epoch"]),
+        best_epoch=epoch if checkpoint == "best" else int(ckpt["best_epoch"]),
         metrics=read_jsonl(run_dir / "metrics.jsonl"),
+        checkpoint=checkpoint,
+        epoch=epoch,
         task=ckpt.get("task", "classification"),
         target_names=list(ckpt.get("target_names", [])),
         target_shift=list(ckpt.get("target_shift", [])),

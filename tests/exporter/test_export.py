@@ -11,14 +11,17 @@ import torch
 
 from quorum.exporter.errors import ExportError
 from quorum.exporter.export import export_run
-from quorum.runtime.manifest import Manifest
+from quorum.runtime.manifest import SCHEMA_VERSION, Manifest
+from quorum.trainer.config import TrainConfig
 from quorum.trainer.errors import RunDirError
-from quorum.trainer.run import load_best
+from quorum.trainer.run import load_best, load_run
+from quorum.trainer.train import train
 
 
 def test_manifest_describes_every_module(bundle_dir: Path, run_dir: Path):
     m = Manifest.load(bundle_dir)
-    assert m.format == "quorum-bundle" and m.version == 2 and m.trunk is None
+    assert m.format == "quorum-bundle" and m.version == SCHEMA_VERSION == 3 and m.trunk is None
+    assert (m.training.checkpoint, m.training.exported_epoch) == ("best", m.training.best_epoch)
     assert len(m.modules) == m.training.num_modules == 40
     assert m.training.lam == 0.99 and m.training.arch == "mlp" and m.training.command == "pytest"
     assert m.input.shape == [784] and m.input.scale == pytest.approx(1 / 255)
@@ -89,3 +92,21 @@ def test_existing_bundle_needs_overwrite(bundle_dir: Path, run_dir: Path):
 def test_exporting_a_folder_without_a_run_says_what_to_do(tmp_path: Path):
     with pytest.raises(RunDirError, match="quorum train"):
         export_run(tmp_path, tmp_path / "b", progress=False)
+
+
+def test_last_checkpoint_exports_the_last_epoch(tmp_path: Path, data_dir: Path, test_images):
+    run_dir = tmp_path / "run"
+    cfg = TrainConfig(arch="mlp", modules=6, hidden=4, lam=0.99, epochs=3, subset=3000, seed=0, command="pytest")
+    train(cfg, run_dir, progress=False)
+    m = export_run(run_dir, tmp_path / "bundle", checkpoint="last", progress=False)
+    last, best = load_run(run_dir, "last"), load_best(run_dir)
+    val_errors = [r["val_error"] for r in last.metrics]
+    assert (m.training.checkpoint, m.training.exported_epoch, m.training.epochs, last.epoch) == ("last", 3, 3, 3)
+    assert m.training.best_epoch == best.epoch == last.best_epoch == 1 + int(np.argmin(val_errors))
+    x = last.norm.apply(torch.from_numpy(test_images[0][:64]))
+    with torch.no_grad():
+        expected = last.model(x).numpy()  # (N, M, K): the last epoch's weights, not best.pt's
+    session = ort.InferenceSession(str(tmp_path / "bundle" / m.modules[5].file), providers=["CPUExecutionProvider"])
+    assert np.abs(session.run(None, {"input": x.numpy()})[0] - expected[:, 5]).max() <= 1e-4
+    with pytest.raises(RunDirError, match="best, last"):
+        load_run(run_dir, "first")  # type: ignore[arg-type]

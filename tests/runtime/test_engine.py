@@ -143,15 +143,21 @@ def test_manifest_of_another_version_is_refused(bundle_copy: Path):
         Engine.load(bundle_copy)
 
 
-def test_a_bundle_of_schema_version_1_still_loads(bundle_copy: Path, test_images):
+@pytest.mark.parametrize("version", [1, 2])
+def test_a_bundle_of_an_older_schema_version_still_loads(bundle_copy: Path, test_images, version: int):
     raw = json.loads((bundle_copy / "manifest.json").read_text())
-    del raw["trunk"]  # version 1 had no trunk; classification was its only task
-    raw["version"], raw["task"] = 1, {"kind": "classification", "class_names": raw["task"]["class_names"]}
-    raw["output"] = {"name": raw["output"]["name"], "combiner": "mean_logits_softmax"}
+    del raw["training"]["checkpoint"], raw["training"]["exported_epoch"]  # added in version 3
+    if version == 1:
+        del raw["trunk"]  # version 1 had no trunk; classification was its only task
+        raw["task"] = {"kind": "classification", "class_names": raw["task"]["class_names"]}
+        raw["output"] = {"name": raw["output"]["name"], "combiner": "mean_logits_softmax"}
+    raw["version"] = version
     (bundle_copy / "manifest.json").write_text(json.dumps(raw))
     engine = Engine.load(bundle_copy, device="cpu")
     try:
-        assert engine.manifest.version == 1 and engine.predict(test_images[0][:2], budget=3).labels.shape == (2,)
+        m = engine.manifest
+        assert m.version == version and (m.training.checkpoint, m.training.exported_epoch) == ("best", None)
+        assert engine.predict(test_images[0][:2], budget=3).labels.shape == (2,)
     finally:
         engine.close()
 
