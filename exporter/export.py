@@ -95,7 +95,13 @@ def export_run(
     t0 = time.perf_counter()
     labelled, backward_above = classifier_order_steps(cfg.modules) if family == "categorical" else (None, None)
     order = greedy_anytime_order(
-        val_logits, data.val.y, progress=progress, family=family, labelled=labelled, backward_above=backward_above
+        val_logits,
+        data.val.y,
+        progress=progress,
+        family=family,
+        labelled=labelled,
+        backward_above=backward_above,
+        first_by_error=family == "categorical",
     )
     specialists = (
         []

@@ -22,7 +22,7 @@ import torch
 
 from quorum.trainer.data import load_fashion_mnist
 from quorum.trainer.evaluate import module_logits
-from quorum.trainer.run import load_best
+from quorum.trainer.run import load_run
 from quorum.trainer.selection import classifier_order_steps, greedy_anytime_order
 
 
@@ -85,10 +85,13 @@ def main() -> None:
     parser.add_argument(
         "--halvings", type=int, nargs="+", default=[1], help="seeds of the random halvings of each validation split"
     )
+    parser.add_argument(
+        "--checkpoint", choices=["best", "last"], default="best", help="the runs' best.pt (default) or last.pt"
+    )
     args = parser.parse_args()
     lost: dict[str, int] = {}
     for run_dir, split in ((r, s) for r in args.runs for s in args.halvings):
-        run = load_best(run_dir)
+        run = load_run(run_dir, args.checkpoint)
         cfg = run.config
         data = load_fashion_mnist(cfg.data_dir, val_size=cfg.val_size, subset=cfg.subset, seed=cfg.seed)
         logits, y = module_logits(run.model, data.val.x), data.val.y
@@ -106,6 +109,9 @@ def main() -> None:
             "Brier to M/4, then match": partial(greedy_anytime_order, labelled=labelled),
             "Brier to M/4, match to M/2, then backward": partial(
                 greedy_anytime_order, labelled=labelled, backward_above=backward_above
+            ),
+            "fewest errors first, then Brier to M/4, match to M/2, backward": partial(
+                greedy_anytime_order, labelled=labelled, backward_above=backward_above, first_by_error=True
             ),
         }
         for name, build in criteria.items():

@@ -60,8 +60,9 @@ __all__ = [
 ]
 
 ANYTIME_CRITERION = (
-    "on the validation split, the first M/2 modules by greedy forward selection: each of the first M/4 steps adds "
-    "the module that most lowers the prefix ensemble's Brier score, each later step the module that brings the "
+    "on the validation split, the first M/2 modules by greedy forward selection: first the module with the fewest "
+    "errors alone, then each step up to M/4 adds the module that most lowers the prefix ensemble's Brier score, "
+    "each later step the module that brings the "
     "prefix's probabilities closest to those of all M modules; the rest by backward elimination from all M, each "
     "step removing the module whose absence moves those probabilities least, last removed first (the negative "
     "log-likelihood and forward selection throughout for regression and count targets)"
@@ -126,6 +127,7 @@ def greedy_anytime_order(
     score: str = "brier",
     labelled: int | None = None,
     backward_above: int | None = None,
+    first_by_error: bool = False,
 ) -> list[int]:
     """Module ids in greedy selection order on (logits (N, M, K), labels y).
 
@@ -146,6 +148,11 @@ def greedy_anytime_order(
     modules follow the head in the reverse order of their removal, so that every prefix longer
     than `backward_above` is all M less the modules that matter least to the whole. None: forward
     selection throughout.
+
+    `first_by_error` (classification only): the first module is the one with the fewest argmax
+    errors, the lowest id among ties; the later steps as above. A lone module's Brier score can
+    favour one that is barely confident about anything over one that is often right but
+    overconfident, as modules of a jointly trained (λ = 1) ensemble are.
     """
     from tqdm.auto import tqdm
 
@@ -157,6 +164,8 @@ def greedy_anytime_order(
         raise ValueError(
             f"backward_above must be None, or >= 1 module for a classifier; got {backward_above!r} for {family}"
         )
+    if first_by_error and family != "categorical":
+        raise ValueError(f"first_by_error is for classifiers; got {family}")
     if family == "categorical":
         logits, y = _check(logits, y)
     else:
@@ -181,7 +190,11 @@ def greedy_anytime_order(
     bar = tqdm(total=m, desc="anytime order", unit="module", disable=not progress)
     for t in range(1, head + 1):
         target = ensemble if ensemble is not None and t > switch else y
-        j = remaining.pop(best(remaining, total, 1, t, target))
+        if t == 1 and first_by_error:
+            errors = (logits.argmax(dim=-1) != y.unsqueeze(1)).sum(dim=0)  # (M,)
+            j = remaining.pop(int(torch.argmin(errors)))  # argmin: the first of the lowest
+        else:
+            j = remaining.pop(best(remaining, total, 1, t, target))
         chosen.append(j)
         total += logits[:, j : j + 1]
         bar.update()

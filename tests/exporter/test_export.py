@@ -33,6 +33,9 @@ def test_manifest_describes_every_module(bundle_dir: Path, run_dir: Path):
         assert 0 <= entry.parity <= 1e-4
     assert sorted(m.anytime_order) == list(range(40))
     assert "Brier score" in m.anytime_criterion and "backward elimination" in m.anytime_criterion
+    assert "fewest errors" in m.anytime_criterion
+    first = min(m.modules, key=lambda e: (e.val_error, e.id))  # the order starts with the lowest validation error
+    assert m.anytime_order[0] == first.id
     # one specialist per class: k = 20 distinct modules chosen for F1 on the validation split, so
     # there they beat random 20-subsets of the same modules
     assert [s.class_index for s in m.specialists] == list(range(10))

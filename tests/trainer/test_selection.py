@@ -144,6 +144,31 @@ def test_backward_tail_leaves_out_what_the_whole_ensemble_needs_least():
         greedy_anytime_order(logits, y.astype(np.float32)[:, None], family="gaussian", backward_above=1)
 
 
+def test_first_by_error_takes_the_most_accurate_lone_module():
+    # Module 3 says almost nothing (near-uniform probabilities); module 9 is right on 60 % of the
+    # images but certain of every answer, wrong ones too. Alone, 3 has the better Brier score and
+    # 9 by far the fewer errors.
+    logits, y = _noise(3)
+    rng = np.random.default_rng(3)
+    logits[:, 3] = rng.normal(0, 1e-3, (N, K))
+    wrong = (y + rng.integers(1, K, N)) % K
+    logits[:, 9] = 20.0 * np.eye(K, dtype=np.float32)[np.where(rng.random(N) < 0.6, y, wrong)]
+    lt, yt = torch.from_numpy(logits), torch.from_numpy(y)
+    brier = ((torch.softmax(lt, -1) - torch.nn.functional.one_hot(yt, K)[:, None]) ** 2).sum(-1).mean(0)  # (M,)
+    errors = (lt.argmax(-1) != yt[:, None]).sum(0)
+    assert int(brier.argmin()) == 3 and int(errors.argmin()) == 9  # the premise
+    assert greedy_anytime_order(logits, y)[0] == 3
+    order = greedy_anytime_order(logits, y, labelled=3, backward_above=6, first_by_error=True)
+    assert order[0] == 9 and sorted(order) == list(range(M))
+    # the second step is the Brier step from module 9: the module whose mean with it scores best
+    pair = torch.softmax((lt[:, 9:10] + lt) / 2, -1)  # (N, M, K)
+    pair_brier = ((pair - torch.nn.functional.one_hot(yt, K)[:, None]) ** 2).sum(-1).mean(0)
+    pair_brier[9] = float("inf")
+    assert order[1] == int(pair_brier.argmin())
+    with pytest.raises(ValueError, match="first_by_error"):
+        greedy_anytime_order(logits, y.astype(np.float32)[:, None], family="gaussian", first_by_error=True)
+
+
 def test_f1_from_counts_and_one_vs_all():
     y = np.array([0, 0, 1, 1, 2, 2])
     pred = np.array([0, 1, 1, 1, 0, 2])
