@@ -17,11 +17,8 @@ from quorum.trainer.train import build_model
 
 __all__ = ["CHECKPOINTS", "Checkpoint", "LoadedRun", "load_best", "load_run"]
 
-Checkpoint = Literal["best", "last"]
-CHECKPOINTS: dict[str, str] = {  # what each checkpoint of a run directory holds
-    "best": "best.pt, the epoch with the lowest validation error",
-    "last": "last.pt, the last finished epoch",
-}
+Checkpoint = Literal["best", "last"]  # best.pt: the lowest validation error; last.pt: the last finished epoch
+CHECKPOINTS: tuple[Checkpoint, ...] = ("best", "last")
 
 
 @dataclass
