@@ -51,7 +51,7 @@ from quorum.trainer.run import Checkpoint, LoadedRun, load_run
 from quorum.trainer.selection import (
     ANYTIME_CRITERION,
     SPECIALIST_CRITERION,
-    classifier_order_steps,
+    classifier_anytime_order,
     ensemble_f1,
     greedy_anytime_order,
     random_subsets_f1,
@@ -93,15 +93,10 @@ def export_run(
     module_errors = val.module_errors.tolist()
     # Both selections use the validation split, so the bundle's test metrics stay unbiased.
     t0 = time.perf_counter()
-    labelled, backward_above = classifier_order_steps(cfg.modules) if family == "categorical" else (None, None)
-    order = greedy_anytime_order(
-        val_logits,
-        data.val.y,
-        progress=progress,
-        family=family,
-        labelled=labelled,
-        backward_above=backward_above,
-        first_by_error=family == "categorical",
+    order = (
+        classifier_anytime_order(val_logits, data.val.y, progress=progress)
+        if family == "categorical"
+        else greedy_anytime_order(val_logits, data.val.y, progress=progress, family=family)
     )
     specialists = (
         []

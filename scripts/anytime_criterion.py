@@ -23,7 +23,7 @@ import torch
 from quorum.trainer.data import load_fashion_mnist
 from quorum.trainer.evaluate import module_logits
 from quorum.trainer.run import load_run
-from quorum.trainer.selection import classifier_order_steps, greedy_anytime_order
+from quorum.trainer.selection import classifier_anytime_order, classifier_order_steps, greedy_anytime_order
 
 
 @torch.no_grad()
@@ -110,9 +110,7 @@ def main() -> None:
             "Brier to M/4, match to M/2, then backward": partial(
                 greedy_anytime_order, labelled=labelled, backward_above=backward_above
             ),
-            "fewest errors first, then Brier to M/4, match to M/2, backward": partial(
-                greedy_anytime_order, labelled=labelled, backward_above=backward_above, first_by_error=True
-            ),
+            "fewest errors first, then Brier to M/4, match to M/2, backward": classifier_anytime_order,  # shipped
         }
         for name, build in criteria.items():
             if args.criteria and name not in args.criteria:

@@ -6,8 +6,10 @@ are scored per step, and torch's threaded softmax is several times faster than n
 
 - **Anytime order** (`greedy_anytime_order`): a permutation of the modules such that every
   prefix is a strong sub-ensemble, so that `budget=b` runs the first b. The first M/2 by
-  greedy forward selection: each of the first M/4 steps adds the module that most lowers the
-  prefix ensemble's Brier score (the squared error of its class probabilities). A proper score,
+  greedy forward selection: first the module with the fewest errors alone (a lone module's
+  Brier score can prefer one that is barely confident about anything), then each step up to
+  M/4 adds the module that most lowers the prefix ensemble's Brier score (the squared error
+  of its class probabilities). A proper score,
   like the log-likelihood, and smooth, unlike accuracy (which ties constantly among
   hundreds of 4-unit modules, making the first, most important steps arbitrary); unlike
   the log-likelihood it is bounded, so that the few confident mistakes of near-joint
@@ -49,6 +51,7 @@ __all__ = [
     "SPECIALIST_CRITERION",
     "Specialist",
     "best_of_random_specialist",
+    "classifier_anytime_order",
     "classifier_order_steps",
     "ensemble_f1",
     "f1_score",
@@ -208,6 +211,14 @@ def greedy_anytime_order(
         bar.update()
     bar.close()
     return chosen + removed[::-1]
+
+
+def classifier_anytime_order(logits: ArrayLike, y: ArrayLike, *, progress: bool = False) -> list[int]:
+    """The anytime order `quorum export` ships for a classifier (ANYTIME_CRITERION) on (logits (N, M, K), y)."""
+    labelled, backward_above = classifier_order_steps(torch.as_tensor(logits).shape[1])
+    return greedy_anytime_order(
+        logits, y, progress=progress, labelled=labelled, backward_above=backward_above, first_by_error=True
+    )
 
 
 # ---------------------------------------------------------------- one-vs-all F1
