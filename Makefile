@@ -39,7 +39,7 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	@rm -rf build/typecheck && mkdir -p build/typecheck/quorum
 	@for f in quorum/*.py; do ln -s ../../../$$f build/typecheck/quorum/; done
-	@for d in trainer exporter runtime server; do ln -s ../../../$$d build/typecheck/quorum/$$d; done
+	@for d in core trainer exporter runtime server experiments; do ln -s ../../../$$d build/typecheck/quorum/$$d; done
 	$(BIN)/mypy
 
 pytest: setup

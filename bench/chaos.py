@@ -34,7 +34,7 @@ from pathlib import Path
 
 from _serve import free_port, log_tail  # bench/ is on sys.path when a script runs
 
-from quorum.datasets import load_raw, resolve_data_dir
+from quorum.core.datasets import load_raw, resolve_data_dir
 
 
 def start_server(bundle: str, port: int, token: str, timeout_ms: float) -> subprocess.Popen[bytes]:

@@ -38,7 +38,7 @@ import orjson
 from _serve import free_port, log_tail  # bench/ is on sys.path when a script runs
 from fastapi import FastAPI, Request, Response  # at module level: the endpoint's annotations resolve here
 
-from quorum.datasets import load_raw, resolve_data_dir
+from quorum.core.datasets import load_raw, resolve_data_dir
 
 HERE = Path(__file__).resolve().parent
 

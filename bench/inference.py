@@ -11,9 +11,18 @@ For each batch size and budget b (the first b modules of the anytime order), tim
   naive     one session per module, called one after another on this thread
 
 on already-normalized inputs (graph execution and combining only), then the engine's full
-`predict` (validation, normalization, planning, softmax) for packed and isolated. Variants are
-interleaved round by round, and each figure is the median over rounds. Last, the packed graph
-at batch 64 with 1 and 2 intra-op threads, with and without spinning.
+`predict` (validation, normalization, planning, execution, the task's head, counters) for
+packed and isolated. Variants are interleaved round by round, and each figure is the median
+over rounds.
+
+Then the request path alone, the two interleaved without the other variants (whose thread
+pools and sessions would crowd the caches of both):
+
+  hand      what a user would write by hand: numpy normalization, the floor graph, numpy softmax
+  predict   the engine's `predict` on the packed executor; `predict/hand` is the price of the
+            engine's checks, planning, fault handling and counters
+
+Last, the packed graph at batch 64 with 1 and 2 intra-op threads, with and without spinning.
 """
 
 from __future__ import annotations
@@ -31,7 +40,7 @@ import onnx
 import onnxruntime as ort
 from onnx import helper, numpy_helper
 
-from quorum.datasets import load_raw, resolve_data_dir
+from quorum.core.datasets import load_raw, resolve_data_dir
 from quorum.exporter.onnx_graphs import OPSET
 from quorum.exporter.packed import mlp_weights
 from quorum.runtime.engine import Engine
@@ -98,6 +107,10 @@ def main() -> None:
     }
     protos = [onnx.load(Path(args.bundle) / e.file) for e in m.modules]
     name_in, name_out = m.input.name, m.output.name
+    packed = packed_engine.bundle.packed
+    assert packed is not None, f"{args.bundle} has no packed graph that verifies: {packed_engine.packed_note}"
+    # the manifest's normalization, as a user would write it: x = (raw * scale - mean) / std
+    scale, mean, std = np.float32(m.input.scale), np.float32(m.input.mean[0]), np.float32(m.input.std[0])
     images = load_raw(resolve_data_dir())["test"][0]
     budgets = [b for b in args.budgets if b <= len(order)]
 
@@ -126,12 +139,12 @@ def main() -> None:
                 return np.mean([sessions[j].run([name_out], {name_in: x})[0] for j in ids], axis=0)
 
             def isolated(ids=ids, x=x) -> np.ndarray:
-                return np.mean([r.logits for r in isolated_engine._isolated.run(ids, x)], axis=0)
+                return np.mean([r.logits for r in isolated_engine.bundle.isolated.run(ids, x)], axis=0)
 
             fns: dict[str, Callable[[], object]] = {
                 "floor": lambda fused=fused, x=x: fused.run([name_out], {name_in: x}),
-                "packed": lambda index=index, x=x: packed_engine._packed.run(index, x),
-                "cached": lambda index=index, x=x: packed_engine._packed.run(index, x, cacheable=True),
+                "packed": lambda index=index, x=x: packed.run(index, x),
+                "cached": lambda index=index, x=x: packed.run(index, x, cacheable=True),
                 "isolated": isolated,
                 "naive": naive,
                 "predict_packed": lambda b=b, raw=raw: packed_engine.predict(raw, budget=b),
@@ -155,6 +168,43 @@ def main() -> None:
                 f"{t['predict_packed']:>14.1f} {t['predict_isolated']:>16.1f}"
             )
 
+    print("\nthe request path: predict (packed) against the hand-written path, interleaved alone (µs per call)")
+    print(f"{'batch':>5} {'budget':>6} {'hand':>7} {'predict':>8} {'predict/hand':>12}")
+    request_path = []
+    for n in args.batches:
+        raw = images[:n]
+        for b in budgets:
+            ids = order[:b]
+            fused = ort.InferenceSession(
+                fused_graph([protos[j] for j in ids], name_in, name_out), session_options(), providers=CPU
+            )
+
+            def hand(fused=fused, raw=raw) -> np.ndarray:
+                z = fused.run([name_out], {name_in: (raw.astype(np.float32) * scale - mean) / std})[0]
+                e = np.exp(z - z.max(axis=-1, keepdims=True))
+                return e / e.sum(axis=-1, keepdims=True)
+
+            np.testing.assert_allclose(packed_engine.predict(raw, budget=b).probabilities, hand(), atol=1e-5)
+            once = time.perf_counter()
+            hand()
+            calls = max(3, int(args.target_ms / 1e3 / max(time.perf_counter() - once, 1e-6) / 2))
+            t = median_us(
+                {"hand": hand, "predict": lambda b=b, raw=raw: packed_engine.predict(raw, budget=b)},
+                3 * args.rounds,
+                calls,
+            )
+            ratio = round(t["predict"] / t["hand"], 2)
+            request_path.append(
+                {
+                    "batch": n,
+                    "budget": b,
+                    "hand": round(t["hand"], 1),
+                    "predict": round(t["predict"], 1),
+                    "predict_over_hand": ratio,
+                }
+            )
+            print(f"{n:>5} {b:>6} {t['hand']:>7.1f} {t['predict']:>8.1f} {ratio:>12.2f}")
+
     print("\npacked graph: intra-op threads and spinning (µs per call)")
     sessions_by_threads = {}
     for intra in (1, 2):
@@ -176,7 +226,9 @@ def main() -> None:
         threads[f"batch {n}, budget {b}"] = t = median_us(fns, args.rounds, 20)
         print(f"  batch {n}, budget {b}: " + ", ".join(f"{name} {us:.0f}" for name, us in t.items()))
     if args.json:
-        Path(args.json).write_text(json.dumps({"inference": rows, "threads": t}, indent=2) + "\n")
+        Path(args.json).write_text(
+            json.dumps({"inference": rows, "request_path": request_path, "threads": threads}, indent=2) + "\n"
+        )
     for e in engines.values():
         e.close()
 

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from quorum.core.errors import QuorumError
+
 __all__ = ["ExportError"]
 
 
-class ExportError(Exception):
+class ExportError(QuorumError):
     """The run cannot be exported, or an exported graph failed its checks."""

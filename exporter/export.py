@@ -21,6 +21,7 @@ import onnx
 import torch
 from tqdm.auto import tqdm
 
+from quorum.core.tasks import Task
 from quorum.exporter.errors import ExportError
 from quorum.exporter.onnx_graphs import (
     INPUT_NAME,
@@ -32,6 +33,15 @@ from quorum.exporter.onnx_graphs import (
     with_weights,
 )
 from quorum.exporter.packed import write_packed
+from quorum.exporter.selection import (
+    ANYTIME_CRITERION,
+    SPECIALIST_CRITERION,
+    classifier_anytime_order,
+    ensemble_f1,
+    greedy_anytime_order,
+    random_subsets_f1,
+    select_specialists,
+)
 from quorum.runtime.manifest import (
     PARITY_ATOL,
     PARITY_RTOL,
@@ -46,17 +56,8 @@ from quorum.runtime.manifest import (
     TrunkEntry,
 )
 from quorum.trainer.evaluate import evaluate_outputs, module_logits
-from quorum.trainer.models import Ensemble
+from quorum.trainer.models import Ensemble, arch_info
 from quorum.trainer.run import Checkpoint, LoadedRun, load_run
-from quorum.trainer.selection import (
-    ANYTIME_CRITERION,
-    SPECIALIST_CRITERION,
-    classifier_anytime_order,
-    ensemble_f1,
-    greedy_anytime_order,
-    random_subsets_f1,
-    select_specialists,
-)
 from quorum.trainer.train import load_data
 
 __all__ = ["PARITY_ATOL", "PARITY_RTOL", "SPECIALIST_SIZE", "export_run"]
@@ -87,20 +88,20 @@ def export_run(
 
     val_logits = module_logits(model, data.val.x)  # (N, M, K)
     test_logits = module_logits(model, data.test.x)
-    family, scale = cfg.family, data.target_scale
-    val = evaluate_outputs(val_logits, data.val.y, family, scale)
-    test = evaluate_outputs(test_logits, data.test.y, family, scale)
+    task, scale = cfg.task, data.target_scale
+    val = evaluate_outputs(val_logits, data.val.y, task, scale)
+    test = evaluate_outputs(test_logits, data.test.y, task, scale)
     module_errors = val.module_errors.tolist()
     # Both selections use the validation split, so the bundle's test metrics stay unbiased.
     t0 = time.perf_counter()
     order = (
         classifier_anytime_order(val_logits, data.val.y, progress=progress)
-        if family == "categorical"
-        else greedy_anytime_order(val_logits, data.val.y, progress=progress, family=family)
+        if task.has_classes
+        else greedy_anytime_order(val_logits, data.val.y, progress=progress, task=task)
     )
     specialists = (
         []
-        if family != "categorical"
+        if not task.has_classes
         else [
             SpecialistEntry(
                 class_index=s.class_index,
@@ -159,13 +160,13 @@ def export_run(
                 )
             )
         packed = None
-        if cfg.arch == "mlp":  # the packed graph knows the MLP's two GEMMs; other modules run one session each
+        if arch_info(cfg.arch).packable:  # e.g. the MLP's two GEMMs; other modules run one session each
             packed = write_packed(tmp, protos, INPUT_NAME, OUTPUT_NAME, x_parity.numpy(), np.stack(ort_logits))
         trunk_entry = None if trunk is None else _write_trunk(tmp, trunk, model, x_parity, branch_in)
         manifest = Manifest(
             name=out_dir.name,
             created=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-            task=_task(run),
+            task=_task(run, task),
             input=InputSpec(
                 name=INPUT_NAME,
                 shape=list(run.in_shape),
@@ -174,7 +175,7 @@ def export_run(
                 std=list(run.norm.std),
                 raw_range=(0.0, 255.0) if len(run.in_shape) > 1 or cfg.dataset == "fashion-mnist" else None,
             ),
-            output=_output(run),
+            output=_output(run, task),
             training=TrainingInfo(
                 arch=cfg.arch,
                 num_modules=M,
@@ -219,22 +220,20 @@ def export_run(
     return manifest
 
 
-def _task(run: LoadedRun) -> TaskSpec:
-    if run.task == "classification":
-        return TaskSpec(class_names=run.class_names)
-    return TaskSpec(kind=run.task, target_names=run.target_names)
+def _task(run: LoadedRun, task: Task) -> TaskSpec:
+    if task.has_classes:
+        return TaskSpec(kind=task.kind, class_names=run.class_names)
+    return TaskSpec(kind=task.kind, target_names=run.target_names)
 
 
-def _output(run: LoadedRun) -> OutputSpec:
-    """How the runtime combines the modules: softmax of mean logits, mean (undoing the targets'
-    standardization), or exp of the mean log-rate."""
-    if run.task == "regression":
+def _output(run: LoadedRun, task: Task) -> OutputSpec:
+    """How the runtime combines the modules: the task's combiner, and where targets were standardized
+    for training, how to undo it."""
+    if task.standardizes_targets:
         return OutputSpec(
-            name=OUTPUT_NAME, combiner="mean", target_scale=run.target_scale, target_shift=run.target_shift
+            name=OUTPUT_NAME, combiner=task.combiner, target_scale=run.target_scale, target_shift=run.target_shift
         )
-    if run.task == "count":
-        return OutputSpec(name=OUTPUT_NAME, combiner="mean_exp")
-    return OutputSpec(name=OUTPUT_NAME)
+    return OutputSpec(name=OUTPUT_NAME, combiner=task.combiner)
 
 
 TRUNK_FILE = "trunk.onnx"

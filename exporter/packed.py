@@ -8,7 +8,7 @@ per-module graphs. The graph gathers the chosen modules' weights from stacked (M
 initializers and evaluates them as one wide network:
 
     h      = relu(x @ W1[idx].reshape(b·H, D)ᵀ + b1[idx].reshape(b·H))     one GEMM, (N, b·H)
-    logits = h @ W2ᵀ[idx].reshape(b·H, K) / b + mean(b2[idx])               one GEMM, (N, K)
+    logits = h @ (W2ᵀ[idx].reshape(b·H, K) / b) + mean(b2[idx])             one GEMM, (N, K)
 
 because the sum over modules of h_j @ W2_jᵀ is the product of the concatenated hidden units
 with the stacked second layers. Arithmetic grows with b; the fixed cost is one runtime call.
@@ -49,7 +49,7 @@ __all__ = [
 PACKED_FILE = "packed.onnx"
 CORE_FILE = "packed_core.onnx"
 INDEX_NAME = "modules"
-WEIGHTS = ["W1_rows", "B1_rows", "W2_rows", "inv_b", "mean_b2"]  # the core's inputs after the data
+WEIGHTS = ["W1_rows", "B1_rows", "W2_mean", "mean_b2"]  # the core's inputs after the data
 
 
 def mlp_weights(proto: onnx.ModelProto, input_name: str, output_name: str) -> tuple[np.ndarray, ...]:
@@ -101,16 +101,17 @@ def build_packed(
         # 1/b for the mean, b = len(idx)
         helper.make_node("Shape", [INDEX_NAME], ["b_shape"]),
         helper.make_node("Cast", ["b_shape"], ["b_float"], to=TensorProto.FLOAT),
-        helper.make_node("Reciprocal", ["b_float"], [WEIGHTS[3]]),  # inv_b (1,)
+        helper.make_node("Reciprocal", ["b_float"], ["inv_b"]),  # (1,)
         # the chosen modules' rows of every layer, stacked
         helper.make_node("Gather", ["W1", INDEX_NAME], ["W1_b"], axis=0),  # (b, H, D)
         helper.make_node("Reshape", ["W1_b", "shape_rows_D"], [WEIGHTS[0]]),  # W1_rows (b·H, D)
         helper.make_node("Gather", ["B1", INDEX_NAME], ["B1_b"], axis=0),  # (b, H)
         helper.make_node("Reshape", ["B1_b", "shape_flat"], [WEIGHTS[1]]),  # B1_rows (b·H,)
         helper.make_node("Gather", ["W2t", INDEX_NAME], ["W2_b"], axis=0),  # (b, H, K)
-        helper.make_node("Reshape", ["W2_b", "shape_rows_K"], [WEIGHTS[2]]),  # W2_rows (b·H, K)
+        helper.make_node("Reshape", ["W2_b", "shape_rows_K"], ["W2_rows"]),  # (b·H, K)
+        helper.make_node("Mul", ["W2_rows", "inv_b"], [WEIGHTS[2]]),  # W2_mean (b·H, K): the 1/b of the mean
         helper.make_node("Gather", ["B2", INDEX_NAME], ["B2_b"], axis=0),  # (b, K)
-        helper.make_node("ReduceMean", ["B2_b", "axis0"], [WEIGHTS[4]], keepdims=0),  # mean_b2 (K,)
+        helper.make_node("ReduceMean", ["B2_b", "axis0"], [WEIGHTS[3]], keepdims=0),  # mean_b2 (K,)
     ]
     x_in = protos[0].graph.input[0]
     # (N, C, H, W) inputs are flattened to (N, D) first
@@ -120,17 +121,14 @@ def build_packed(
         *first,
         helper.make_node("Gemm", [x2d, WEIGHTS[0], WEIGHTS[1]], ["pre"], transB=1),  # (N, b·H): one GEMM
         helper.make_node("Relu", ["pre"], ["hidden"]),
-        # layer 2 summed over modules: the concatenated hidden units times the stacked rows
-        helper.make_node("MatMul", ["hidden", WEIGHTS[2]], ["sum_logits"]),  # (N, K)
-        helper.make_node("Mul", ["sum_logits", WEIGHTS[3]], ["mean_wx"]),
-        helper.make_node("Add", ["mean_wx", WEIGHTS[4]], [output_name]),
+        # layer 2 averaged over modules: the concatenated hidden units times the stacked rows / b
+        helper.make_node("Gemm", ["hidden", WEIGHTS[2], WEIGHTS[3]], [output_name]),  # (N, K)
     ]
     weight_info = [
         helper.make_tensor_value_info(WEIGHTS[0], TensorProto.FLOAT, ["bH", D]),
         helper.make_tensor_value_info(WEIGHTS[1], TensorProto.FLOAT, ["bH"]),
         helper.make_tensor_value_info(WEIGHTS[2], TensorProto.FLOAT, ["bH", K]),
-        helper.make_tensor_value_info(WEIGHTS[3], TensorProto.FLOAT, [1]),
-        helper.make_tensor_value_info(WEIGHTS[4], TensorProto.FLOAT, [K]),
+        helper.make_tensor_value_info(WEIGHTS[3], TensorProto.FLOAT, [K]),
     ]
     logits = helper.make_tensor_value_info(output_name, TensorProto.FLOAT, [_batch_dim(x_in), K])
     packed = helper.make_graph(

@@ -310,7 +310,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     else:
         cfg = TrainConfig(**given, command=command)
     result = train(cfg, out, resume=args.resume, progress=not args.quiet)
-    metric = "oracle error" if cfg.loss == "mcl" else "error" if cfg.family == "categorical" else "RMSE"
+    metric = "oracle error" if cfg.loss == "mcl" else cfg.task.metric
     print(
         f"{out}: {result.epochs_done} epochs; best validation {metric} {result.best_val_error:.4f} "
         f"at epoch {result.best_epoch} (best.pt)"
@@ -319,6 +319,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
+    from quorum.core.tasks import get_task
     from quorum.exporter.export import export_run
 
     m = export_run(
@@ -329,7 +330,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
         checkpoint=args.checkpoint,
         progress=not args.quiet,
     )
-    metric = "error" if m.task.kind == "classification" else "RMSE"
+    metric = get_task(m.task.kind).metric
     print(
         f"{args.out}: {len(m.modules)} modules from epoch {m.training.exported_epoch} ({m.training.checkpoint}.pt), "
         f"validation {metric} {m.metrics.val_error:.4f}, test {metric} {m.metrics.test_error:.4f}"
@@ -369,7 +370,14 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _cmd_sweep(args: argparse.Namespace) -> int:
-    from quorum.trainer.sweep import DEFAULT_CONFIGS, DEFAULT_LAMS, SweepConfig, parse_configs, parse_lams, run_sweep
+    from quorum.experiments.sweep import (
+        DEFAULT_CONFIGS,
+        DEFAULT_LAMS,
+        SweepConfig,
+        parse_configs,
+        parse_lams,
+        run_sweep,
+    )
 
     cfg = SweepConfig(
         configs=parse_configs(args.configs) if args.configs else DEFAULT_CONFIGS,
@@ -395,7 +403,7 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
 
 def _requirement(text: str) -> Any:
     """argparse type of --require: a malformed spec is a usage error that shows the syntax."""
-    from quorum.robustness import Requirement
+    from quorum.experiments.robustness import Requirement
     from quorum.runtime.errors import InvalidRequest
 
     try:
@@ -410,8 +418,8 @@ def _cmd_robustness(args: argparse.Namespace) -> int:
     if missing := [m for m in ("matplotlib", "tqdm") if importlib.util.find_spec(m) is None]:
         print(f"quorum robustness: needs {', '.join(missing)}: pip install 'quorum[report]'", file=sys.stderr)
         return 2
-    from quorum.robustness import RobustnessConfig, run_robustness
-    from quorum.robustness_report import format_checks, format_table
+    from quorum.experiments.robustness import RobustnessConfig
+    from quorum.experiments.robustness_report import format_checks, format_table, run_robustness
 
     cfg = RobustnessConfig(
         trials=args.trials, step=args.step, seed=args.seed, split=args.split, limit=args.limit, device=args.device
@@ -432,7 +440,7 @@ def _cmd_robustness(args: argparse.Namespace) -> int:
 
 
 def _cmd_specialists(args: argparse.Namespace) -> int:
-    from quorum.trainer.specialists import SpecialistsConfig, run_specialists
+    from quorum.experiments.specialists import SpecialistsConfig, run_specialists
 
     try:
         cfg = SpecialistsConfig(k=args.k, tries=args.tries, seed=args.seed, device=args.device)
@@ -448,7 +456,7 @@ def _cmd_specialists(args: argparse.Namespace) -> int:
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
-    from quorum.trainer.report import make_report
+    from quorum.experiments.report import make_report
 
     print(make_report(args.run, args.out, data_dir=args.data_dir).summary())
     return 0
@@ -485,19 +493,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         return 2
     except Exception as e:
-        if not isinstance(e, _domain_errors()):
+        from quorum.core.errors import QuorumError  # every error that carries a message for the user
+
+        if not isinstance(e, QuorumError):
             raise  # a bug: keep the traceback
         print(f"quorum {args.command}: error: {e}", file=sys.stderr)
         return 2
 
 
 _TRAIN_EXTRAS = frozenset({"torch", "torchvision", "onnx", "onnxscript", "tqdm"})
-
-
-def _domain_errors() -> tuple[type[Exception], ...]:
-    """Errors that carry a message for the user. Imported late: only the failing path needs them."""
-    from quorum.exporter.errors import ExportError
-    from quorum.runtime.errors import QuorumError
-    from quorum.trainer.errors import TrainerError
-
-    return (TrainerError, ExportError, QuorumError)

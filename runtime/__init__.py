@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
-from quorum.runtime.engine import Engine, FailedModule, ModuleState, Prediction
+from quorum.runtime.engine import Engine
 from quorum.runtime.errors import BundleError, InvalidRequest, NoModulesAvailable, QuorumError
 from quorum.runtime.manifest import Manifest
+from quorum.runtime.options import PredictOptions
+from quorum.runtime.results import FailedModule, Prediction, SpecialistAnswer
+from quorum.runtime.stats import ModuleState
 
 __all__ = [
     "BundleError",
@@ -14,6 +17,8 @@ __all__ = [
     "Manifest",
     "ModuleState",
     "NoModulesAvailable",
+    "PredictOptions",
     "Prediction",
     "QuorumError",
+    "SpecialistAnswer",
 ]

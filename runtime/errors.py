@@ -1,7 +1,12 @@
-"""Domain errors of the runtime. Each carries the HTTP status a server should answer with,
-so that one handler maps them all; the runtime itself knows nothing of HTTP."""
+"""Domain errors of the runtime; each message says what was wrong and how to fix it.
+
+The runtime knows nothing of HTTP: the server maps each class to a status code in one place
+(`quorum.server.errors`).
+"""
 
 from __future__ import annotations
+
+from quorum.core.errors import QuorumError
 
 __all__ = [
     "BundleError",
@@ -11,25 +16,13 @@ __all__ = [
 ]
 
 
-class QuorumError(Exception):
-    """Base class. `status_code` is the HTTP status this error maps to."""
-
-    status_code = 500
-
-
 class InvalidRequest(QuorumError, ValueError):
     """The caller's input or options are wrong: shape, dtype, non-finite values, budget, drop."""
 
-    status_code = 422
-
 
 class NoModulesAvailable(QuorumError):
-    """No module could answer: all quarantined, or every evaluated module failed."""
-
-    status_code = 503
+    """No module could answer: all quarantined or out of rotation, or every evaluated module failed."""
 
 
 class BundleError(QuorumError):
     """The bundle cannot be served at all: no manifest, an unreadable manifest, no healthy module."""
-
-    status_code = 500

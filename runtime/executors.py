@@ -1,13 +1,10 @@
-"""How the chosen modules run: packed (one call for any subset) or isolated (one session each).
+"""The isolated path: one session per module, run concurrently under deadlines.
 
-- `PackedExecutor`: one ONNX Runtime session over every module stacked (the bundle's
-  `packed.onnx`). It takes the input and the ids of the modules to combine and returns
-  their mean logits, so any budget or subset costs one call whose arithmetic grows with b.
-- `IsolatedExecutor`: one session per module, run concurrently by a few workers that share
-  one thread pool, each run under a deadline. A module that raises, returns garbage or hangs
-  fails alone: the others still answer, and a hung run is told to terminate.
-
-Executors only run graphs and report what happened; the engine decides what a failure means.
+`IsolatedExecutor` runs modules on a few workers that share one thread pool, each run under a
+deadline. A module that raises, returns garbage or hangs fails alone: the others still
+answer, and a hung run is told to terminate. (The packed path, any subset in one call, is
+`quorum.runtime.packed`.) Executors only run graphs and report what happened; the engine
+decides what a failure means.
 """
 
 from __future__ import annotations
@@ -15,8 +12,7 @@ from __future__ import annotations
 import os
 import threading
 import time
-from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ALL_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from typing import Literal
@@ -26,7 +22,7 @@ import onnxruntime as ort
 
 from quorum.runtime.faults import FaultPlan, InjectedFault
 
-__all__ = ["FailureKind", "IsolatedExecutor", "ModuleRun", "PackedExecutor", "RunKind", "default_workers"]
+__all__ = ["FailureKind", "IsolatedExecutor", "ModuleRun", "RunKind", "default_workers", "fast_run"]
 
 
 STALL_S = 0.01  # a request whose drains all made no progress this long gets another drain
@@ -38,6 +34,16 @@ def default_workers() -> int:
         return max(1, len(os.sched_getaffinity(0)))
     except AttributeError:  # pragma: no cover - not Linux
         return max(1, os.cpu_count() or 1)
+
+
+def fast_run(session: ort.InferenceSession) -> Callable[[list[str], dict[str, np.ndarray]], list[np.ndarray]]:
+    """`session.run` without the Python wrapper's per-call input checks (a quarter of a small
+    graph's call): for feeds that the caller built and checked itself. The wrapper where the
+    binding is not there."""
+    binding = getattr(session, "_sess", None)
+    if binding is None:  # pragma: no cover - another onnxruntime build
+        return lambda outputs, feeds: session.run(outputs, feeds)
+    return lambda outputs, feeds: binding.run(outputs, feeds, None)
 
 
 FailureKind = Literal["error", "timeout", "nonfinite"]
@@ -55,72 +61,6 @@ class ModuleRun:
     ms: float
     kind: RunKind | None = None  # set with `error`
     injected: bool = False  # the error was put there by a fault plan
-
-
-class PackedExecutor:
-    """Mean logits of any subset of modules in one call of the packed graph.
-
-    With the packed core and a cache budget, the weights gathered for a subset that is asked
-    for again (a budget on the anytime order, a specialist) are kept, newest first, and later
-    calls feed them to the core: the gather, a copy of b modules' weights per call, is skipped.
-    """
-
-    def __init__(
-        self,
-        session: ort.InferenceSession,
-        input_name: str,
-        index_name: str,
-        output_name: str,
-    ):
-        self.session = session
-        self.core: ort.InferenceSession | None = None
-        self._input, self._index, self._output = input_name, index_name, output_name
-        self._weights: list[str] = []
-        self.cache_bytes = 0
-        self._cache: OrderedDict[bytes, dict[str, np.ndarray]] = OrderedDict()
-        self._cached_bytes = 0
-        self._lock = threading.Lock()
-        self.hits = self.misses = 0
-
-    def attach_core(self, core: ort.InferenceSession, weight_names: Sequence[str], cache_bytes: int) -> None:
-        """Cache gathered weights (up to `cache_bytes`) and run `core` on them."""
-        self.core, self._weights, self.cache_bytes = core, list(weight_names), cache_bytes
-
-    def run(self, ids: Sequence[int] | np.ndarray, x: np.ndarray, *, cacheable: bool = False) -> np.ndarray:
-        """Mean of modules `ids`' logits on x: (N, K). Raises whatever ONNX Runtime raises.
-
-        `cacheable`: this subset is likely to be asked for again; keep its gathered weights.
-        """
-        index = ids if isinstance(ids, np.ndarray) else np.array(ids, dtype=np.int64)
-        if not (cacheable and self.cache_bytes):
-            out: np.ndarray = self.session.run([self._output], {self._input: x, self._index: index})[0]
-            return out
-        key = index.tobytes()
-        with self._lock:
-            weights = self._cache.get(key)
-            if weights is not None:
-                self._cache.move_to_end(key)
-                self.hits += 1
-        if weights is not None:
-            assert self.core is not None
-            out = self.core.run([self._output], {self._input: x, **weights})[0]
-            return out
-        logits, *gathered = self.session.run([self._output, *self._weights], {self._input: x, self._index: index})
-        self._keep(key, dict(zip(self._weights, gathered, strict=True)))
-        result: np.ndarray = logits
-        return result
-
-    def _keep(self, key: bytes, weights: dict[str, np.ndarray]) -> None:
-        size = sum(w.nbytes for w in weights.values())
-        with self._lock:
-            self.misses += 1
-            if size > self.cache_bytes or key in self._cache:
-                return
-            while self._cached_bytes + size > self.cache_bytes:
-                _, old = self._cache.popitem(last=False)
-                self._cached_bytes -= sum(w.nbytes for w in old.values())
-            self._cache[key] = weights
-            self._cached_bytes += size
 
 
 @dataclass

@@ -25,8 +25,9 @@ from pathlib import Path
 from typing import Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from quorum.core.tasks import Task, get_task, list_tasks
 from quorum.runtime.errors import BundleError
 
 __all__ = [
@@ -43,7 +44,6 @@ __all__ = [
     "OutputSpec",
     "PackedEntry",
     "SpecialistEntry",
-    "TaskKind",
     "TaskSpec",
     "TrainingInfo",
     "TrunkEntry",
@@ -71,23 +71,33 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-TaskKind = Literal["classification", "regression", "count"]
-
-
 class TaskSpec(_Strict):
-    """classification: K classes; regression (Gaussian targets) or count (Poisson targets): D outputs."""
+    """A task with classes (classification: K of them) or with D outputs (regression: Gaussian
+    targets; count: Poisson targets); `quorum.core.tasks` defines each."""
 
-    kind: TaskKind = "classification"
+    kind: str = Field("classification", description="A registered task: classification, regression or count.")
     class_names: list[str] = Field(default_factory=list, description="classification: class k's name.")
     target_names: list[str] = Field(default_factory=list, description="regression, count: output d's name.")
 
+    @field_validator("kind")
+    @classmethod
+    def _known(cls, kind: str) -> str:
+        if kind not in list_tasks():
+            raise ValueError(f"unknown task {kind!r}; this Quorum knows {', '.join(list_tasks())}")
+        return kind
+
     @model_validator(mode="after")
     def _names(self) -> TaskSpec:
-        if self.kind == "classification" and (len(self.class_names) < 2 or self.target_names):
-            raise ValueError("a classification task names its classes (>= 2) in class_names, and no target_names")
-        if self.kind != "classification" and (not self.target_names or self.class_names):
+        if self.task.has_classes and (len(self.class_names) < 2 or self.target_names):
+            raise ValueError(f"a {self.kind} task names its classes (>= 2) in class_names, and no target_names")
+        if not self.task.has_classes and (not self.target_names or self.class_names):
             raise ValueError(f"a {self.kind} task names its outputs in target_names, and no class_names")
         return self
+
+    @property
+    def task(self) -> Task:
+        """The task itself: its combiner, metric and answers."""
+        return get_task(self.kind)
 
     @property
     def num_outputs(self) -> int:
@@ -121,7 +131,7 @@ class OutputSpec(_Strict):
     """
 
     name: str = Field(description="Output tensor name of every module graph: (N, K) logits or (N, D) parameters.")
-    combiner: Literal["mean_logits_softmax", "mean", "mean_exp"] = "mean_logits_softmax"
+    combiner: str = Field("mean_logits_softmax", description="The task's combiner (quorum.core.tasks).")
     target_scale: list[float] | None = Field(None, description="mean: per output, the training targets' std.")
     target_shift: list[float] | None = Field(None, description="mean: per output, the training targets' mean.")
 
@@ -236,13 +246,13 @@ class Manifest(_Strict):
             raise ValueError("anytime_order must be a permutation of the module ids")
         if self.training.num_modules != len(ids):
             raise ValueError("training.num_modules disagrees with the module list")
-        combiner = {"classification": "mean_logits_softmax", "regression": "mean", "count": "mean_exp"}[self.task.kind]
-        if self.output.combiner != combiner:
-            raise ValueError(f"a {self.task.kind} task combines its modules with {combiner!r}")
+        task = self.task.task
+        if self.output.combiner != task.combiner:
+            raise ValueError(f"a {task.kind} task combines its modules with {task.combiner!r}")
         scales = (self.output.target_scale, self.output.target_shift)
-        if combiner == "mean" and any(v is None or len(v) != self.num_classes for v in scales):
+        if task.standardizes_targets and any(v is None or len(v) != self.num_classes for v in scales):
             raise ValueError("output.target_scale and target_shift need one entry per output")
-        if self.specialists and self.task.kind != "classification":
+        if self.specialists and not task.has_classes:
             raise ValueError("specialist subsets answer one-vs-all class questions: classification only")
         if self.specialists:
             names = self.task.class_names

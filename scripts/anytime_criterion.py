@@ -20,10 +20,10 @@ from functools import partial
 import numpy as np
 import torch
 
+from quorum.exporter.selection import classifier_anytime_order, classifier_order_steps, greedy_anytime_order
 from quorum.trainer.data import load_fashion_mnist
 from quorum.trainer.evaluate import module_logits
 from quorum.trainer.run import load_run
-from quorum.trainer.selection import classifier_anytime_order, classifier_order_steps, greedy_anytime_order
 
 
 @torch.no_grad()

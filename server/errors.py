@@ -10,9 +10,12 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from quorum.runtime.errors import QuorumError
+from quorum.runtime.errors import BundleError, InvalidRequest, NoModulesAvailable, QuorumError
 
-__all__ = ["ApiError", "describe_validation_errors", "install_error_handlers"]
+__all__ = ["ApiError", "describe_validation_errors", "install_error_handlers", "status_of"]
+
+# The HTTP status of each runtime error: the caller's mistake, nothing can answer, the bundle is broken.
+STATUS: dict[type[QuorumError], int] = {InvalidRequest: 422, NoModulesAvailable: 503, BundleError: 500}
 
 log = logging.getLogger(__name__)
 
@@ -23,6 +26,14 @@ class ApiError(Exception):
     def __init__(self, status_code: int, message: str):
         super().__init__(message)
         self.status_code = status_code
+
+
+def status_of(exc: QuorumError) -> int:
+    """The HTTP status of a runtime error: that of its nearest class in STATUS, else 500."""
+    for cls in type(exc).__mro__:
+        if cls in STATUS:
+            return STATUS[cls]
+    return 500
 
 
 def _error(status: int, message: str) -> JSONResponse:
@@ -45,7 +56,7 @@ def describe_validation_errors(errors: list[dict[str, Any]]) -> str:
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(QuorumError)
     async def _domain(_: Request, exc: QuorumError) -> JSONResponse:
-        return _error(exc.status_code, str(exc))
+        return _error(status_of(exc), str(exc))
 
     @app.exception_handler(ApiError)
     async def _api(_: Request, exc: ApiError) -> JSONResponse:

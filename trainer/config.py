@@ -7,10 +7,11 @@ from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
+from quorum.core.tasks import Task, get_task
 from quorum.trainer.checkpoint import atomic_write_text
 from quorum.trainer.errors import ConfigError, RunDirError
 from quorum.trainer.loss import check_lambda
-from quorum.trainer.models import list_archs
+from quorum.trainer.models import arch_info, list_archs
 
 __all__ = ["RESUMABLE_OVERRIDES", "TrainConfig", "default_lr"]
 
@@ -18,28 +19,30 @@ __all__ = ["RESUMABLE_OVERRIDES", "TrainConfig", "default_lr"]
 # not what is being trained.
 RESUMABLE_OVERRIDES = frozenset({"epochs", "device", "data_dir", "patience", "log_every"})
 
-DATASETS = ("fashion-mnist", "cifar10", "cifar100", "diabetes", "linnerud")
-# The target family of each dataset: the modular loss's exponential family (joint-training paper, Table 1).
-FAMILIES = {"diabetes": "gaussian", "linnerud": "poisson"}
+# The task of each dataset's targets, which fixes the modular loss's exponential family (joint-training paper, Table 1).
+DATASET_TASKS = {
+    "fashion-mnist": "classification",
+    "cifar10": "classification",
+    "cifar100": "classification",
+    "diabetes": "regression",
+    "linnerud": "count",
+}
+DATASETS = tuple(DATASET_TASKS)
 LOSSES = ("modular", "mcl")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
 
-def default_lr(num_modules: int, lam: float, arch: str = "mlp", family: str = "categorical") -> float:
-    """SGD learning rate (momentum 0.9): 0.02*M for the MLPs, 0.1*M for the convolutional modules.
+def default_lr(num_modules: int, arch: str = "mlp", task: Task | None = None) -> float:
+    """SGD learning rate (momentum 0.9): a rate per module times M.
 
     By eq. (8) the gradient reaching each module's logits carries a factor 1/M, so the rate
     scales with M: 0.1*M trains each convolutional module as the papers' rate of 0.1 trains one
-    network alone. Poisson targets take 0.0002*M: their gradient carries the predicted
-    counts, not probabilities. For the MLPs on Fashion-MNIST the authors' runs cut the rate to a third for
-    lambda >= 0.99; measured here (docs/RESULTS.md, "Default learning rate") that cut is worse
-    after 10 epochs and no better after 40, at every lambda in {0.95, 0.99, 1}, so `lam` does
-    not change the default.
+    network alone; the MLPs take 0.02*M (the architecture's `lr_per_module`). A task may set its
+    own (counts: 0.0002*M, their gradient carries the predicted counts). λ does not change it
+    (docs/RESULTS.md, "Default learning rate").
     """
-    del lam  # kept in the signature: the rate is a function of the configuration
-    if family == "poisson":  # the gradient carries the predicted counts (tens to hundreds): a smaller step
-        return 0.0002 * num_modules
-    return (0.02 if arch == "mlp" else 0.1) * num_modules
+    per_module = task.lr_per_module if task is not None and task.lr_per_module is not None else None
+    return (per_module if per_module is not None else arch_info(arch).lr_per_module) * num_modules
 
 
 @dataclass
@@ -59,7 +62,7 @@ class TrainConfig:
     weight_decay: float = 0.0  # as for one module trained alone at lr / M (applied as weight_decay / M)
     lam: float = 0.99  # modular-loss coefficient lambda in [0, 1]
     epochs: int = 10  # epochs to train (early stopping keeps the best one)
-    lr: float | None = None  # SGD learning rate; None -> default_lr(modules, lam)
+    lr: float | None = None  # SGD learning rate; None -> default_lr(modules, arch, task)
     momentum: float = 0.9  # SGD momentum, as in the papers
     batch_size: int = 100  # minibatch size, as in the papers
     seed: int = 0  # seeds the train/validation split, the subset, the init and the shuffles
@@ -104,45 +107,29 @@ class TrainConfig:
             raise ConfigError(f"--device must be auto, cpu or cuda, got {self.device!r}")
         if self.dataset not in DATASETS:
             raise ConfigError(f"unknown --dataset {self.dataset!r}; choose one of {', '.join(DATASETS)}")
-        if self.family != "categorical" and (self.arch != "mlp" or self.loss != "modular"):
+        if not self.task.has_classes and (arch_info(self.arch).image_input or self.loss != "modular"):
             raise ConfigError(
-                f"--dataset {self.dataset} has {self.family} targets: train it with --arch mlp and the modular loss"
+                f"--dataset {self.dataset} has {self.task.family} targets ({self.task.kind}): train it on flat "
+                "features (--arch mlp) with the modular loss"
             )
 
     @property
-    def family(self) -> str:
-        """The targets' exponential family: categorical (classes), gaussian (regression), poisson (counts)."""
-        return FAMILIES.get(self.dataset, "categorical")
+    def task(self) -> Task:
+        """What the dataset's targets are: classes, real values (Gaussian) or counts (Poisson)."""
+        return get_task(DATASET_TASKS[self.dataset])
 
     @property
     def learning_rate(self) -> float:
-        return self.lr if self.lr is not None else default_lr(self.modules, self.lam, self.arch, self.family)
+        return self.lr if self.lr is not None else default_lr(self.modules, self.arch, self.task)
 
     @property
     def name(self) -> str:
         """The papers' naming, e.g. 256-M-4-H, DN-64-6-16, 16-M-convnet-16.32.32-s2.2.1."""
-        if self.arch == "mlp":
-            return f"{self.modules}-M-{self.hidden}-H"
-        if self.arch == "densenet_bc":
-            return f"DN-{self.depth}-{self.growth}-{self.modules}"
-        strides = f"-s{self.strides.replace(',', '.')}" if self.strides else ""
-        split = f"-split{self.split}" if self.arch == "treenet" and self.split else ""
-        return f"{self.modules}-M-{self.arch}-{self.filters.replace(',', '.')}{strides}{split}"
+        return arch_info(self.arch).label(self.modules, self.arch_params())
 
     def arch_params(self) -> dict[str, int | str]:
-        """The options of this run's architecture, as `create` takes them and the manifest records them."""
-        if self.arch == "mlp":
-            return {"hidden": self.hidden}
-        if self.arch == "densenet_bc":
-            return {"depth": self.depth, "growth": self.growth}
-        params: dict[str, int | str] = {"filters": self.filters}
-        if self.strides is not None:
-            params["strides"] = self.strides
-        if self.padding is not None:
-            params["padding"] = self.padding
-        if self.arch == "treenet":
-            params["split"] = self.split
-        return params
+        """The options of this run's architecture that are set, as `create` takes them and the manifest records them."""
+        return {k: getattr(self, k) for k in arch_info(self.arch).options if getattr(self, k) is not None}
 
     @property
     def use_augment(self) -> bool:

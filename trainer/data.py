@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-# The raw, torch-free reading lives in quorum.datasets; its names stay importable from here.
-from quorum.datasets import (
+# The raw, torch-free reading lives in quorum.core.datasets; its names stay importable from here.
+from quorum.core.datasets import (
     DATA_DIR_ENV,
     DEBIAN_PACKAGE,
     DEFAULT_DATA_DIR,
@@ -24,6 +24,7 @@ from quorum.datasets import (
     read_idx,
     resolve_data_dir,
 )
+from quorum.core.tasks import get_task
 from quorum.trainer.errors import ConfigError, DataError
 
 __all__ = [
@@ -87,7 +88,7 @@ class Splits:
     norm: Normalization
     class_names: tuple[str, ...]  # classification; empty for regression and count tasks
     image_shape: tuple[int, ...] = (1, 28, 28)  # (C, H, W) of one input; (F,) for tabular data
-    task: str = "classification"  # classification | regression (Gaussian targets) | count (Poisson targets)
+    task: str = "classification"  # the targets' task kind (quorum.core.tasks): classification | regression | count
     target_names: tuple[str, ...] = ()  # regression, count: the D outputs
     target_shift: tuple[float, ...] = ()  # regression: y was standardized as (y - shift) / scale
     target_scale: tuple[float, ...] = ()
@@ -266,8 +267,9 @@ def load_tabular(name: str, *, val_size: int = 10_000, subset: int | None = None
         mean=tuple(float(v) for v in x[train_idx].mean(axis=0)),
         std=tuple(float(v) if v > 0 else 1.0 for v in std),
     )
-    shift = tuple(float(v) for v in y[train_idx].mean(axis=0)) if task == "regression" else ()
-    scale = tuple(float(v) for v in y[train_idx].std(axis=0)) if task == "regression" else ()
+    standardize = get_task(task).standardizes_targets
+    shift = tuple(float(v) for v in y[train_idx].mean(axis=0)) if standardize else ()
+    scale = tuple(float(v) for v in y[train_idx].std(axis=0)) if standardize else ()
 
     def split(idx: np.ndarray) -> Split:
         target = (y[idx] - np.array(shift, np.float32)) / np.array(scale, np.float32) if shift else y[idx]

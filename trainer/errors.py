@@ -2,19 +2,17 @@
 
 from __future__ import annotations
 
+from quorum.core.errors import DataError, QuorumError
+
 __all__ = ["ConfigError", "DataError", "RunDirError", "TrainerError"]
 
 
-class TrainerError(Exception):
+class TrainerError(QuorumError):
     """Base class for every error the trainer raises on purpose."""
 
 
 class ConfigError(TrainerError, ValueError):
     """A training option is out of range or inconsistent."""
-
-
-class DataError(TrainerError):
-    """The dataset is missing or malformed."""
 
 
 class RunDirError(TrainerError):

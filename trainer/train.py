@@ -32,7 +32,7 @@ from quorum.trainer.data import Splits, augment, load_dataset
 from quorum.trainer.diagnostics import check_dominance, oracle_accuracy
 from quorum.trainer.errors import ConfigError, RunDirError, TrainerError
 from quorum.trainer.evaluate import evaluate_outputs, module_logits
-from quorum.trainer.loss import family_loss, mcl_loss, modular_loss
+from quorum.trainer.loss import mcl_loss, modular_loss
 from quorum.trainer.models import Ensemble, create, takes_images
 
 __all__ = [
@@ -102,9 +102,8 @@ def loss_for_epoch(cfg: TrainConfig, epoch: int) -> Callable[[torch.Tensor, torc
         if epoch < cfg.pretrain_epochs:
             return lambda logits, y: modular_loss(logits, y, 0.0)
         return lambda logits, y: mcl_loss(logits, y, cfg.mcl_k)
-    if cfg.family != "categorical":
-        return lambda eta, y: family_loss(cfg.family, eta, y, cfg.lam)
-    return lambda logits, y: modular_loss(logits, y, cfg.lam)
+    task = cfg.task
+    return lambda eta, y: task.modular_loss(eta, y, cfg.lam)
 
 
 def train_epoch(
@@ -189,10 +188,10 @@ def train(cfg: TrainConfig, out_dir: str | Path, *, resume: bool = False, progre
 
     torch.manual_seed(cfg.seed)  # the same init for every lambda of a seed
     model = build_model(cfg, in_shape, data.num_outputs).to(device)
-    if cfg.family == "poisson":  # start every module at the mean count: exp(eta) far off it diverges at once
-        bias = model.get_parameter("b2")  # the MLP's output biases (M, D); counts train MLPs only
+    if (eta0 := cfg.task.initial_eta(data.train.y)) is not None:  # e.g. counts: exp(eta) far off diverges at once
+        bias = model.get_parameter("b2")  # the MLP's output biases (M, D); non-class targets train MLPs only
         with torch.no_grad():
-            bias.copy_(torch.log(data.train.y.mean(dim=0).clamp_min(1e-3)).expand_as(bias))
+            bias.copy_(eta0.expand_as(bias))
     if len(in_shape) == 3:
         # Grouped convolutions run far faster channels-last, on cuDNN and on the CPU alike
         # (DN-64-6-16 on 2 CPU cores: 20 s -> 6 s for a batch of 16, forward and backward).
@@ -269,8 +268,8 @@ def train(cfg: TrainConfig, out_dir: str | Path, *, resume: bool = False, progre
             )
 
         val_logits = module_logits(model, x_val)
-        ev = evaluate_outputs(val_logits, y_val, cfg.family, data.target_scale)
-        classes = cfg.family == "categorical"
+        ev = evaluate_outputs(val_logits, y_val, cfg.task, data.target_scale)
+        classes = cfg.task.has_classes
         module_errors = ev.module_errors.tolist()  # (M,)
         record: dict[str, Any] = {
             "epoch": epoch + 1,

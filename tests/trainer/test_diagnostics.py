@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from quorum.cli import main
+from quorum.experiments.report import dominance_from_metrics
 from quorum.trainer.checkpoint import read_jsonl, write_jsonl
 from quorum.trainer.diagnostics import Dominance, check_dominance, entropy_stats, oracle_accuracy, suggest_lambda
-from quorum.trainer.report import dominance_from_metrics
 
 LN10 = math.log(10)
 

@@ -78,8 +78,11 @@ def test_patience_stops_early(tmp_path: Path, data_dir: Path):
 
 
 def test_default_learning_rate_scales_with_modules():
-    assert default_lr(256, 0.95) == pytest.approx(0.02 * 256) == default_lr(256, 0.99)
-    assert default_lr(1, 0.5) == pytest.approx(0.02)
+    assert default_lr(256) == pytest.approx(0.02 * 256)
+    assert default_lr(1) == pytest.approx(0.02)
+    assert default_lr(8, "convnet") == pytest.approx(0.8)
+    assert TrainConfig(dataset="linnerud", modules=8).learning_rate == pytest.approx(0.0016)
+    assert TrainConfig(modules=256, lam=0.95).learning_rate == TrainConfig(modules=256, lam=1.0).learning_rate
     assert TrainConfig(modules=16).learning_rate == pytest.approx(0.32)
     assert TrainConfig(modules=16, lr=0.1).learning_rate == 0.1
 

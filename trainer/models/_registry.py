@@ -1,20 +1,23 @@
-"""The architecture registry: `register`, `create`, `list_archs`.
+"""The architecture registry: `register`, `create`, `list_archs`, `arch_info`.
 
 Every architecture is one batched model of M same-shaped modules whose `forward` returns
 logits (B, M, K), and which can hand out module j as a standalone `nn.Module` for export.
-The trainer, the exporter and the tests all iterate over the names registered here.
+The trainer, the exporter and the tests all iterate over the names registered here, and ask
+`arch_info(name)` what an architecture can do (its options, default rate, packed graph)
+instead of comparing names.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from torch import nn
 
 from quorum.trainer.errors import ConfigError
 
-__all__ = ["Ensemble", "create", "list_archs", "register", "takes_images"]
+__all__ = ["ArchInfo", "Ensemble", "arch_info", "create", "list_archs", "register", "takes_images"]
 
 
 class Ensemble(nn.Module):
@@ -63,30 +66,55 @@ class Ensemble(nn.Module):
             raise IndexError(f"module {j} out of range 0..{self.num_modules - 1}")
 
 
+@dataclass(frozen=True)
+class ArchInfo:
+    """What an architecture can do, for the trainer, the exporter and the CLI."""
+
+    name: str
+    factory: Callable[..., Any]
+    options: tuple[str, ...]  # TrainConfig fields it takes: create()'s keywords, the manifest's arch_params
+    label: Callable[[int, Mapping[str, Any]], str]  # the papers' name from M and its options, e.g. 256-M-4-H
+    image_input: bool = False  # its modules take (C, H, W) images, not flat vectors
+    packable: bool = False  # the exporter writes the packed graph (every module in one graph) for it
+    lr_per_module: float = 0.1  # default SGD rate per module: the rate scales with M (eq. 8's 1/M)
+
+
 _F = TypeVar("_F", bound=Callable[..., Any])
-_REGISTRY: dict[str, Callable[..., Any]] = {}
-_IMAGE_INPUT: set[str] = set()
+_REGISTRY: dict[str, ArchInfo] = {}
 
 
-def register(name: str, *, image_input: bool = False) -> Callable[[_F], _F]:
-    """Class or factory decorator: make an architecture available to `create(name, ...)`.
-
-    `image_input`: its modules take (C, H, W) images, not flat vectors."""
+def register(
+    name: str,
+    *,
+    options: tuple[str, ...],
+    label: Callable[[int, Mapping[str, Any]], str],
+    image_input: bool = False,
+    packable: bool = False,
+    lr_per_module: float = 0.1,
+) -> Callable[[_F], _F]:
+    """Class or factory decorator: make an architecture available to `create(name, ...)`; the
+    keywords are its `ArchInfo`."""
 
     def wrap(factory: _F) -> _F:
         if name in _REGISTRY:
             raise ValueError(f"architecture {name!r} is registered twice")
-        _REGISTRY[name] = factory
-        if image_input:
-            _IMAGE_INPUT.add(name)
+        _REGISTRY[name] = ArchInfo(name, factory, options, label, image_input, packable, lr_per_module)
         return factory
 
     return wrap
 
 
+def arch_info(name: str) -> ArchInfo:
+    """What architecture `name` can do; ConfigError names the registered ones."""
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise ConfigError(f"unknown architecture {name!r}; choose one of {', '.join(list_archs())}") from None
+
+
 def takes_images(name: str) -> bool:
     """Whether architecture `name` takes (C, H, W) images rather than flat vectors."""
-    return name in _IMAGE_INPUT
+    return arch_info(name).image_input
 
 
 def list_archs() -> list[str]:
@@ -96,10 +124,6 @@ def list_archs() -> list[str]:
 
 def create(name: str, **kwargs: Any) -> Ensemble:
     """Build the batched ensemble registered as `name`."""
-    try:
-        factory = _REGISTRY[name]
-    except KeyError:
-        raise ConfigError(f"unknown architecture {name!r}; choose one of {', '.join(list_archs())}") from None
-    model = factory(**kwargs)
+    model = arch_info(name).factory(**kwargs)
     assert isinstance(model, Ensemble), f"{name} must build an Ensemble"
     return model

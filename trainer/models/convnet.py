@@ -14,6 +14,7 @@ per request.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -168,13 +169,24 @@ class BatchedConvNet(Ensemble):
         return f"{self.num_modules}-M {kind} {','.join(map(str, self.filters))}"
 
 
-@register("convnet", image_input=True)
+def _label(arch: str) -> Callable[[int, Mapping[str, Any]], str]:
+    """The name of a run, e.g. 16-M-convnet-16.32.32-s2.2.1 or 8-M-treenet-8.16-split1."""
+
+    def label(m: int, o: Mapping[str, Any]) -> str:
+        strides = f"-s{o['strides'].replace(',', '.')}" if o.get("strides") else ""
+        split = f"-split{o['split']}" if o.get("split") else ""
+        return f"{m}-M-{arch}-{o['filters'].replace(',', '.')}{strides}{split}"
+
+    return label
+
+
+@register("convnet", options=("filters", "strides", "padding"), label=_label("convnet"), image_input=True)
 def convnet(**kwargs: Any) -> BatchedConvNet:
     kwargs.pop("split", None)
     return BatchedConvNet(**kwargs)
 
 
-@register("treenet", image_input=True)
+@register("treenet", options=("filters", "strides", "padding", "split"), label=_label("treenet"), image_input=True)
 def treenet(**kwargs: Any) -> BatchedConvNet:
     if not kwargs.get("split"):
         layers = len(resolve_convnet(kwargs.get("filters", "cifar10"), kwargs.get("strides"), None)[0])

@@ -91,7 +91,12 @@ class _Transition(nn.Module):
         return nn.Sequential(bn_of(self.bn, j, M), nn.ReLU(), conv_of(self.conv, j, M), nn.AvgPool2d(2))
 
 
-@register("densenet_bc", image_input=True)
+@register(
+    "densenet_bc",
+    options=("depth", "growth"),
+    label=lambda m, o: f"DN-{o['depth']}-{o['growth']}-{m}",
+    image_input=True,
+)
 class BatchedDenseNetBC(Ensemble):
     """M DenseNet-BC modules.
 

@@ -22,7 +22,7 @@ from quorum.trainer.models._registry import Ensemble, register
 __all__ = ["BatchedMLP"]
 
 
-@register("mlp")
+@register("mlp", options=("hidden",), label=lambda m, o: f"{m}-M-{o['hidden']}-H", packable=True, lr_per_module=0.02)
 class BatchedMLP(Ensemble):
     """M modules of `in -> hidden (ReLU) -> classes`, initialized as M `nn.Linear` pairs would be.
 

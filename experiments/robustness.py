@@ -1,8 +1,8 @@
 """Robustness to module removal (Webb et al., Fig. 4), the anytime order against random subsets,
 and a CI gate on both.
 
-    reports = run_robustness(["bundles/lam0", "bundles/lam099"], "reports/robust",
-                             RobustnessConfig(trials=20), [Requirement.parse("drop=0.5:acc>=0.85")])
+    report = evaluate(Engine.load("bundles/lam099"), x_raw, labels, RobustnessConfig(trials=20),
+                      [Requirement.parse("drop=0.5:acc>=0.85")])
 
 Every healthy module's logits on the split are computed once through ONNX Runtime; every
 sub-ensemble after that is numpy arithmetic: a subset S predicts the argmax of the mean of its
@@ -11,21 +11,16 @@ members' logits, the bundle's combiner. No torch here: a device's CI runs this w
 
 from __future__ import annotations
 
-import json
 import operator
-import os
 import re
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
-from datetime import UTC, datetime
-from pathlib import Path
+from dataclasses import dataclass, field
 from typing import Literal
 
 import numpy as np
 from tqdm import tqdm
 
-from quorum.datasets import load_raw
-from quorum.robustness_report import plot_reports
+from quorum.core.tasks import get_task
 from quorum.runtime.engine import Engine
 from quorum.runtime.errors import BundleError, InvalidRequest
 from quorum.runtime.plan import drop_count
@@ -43,11 +38,8 @@ __all__ = [
     "evaluate",
     "paired_margin",
     "removal_grid",
-    "run_robustness",
 ]
 
-JSON_FILE = "robustness.json"
-PNG_FILE = "robustness.png"
 REQUIRE_SYNTAX = (
     'drop=D:METRIC OP VALUE, e.g. "drop=0.5:acc>=0.85" or "drop=200:min_acc>0.7"; D is a fraction in [0, 1) '
     "or a whole count of modules removed at random, METRIC is acc (mean over trials) or min_acc (worst trial), "
@@ -262,7 +254,7 @@ def bundle_module_logits(engine: Engine, x_raw: np.ndarray, ids: list[int], prog
 
     `x_raw` are Fashion-MNIST images, flat or not: they are shaped as the bundle's modules take them."""
     m = engine.manifest
-    if m.task.kind != "classification" or m.training.dataset != "fashion-mnist":
+    if not get_task(m.task.kind).has_classes or m.training.dataset != "fashion-mnist":
         raise BundleError(
             f"bundle {m.name!r} is a {m.training.dataset} {m.task.kind} model; robustness curves and specialist "
             "comparisons are measured on Fashion-MNIST classifiers"
@@ -346,46 +338,3 @@ def evaluate(
         ordered_worse_at=[points[r].modules for r in grid if r > 0 and points[r].resolvably_worse],
         checks=checks,
     )
-
-
-def run_robustness(
-    bundles: Sequence[str | os.PathLike[str]],
-    out_dir: str | os.PathLike[str],
-    cfg: RobustnessConfig | None = None,
-    requirements: Sequence[Requirement] = (),
-    *,
-    data_dir: str | os.PathLike[str] | None = None,
-    progress: bool = True,
-) -> list[BundleReport]:
-    """Evaluate every bundle on Fashion-MNIST; write `robustness.json` and `robustness.png` to `out_dir`."""
-    cfg = cfg or RobustnessConfig()
-    if not bundles:
-        raise InvalidRequest("give at least one bundle directory")
-    x_raw, labels = load_raw(data_dir)[cfg.split]
-    if cfg.limit is not None:
-        x_raw, labels = x_raw[: cfg.limit], labels[: cfg.limit]
-    engines = [Engine.load(b, device=cfg.device) for b in bundles]  # every bundle verified before the slow part
-    for engine in engines:
-        for req in requirements:
-            try:
-                req.removed(len(engine.healthy_ids))
-            except InvalidRequest as e:
-                raise InvalidRequest(f"{engine.bundle_dir}: {e}") from None
-    reports = [evaluate(e, x_raw, labels, cfg, requirements, progress=progress) for e in engines]
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    doc = {
-        "format": "quorum-robustness",
-        "version": 1,
-        "created": datetime.now(UTC).isoformat(timespec="seconds"),
-        "split": cfg.split,
-        "images": len(labels),
-        "trials": cfg.trials,
-        "seed": cfg.seed,
-        "requirements": [r.text for r in requirements],
-        "passed": all(c.passed for r in reports for c in r.checks),
-        "bundles": [asdict(r) for r in reports],
-    }
-    (out / JSON_FILE).write_text(json.dumps(doc, indent=2) + "\n")
-    plot_reports(reports, out / PNG_FILE, split=cfg.split)
-    return reports

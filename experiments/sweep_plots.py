@@ -12,7 +12,7 @@ from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from quorum.trainer.sweep_results import Cell
+from quorum.experiments.sweep_results import Cell
 
 __all__ = ["plot_error", "plot_nll"]
 

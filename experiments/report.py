@@ -18,6 +18,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from quorum.core.tasks import get_task
 from quorum.trainer.checkpoint import atomic_write_text
 from quorum.trainer.diagnostics import Dominance, EntropyStats, check_dominance, entropy_stats, oracle_accuracy
 from quorum.trainer.errors import RunDirError
@@ -199,7 +200,7 @@ def make_report(run_dir: str | Path, out_dir: str | Path | None = None, *, data_
     """Write `report.png` and `report.json` for the run in `run_dir` to `out_dir` (default: the run)."""
     run_dir = Path(run_dir)
     run = load_best(run_dir)
-    if run.task != "classification":
+    if not get_task(run.task).has_classes:
         raise RunDirError(
             f"{run_dir} is a {run.task} run; the report (errors, entropies, dominance) covers classifiers"
         )

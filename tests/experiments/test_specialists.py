@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from quorum.cli import main
-from quorum.trainer.specialists import METHODS, SpecialistsConfig, compare_specialists, halves
+from quorum.experiments.specialists import METHODS, SpecialistsConfig, compare_specialists, halves
 
 LIMIT = 2000
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from quorum.trainer.selection import (
+from quorum.exporter.selection import (
     best_of_random_specialist,
     ensemble_f1,
     f1_score,
@@ -72,7 +72,7 @@ def test_brier_order_is_not_decided_by_a_few_confident_mistakes():
 
 
 def test_brier_score_of_the_prefix_matches_its_definition():
-    from quorum.trainer.selection import _prefix_loss
+    from quorum.exporter.selection import _prefix_loss
 
     logits, y = _noise(6)
     mean = torch.from_numpy(logits)  # each module its own one-module "prefix"

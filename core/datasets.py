@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from quorum.trainer.errors import DataError  # torch-free: the trainer's errors import nothing
+from quorum.core.errors import DataError
 
 __all__ = [
     "DATA_DIR_ENV",

@@ -30,11 +30,9 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from quorum.datasets import load_raw
-from quorum.robustness import bundle_module_logits
-from quorum.runtime.engine import Engine
-from quorum.trainer.checkpoint import atomic_write_text
-from quorum.trainer.selection import (
+from quorum.core.datasets import load_raw
+from quorum.experiments.robustness import bundle_module_logits
+from quorum.exporter.selection import (
     SPECIALIST_CRITERION,
     best_of_random_specialist,
     ensemble_f1,
@@ -43,6 +41,8 @@ from quorum.trainer.selection import (
     one_vs_all_counts,
     random_subsets_f1,
 )
+from quorum.runtime.engine import Engine
+from quorum.trainer.checkpoint import atomic_write_text
 
 __all__ = ["METHODS", "BundleSpecialists", "SpecialistsConfig", "compare_specialists", "run_specialists"]
 

@@ -30,6 +30,7 @@ from quorum.trainer.config import TrainConfig
 from quorum.trainer.data import load_raw
 from quorum.trainer.errors import RunDirError
 from quorum.trainer.evaluate import evaluate_logits, module_logits
+from quorum.trainer.models import arch_info
 from quorum.trainer.run import load_best
 from quorum.trainer.train import build_model, resolve_device
 
@@ -140,7 +141,7 @@ def compute_result(run_dir: Path, *, data_dir: str | None = None) -> RunResult:
     result = RunResult(
         config=cfg.name,
         modules=cfg.modules,
-        hidden=cfg.hidden if cfg.arch == "mlp" else None,
+        hidden=cfg.hidden if "hidden" in arch_info(cfg.arch).options else None,
         lam=cfg.lam,
         lam_independent=cfg.modules == 1,
         seed=cfg.seed,

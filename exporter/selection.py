@@ -2,36 +2,23 @@
 
 Two questions, both answered from every module's logits (N, M, K) and labels (N,), given as
 numpy arrays or torch tensors (the work runs in torch: thousands of candidate sub-ensembles
-are scored per step, and torch's threaded softmax is several times faster than numpy's):
+are scored per step):
 
 - **Anytime order** (`greedy_anytime_order`): a permutation of the modules such that every
-  prefix is a strong sub-ensemble, so that `budget=b` runs the first b. The first M/2 by
-  greedy forward selection: first the module with the fewest errors alone (a lone module's
-  Brier score can prefer one that is barely confident about anything), then each step up to
-  M/4 adds the module that most lowers the prefix ensemble's Brier score (the squared error
-  of its class probabilities). A proper score,
-  like the log-likelihood, and smooth, unlike accuracy (which ties constantly among
-  hundreds of 4-unit modules, making the first, most important steps arbitrary); unlike
-  the log-likelihood it is bounded, so that the few confident mistakes of near-joint
-  (high λ, long-trained) ensembles do not decide each step. Each step up to M/2 then adds the
-  module that brings the prefix's probabilities closest to those of all M modules, and the
-  second half is built backwards from all M: each step removes the module whose absence moves
-  the whole ensemble's probabilities least, and the order ends with the first removed. Past a
-  quarter of the modules the differences between candidates are a few images of the
-  validation split; a label-free target that every image informs does not fit those few
-  images; and elimination chooses each large prefix directly, as the whole less what it needs
-  least, where growing towards the whole reaches it only at the last step. Orders chosen this
-  way on one half of a validation split lose to random subsets on the other half at fewer
-  budgets than forward-only orders (5 against 16 over nine runs and halvings; those lost at
-  fewer than Brier-only orders, which lose at fewer than log-likelihood or accuracy orders).
-  On the test split the forward and backward tails are level within a few images
-  (scripts/anytime_criterion.py; docs/RESULTS.md).
+  prefix is a strong sub-ensemble, so that `budget=b` runs the first b. For a classifier
+  (`classifier_anytime_order`, what `quorum export` ships): the module with the fewest errors
+  first; then, up to M/4, the module that most lowers the prefix's Brier score (proper, smooth
+  and bounded, so a few confident mistakes do not decide a step); then, up to M/2, the module
+  that brings the prefix's probabilities closest to the whole ensemble's; the rest by backward
+  elimination from all M, so that each long prefix is the whole less what it needs least.
+  Regression and count targets: forward selection on the task's NLL. docs/RESULTS.md compares
+  the criteria.
 - **Specialists** (`greedy_specialist`, `best_of_random_specialist`): for class c as a
   one-vs-all problem (positive when the sub-ensemble's argmax is c), a k-subset with high
   F1. The paper picks the best of 200 random k-subsets; ours grows the subset greedily on
   F1 and then improves it by single swaps with the most promising non-members.
 
-The sub-ensemble of a set S predicts softmax(mean_{j in S} logits_j), as the runtime does.
+The sub-ensemble of a set S predicts the task's answer from mean_{j in S} logits_j, as the runtime does.
 """
 
 from __future__ import annotations
@@ -42,6 +29,8 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+
+from quorum.core.tasks import Task, get_task
 
 __all__ = [
     "ANYTIME_CRITERION",
@@ -62,13 +51,10 @@ __all__ = [
     "select_specialists",
 ]
 
+CLASSIFICATION = get_task("classification")
 ANYTIME_CRITERION = (
-    "on the validation split, the first M/2 modules by greedy forward selection: first the module with the fewest "
-    "errors alone, then each step up to M/4 adds the module that most lowers the prefix ensemble's Brier score, "
-    "each later step the module that brings the "
-    "prefix's probabilities closest to those of all M modules; the rest by backward elimination from all M, each "
-    "step removing the module whose absence moves those probabilities least, last removed first (the negative "
-    "log-likelihood and forward selection throughout for regression and count targets)"
+    "validation split: fewest errors first; greedy on the Brier score to M/4; closest to the whole ensemble's "
+    "probabilities to M/2; backward elimination from all M for the rest (regression, counts: greedy on the NLL)"
 )
 LABELLED_SHARE = 0.25  # of the steps of a classifier's anytime order scored against the labels
 FORWARD_SHARE = 0.5  # of a classifier's anytime order chosen forwards; the rest by backward elimination
@@ -97,13 +83,13 @@ def _check(logits: ArrayLike, y: ArrayLike) -> tuple[torch.Tensor, torch.Tensor]
 
 
 @torch.no_grad()
-def _prefix_loss(family: str, score: str, mean: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+def _prefix_loss(task: Task, score: str, mean: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """Loss of each candidate prefix mean (N, C, D) against targets y, mean over N: (C,).
 
-    categorical: y (N,) labels, mean = logits, and the Brier score or the NLL (`score`); or y (N, K)
-    target probabilities, and the squared distance of the prefix's probabilities from them;
-    gaussian/poisson: y (N, D), mean = natural parameters, and the family's NLL up to constants."""
-    if family == "categorical":
+    Classes: y (N,) labels, mean = logits, and the Brier score or the NLL (`score`); or y (N, K)
+    target probabilities, and the squared distance of the prefix's probabilities from them.
+    Other tasks: y (N, D), mean = natural parameters, and the task's NLL up to constants."""
+    if task.has_classes:
         if y.ndim == 2:  # soft targets: sum_k (p_k - q_k)^2 up to the constant sum_k q_k^2
             p = torch.softmax(mean, dim=-1)
             return ((p * p).sum(dim=2) - 2 * (p * y.unsqueeze(1)).sum(dim=2)).mean(dim=0)
@@ -114,10 +100,7 @@ def _prefix_loss(family: str, score: str, mean: torch.Tensor, y: torch.Tensor) -
         return (
             -torch.log_softmax(mean, dim=-1).gather(2, y.view(-1, 1, 1).expand(-1, mean.shape[1], 1)).mean(dim=(0, 2))
         )
-    target = y.unsqueeze(1)
-    if family == "gaussian":
-        return (0.5 * (mean - target) ** 2).sum(dim=2).mean(dim=0)
-    return (torch.exp(mean) - target * mean).sum(dim=2).mean(dim=0)  # poisson
+    return task.nll(mean, y.unsqueeze(1)).sum(dim=2).mean(dim=0)
 
 
 def greedy_anytime_order(
@@ -126,7 +109,7 @@ def greedy_anytime_order(
     chunk_elems: int = 1 << 24,
     *,
     progress: bool = False,
-    family: str = "categorical",
+    task: Task = CLASSIFICATION,
     score: str = "brier",
     labelled: int | None = None,
     backward_above: int | None = None,
@@ -137,9 +120,9 @@ def greedy_anytime_order(
     Step t adds the module j that minimizes the Brier score (`score="nll"`: the negative
     log-likelihood) of softmax((S + logits_j) / t), where S is the sum of the chosen modules'
     logits. Ties go to the lower id. O(M^2 N K) work, done in chunks of candidates so that
-    memory stays near `chunk_elems` floats. For Gaussian or
-    Poisson targets (`family`), logits are the modules' natural parameters (N, M, D), y the
-    targets (N, D), and the NLL is that family's.
+    memory stays near `chunk_elems` floats. For a `task` without classes
+    (regression, counts), logits are the modules' natural parameters (N, M, D), y the targets (N, D),
+    and the score is the task's NLL.
 
     `labelled` (classification only): score only the first `labelled` steps against the labels;
     every later step adds the module that brings the prefix's probabilities closest (squared
@@ -155,21 +138,21 @@ def greedy_anytime_order(
     `first_by_error` (classification only): the first module is the one with the fewest argmax
     errors, the lowest id among ties; the later steps as above. A lone module's Brier score can
     favour one that is barely confident about anything over one that is often right but
-    overconfident, as modules of a jointly trained (λ = 1) ensemble are.
+    overconfident.
     """
     from tqdm.auto import tqdm
 
     if score not in ANYTIME_SCORES:
         raise ValueError(f"score must be one of {ANYTIME_SCORES}, got {score!r}")
-    if labelled is not None and (family != "categorical" or labelled < 0):
-        raise ValueError(f"labelled must be None, or >= 0 steps for a classifier; got {labelled!r} for {family}")
-    if backward_above is not None and (family != "categorical" or backward_above < 1):
+    if labelled is not None and (not task.has_classes or labelled < 0):
+        raise ValueError(f"labelled must be None, or >= 0 steps for a classifier; got {labelled!r} for {task.kind}")
+    if backward_above is not None and (not task.has_classes or backward_above < 1):
         raise ValueError(
-            f"backward_above must be None, or >= 1 module for a classifier; got {backward_above!r} for {family}"
+            f"backward_above must be None, or >= 1 module for a classifier; got {backward_above!r} for {task.kind}"
         )
-    if first_by_error and family != "categorical":
-        raise ValueError(f"first_by_error is for classifiers; got {family}")
-    if family == "categorical":
+    if first_by_error and not task.has_classes:
+        raise ValueError(f"first_by_error is for classifiers; got {task.kind}")
+    if task.has_classes:
         logits, y = _check(logits, y)
     else:
         logits, y = torch.as_tensor(logits).float(), torch.as_tensor(y).float()
@@ -185,7 +168,7 @@ def greedy_anytime_order(
         with j added (sign 1) or removed (-1), has the lowest loss; the first among ties."""
         chunks = (remaining[i : i + per_chunk] for i in range(0, len(remaining), per_chunk))
         means = ((total + sign * logits[:, c]) / size for c in chunks)
-        return int(torch.argmin(torch.cat([_prefix_loss(family, score, z, target) for z in means])))
+        return int(torch.argmin(torch.cat([_prefix_loss(task, score, z, target) for z in means])))
 
     chosen: list[int] = []
     remaining = list(range(m))

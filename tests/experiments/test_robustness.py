@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from quorum.cli import main
-from quorum.robustness import (
+from quorum.experiments.robustness import (
     MARGIN_Z,
     Requirement,
     RobustnessConfig,
@@ -204,7 +204,7 @@ def test_subset_scorer_combines_by_mean_logits():
 def test_runs_and_imports_without_torch(bundle_dir: Path, tmp_path: Path):
     code = (
         "import sys; sys.modules['torch'] = None\n"  # any `import torch` now fails
-        "import quorum.robustness, quorum.robustness_report, quorum.datasets\n"
+        "import quorum.experiments.robustness, quorum.experiments.robustness_report, quorum.core.datasets\n"
         "from quorum.cli import main\n"
         f"rc = main(['robustness', {str(bundle_dir)!r}, '--out', {str(tmp_path)!r}, '--limit', '300', "
         "'--trials', '2', '--quiet', '--device', 'cpu', '--require', 'drop=0.5:acc>=0'])\n"

@@ -33,12 +33,12 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
+from quorum.experiments.sweep_results import Cell, RunResult, aggregate, collect_results, compute_result, read_result
 from quorum.trainer.checkpoint import atomic_write_text, read_jsonl
 from quorum.trainer.config import TrainConfig, default_lr
 from quorum.trainer.data import load_raw
 from quorum.trainer.errors import ConfigError, RunDirError, TrainerError
 from quorum.trainer.loss import check_lambda
-from quorum.trainer.sweep_results import Cell, RunResult, aggregate, collect_results, compute_result, read_result
 from quorum.trainer.train import resolve_device, train
 
 __all__ = [
@@ -308,7 +308,7 @@ def format_markdown(cells: list[Cell], runs: list[RunResult]) -> str:
     trials = max(c.n for c in cells)
     seeds = sorted({r.seed for r in runs})
     epochs = ", ".join(str(e) for e in sorted({r.epochs for r in runs}))
-    default = all(abs(r.lr - default_lr(r.modules, r.lam)) < 1e-12 for r in runs)
+    default = all(abs(r.lr - default_lr(r.modules)) < 1e-12 for r in runs)
     lr = "0.02·M (the trainer's default)" if default else ", ".join(f"{x:g}" for x in sorted({r.lr for r in runs}))
     devices, torches = "; ".join(sorted({r.device for r in runs})), ", ".join(sorted({r.torch for r in runs}))
     header = (
@@ -338,7 +338,7 @@ def format_markdown(cells: list[Cell], runs: list[RunResult]) -> str:
 
 
 def _write_outputs(out: Path, cfg: SweepConfig, report: SweepReport) -> None:
-    from quorum.trainer.sweep_plots import plot_error, plot_nll  # matplotlib only when writing
+    from quorum.experiments.sweep_plots import plot_error, plot_nll  # matplotlib only when writing
 
     doc = {
         "format": "quorum-sweep",

@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 
 from quorum.cli import main
+from quorum.experiments.sweep import SweepConfig, lam_dirname, parse_configs, parse_lams, run_sweep
+from quorum.experiments.sweep_results import mean_se
 from quorum.trainer.errors import ConfigError
-from quorum.trainer.sweep import SweepConfig, lam_dirname, parse_configs, parse_lams, run_sweep
-from quorum.trainer.sweep_results import mean_se
 
 TINY = dict(configs=["4-M-8-H", "1-M-16-H"], lams=[0.0, 1.0], trials=2, epochs=1, subset=1500)
 
@@ -112,7 +112,7 @@ def test_bad_options_exit_2_with_a_message(tmp_path: Path, args: list[str], matc
 
 
 def test_convnets_of_the_same_size_stay_apart_in_the_table():
-    from quorum.trainer.sweep_results import RunResult, aggregate
+    from quorum.experiments.sweep_results import RunResult, aggregate
 
     def result(config: str, err: float) -> RunResult:
         return RunResult(config=config, modules=8, hidden=None, lam=0.5, lam_independent=False, seed=0, lr=0.8,

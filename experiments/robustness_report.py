@@ -1,15 +1,71 @@
-"""Presentation of `quorum robustness` results: the figure, the printed table, the PASS/FAIL lines."""
+"""The `quorum robustness` command: evaluate bundles, write robustness.json and the figure, and
+format the printed table and the PASS/FAIL lines.
+
+    reports = run_robustness(["bundles/lam0", "bundles/lam099"], "reports/robust",
+                             RobustnessConfig(trials=20), [Requirement.parse("drop=0.5:acc>=0.85")])
+"""
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from dataclasses import asdict
+from datetime import UTC, datetime
+from pathlib import Path
 
-if TYPE_CHECKING:
-    from quorum.robustness import BundleReport
+from quorum.core.datasets import load_raw
+from quorum.experiments.robustness import BundleReport, Requirement, RobustnessConfig, evaluate
+from quorum.runtime.engine import Engine
+from quorum.runtime.errors import InvalidRequest
 
-__all__ = ["format_checks", "format_table", "plot_reports"]
+__all__ = ["format_checks", "format_table", "plot_reports", "run_robustness"]
+
+JSON_FILE = "robustness.json"
+PNG_FILE = "robustness.png"
+
+
+def run_robustness(
+    bundles: Sequence[str | os.PathLike[str]],
+    out_dir: str | os.PathLike[str],
+    cfg: RobustnessConfig | None = None,
+    requirements: Sequence[Requirement] = (),
+    *,
+    data_dir: str | os.PathLike[str] | None = None,
+    progress: bool = True,
+) -> list[BundleReport]:
+    """Evaluate every bundle on Fashion-MNIST; write `robustness.json` and `robustness.png` to `out_dir`."""
+    cfg = cfg or RobustnessConfig()
+    if not bundles:
+        raise InvalidRequest("give at least one bundle directory")
+    x_raw, labels = load_raw(data_dir)[cfg.split]
+    if cfg.limit is not None:
+        x_raw, labels = x_raw[: cfg.limit], labels[: cfg.limit]
+    engines = [Engine.load(b, device=cfg.device) for b in bundles]  # every bundle verified before the slow part
+    for engine in engines:
+        for req in requirements:
+            try:
+                req.removed(len(engine.healthy_ids))
+            except InvalidRequest as e:
+                raise InvalidRequest(f"{engine.bundle_dir}: {e}") from None
+    reports = [evaluate(e, x_raw, labels, cfg, requirements, progress=progress) for e in engines]
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    doc = {
+        "format": "quorum-robustness",
+        "version": 1,
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
+        "split": cfg.split,
+        "images": len(labels),
+        "trials": cfg.trials,
+        "seed": cfg.seed,
+        "requirements": [r.text for r in requirements],
+        "passed": all(c.passed for r in reports for c in r.checks),
+        "bundles": [asdict(r) for r in reports],
+    }
+    (out / JSON_FILE).write_text(json.dumps(doc, indent=2) + "\n")
+    plot_reports(reports, out / PNG_FILE, split=cfg.split)
+    return reports
 
 
 def _labels(reports: Sequence[BundleReport]) -> list[str]:
@@ -31,7 +87,9 @@ def plot_reports(reports: Sequence[BundleReport], path: str | os.PathLike[str], 
     from matplotlib.patches import Patch
     from matplotlib.ticker import FixedLocator, StrMethodFormatter
 
-    from quorum.robustness import MARGIN_Z  # imported here: quorum.robustness imports this module
+    from quorum.experiments.robustness import (
+        MARGIN_Z,  # imported here: quorum.experiments.robustness imports this module
+    )
 
     fig, (ax_a, ax_b, ax_c) = plt.subplots(1, 3, figsize=(18, 5), constrained_layout=True)
     handles = []
@@ -85,7 +143,9 @@ def plot_reports(reports: Sequence[BundleReport], path: str | os.PathLike[str], 
 
 def format_table(reports: Sequence[BundleReport]) -> str:
     """A few rows per bundle (removed 0, 50 %, 90 %, M - 1) and the anytime verdict."""
-    from quorum.robustness import MARGIN_Z  # imported here: quorum.robustness imports this module
+    from quorum.experiments.robustness import (
+        MARGIN_Z,  # imported here: quorum.experiments.robustness imports this module
+    )
 
     labels = _labels(reports)
     width = max(6, *map(len, labels))

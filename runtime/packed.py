@@ -1,0 +1,178 @@
+"""The packed path: any subset of modules in one call of the bundle's packed graph.
+
+`packed.onnx` takes the input and the ids of the modules to combine and returns their mean
+logits (and the weights it gathered), so any budget or subset costs one call whose
+arithmetic grows with b. Subsets asked for again (a budget on the anytime order, a
+specialist) get faster in two steps:
+
+1. cached: the weights gathered on a subset's first call are kept, newest first, within a
+   memory budget, and later calls feed them to `packed_core.onnx` (no gather);
+2. compiled: on its second cached call, a subset is compiled in the background into a
+   session of the core graph with its weights as constants, which costs what a graph fused
+   by hand for those modules costs. Compiling needs the `onnx` package; without it, cached
+   subsets stay on the core.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import threading
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+
+from quorum.runtime.executors import fast_run
+
+__all__ = ["COMPILE_AFTER", "PackedExecutor"]
+
+log = logging.getLogger(__name__)
+
+COMPILE_AFTER = 2  # cached calls of a subset before it is compiled (the first cached call is its second use)
+
+_Runner = Any  # fast_run's callable: (outputs, feeds) -> list of arrays
+
+
+class _Entry:
+    """A cached subset: its gathered weights, until compiled; then its compiled session."""
+
+    __slots__ = ("compiled", "compiling", "last", "size", "uses", "weights")
+
+    def __init__(self, weights: dict[str, np.ndarray], last: int):
+        self.weights: dict[str, np.ndarray] | None = weights
+        self.compiled: _Runner | None = None
+        self.compiling = False
+        self.size = sum(w.nbytes for w in weights.values())
+        self.uses = 0  # cached calls (approximate under concurrency: it only triggers the compile)
+        self.last = last  # when it was last used, on the executor's clock (least recently used goes first)
+
+
+class PackedExecutor:
+    """Mean logits of any subset of modules in one call; thread-safe.
+
+    A cached subset is found without a lock (one dictionary lookup, atomic in CPython); the lock
+    guards what changes the cache: adding, evicting, compiling.
+    """
+
+    def __init__(self, session: ort.InferenceSession, input_name: str, index_name: str, output_name: str):
+        self.session = session
+        self._run = fast_run(session)
+        self.core: ort.InferenceSession | None = None
+        self._run_core = self._run
+        self._input, self._index, self._output = input_name, index_name, output_name
+        self._weights: list[str] = []
+        self.cache_bytes = 0
+        self._cache: dict[bytes, _Entry] = {}
+        self._cached_bytes = 0
+        self._clock = itertools.count()
+        self._lock = threading.Lock()
+        self.hits = self.misses = self.compiled = 0
+        self._core_model: bytes | None = None  # the core graph, to compile subsets from
+        self._compile: tuple[ort.SessionOptions, list[str]] | None = None
+        self._compiler: ThreadPoolExecutor | None = None
+
+    def attach_core(
+        self,
+        core: ort.InferenceSession,
+        weight_names: Sequence[str],
+        cache_bytes: int,
+        *,
+        core_model: bytes | None = None,
+        compile_options: tuple[ort.SessionOptions, list[str]] | None = None,
+    ) -> None:
+        """Cache gathered weights (up to `cache_bytes`) and run `core` on them; with `core_model`
+        (the core's bytes) and `compile_options` (session options, providers), compile hot subsets."""
+        self.core, self._weights, self.cache_bytes = core, list(weight_names), cache_bytes
+        self._run_core = fast_run(core)
+        if core_model is not None and compile_options is not None:
+            try:
+                import onnx  # noqa: F401  (builds the compiled graphs)
+            except ImportError:
+                log.info("the onnx package is not installed: hot subsets stay on the packed core, uncompiled")
+                return
+            self._core_model, self._compile = core_model, compile_options
+            self._compiler = ThreadPoolExecutor(max_workers=1, thread_name_prefix="quorum-compile")
+
+    def run(
+        self, ids: Sequence[int] | np.ndarray, x: np.ndarray, *, cacheable: bool = False, key: bytes | None = None
+    ) -> np.ndarray:
+        """Mean of modules `ids`' logits on x: (N, K). Raises whatever ONNX Runtime raises.
+
+        `cacheable`: this subset is likely to be asked for again; keep its gathered weights.
+        `key`: the ids' int64 bytes, if the caller keeps them.
+        """
+        index = ids if isinstance(ids, np.ndarray) else np.array(ids, dtype=np.int64)
+        if not (cacheable and self.cache_bytes):
+            out: np.ndarray = self._run([self._output], {self._input: x, self._index: index})[0]
+            return out
+        entry = self._cache.get(key if key is not None else index.tobytes())
+        if entry is not None:
+            entry.last = next(self._clock)
+            self.hits += 1
+            if (compiled := entry.compiled) is not None:
+                out = compiled([self._output], {self._input: x})[0]
+                return out
+            weights = entry.weights
+            if weights is None:  # compiled since the line above: the swap sets `compiled` first
+                assert entry.compiled is not None
+                out = entry.compiled([self._output], {self._input: x})[0]
+                return out
+            entry.uses += 1
+            if entry.uses >= COMPILE_AFTER and self._compiler is not None and not entry.compiling:
+                self._submit_compile(index.tobytes(), entry)
+            out = self._run_core([self._output], {self._input: x, **weights})[0]
+            return out
+        logits, *gathered = self._run([self._output, *self._weights], {self._input: x, self._index: index})
+        self._keep(index.tobytes(), _Entry(dict(zip(self._weights, gathered, strict=True)), next(self._clock)))
+        result: np.ndarray = logits
+        return result
+
+    def _keep(self, key: bytes, entry: _Entry) -> None:
+        with self._lock:
+            self.misses += 1
+            if entry.size > self.cache_bytes or key in self._cache:
+                return
+            while self._cached_bytes + entry.size > self.cache_bytes:
+                oldest = min(self._cache, key=lambda k: self._cache[k].last)
+                self._cached_bytes -= self._cache.pop(oldest).size
+            self._cache[key] = entry
+            self._cached_bytes += entry.size
+
+    def _submit_compile(self, key: bytes, entry: _Entry) -> None:
+        with self._lock:
+            if entry.compiling:
+                return
+            entry.compiling = True
+        assert self._compiler is not None
+        self._compiler.submit(self._compile_entry, key, entry)
+
+    def _compile_entry(self, key: bytes, entry: _Entry) -> None:
+        """Build the core graph with `entry`'s weights as constants; swap it in if still cached."""
+        import onnx
+        from onnx import numpy_helper
+
+        weights = entry.weights
+        assert self._core_model is not None and self._compile is not None and weights is not None
+        try:
+            model = onnx.load_from_string(self._core_model)
+            graph = model.graph
+            kept = [i for i in graph.input if i.name not in weights]
+            del graph.input[:]
+            graph.input.extend(kept)
+            graph.initializer.extend(numpy_helper.from_array(w, name) for name, w in weights.items())
+            opts, providers = self._compile
+            session = ort.InferenceSession(model.SerializeToString(), opts, providers=providers)
+        except Exception as e:  # the core path goes on serving the subset
+            log.warning("could not compile a subset of %d weights (%s: %s)", len(weights), type(e).__name__, e)
+            return
+        with self._lock:
+            if self._cache.get(key) is entry:
+                entry.compiled, entry.weights = fast_run(session), None  # `compiled` first: readers rely on it
+                self.compiled += 1
+
+    def close(self) -> None:
+        if self._compiler is not None:
+            self._compiler.shutdown(wait=False, cancel_futures=True)
