@@ -1,9 +1,13 @@
 # Quorum: two commands for a newcomer.
 #   make demo   train, export, evaluate and serve a 256-M-4-H λ=0.99 ensemble (idempotent)
-#   make test   lint, type-check and run the test suite
+#   make test   lint, type-check, the whole test suite, and the serving tests without torch
+# And while working:
+#   make test-fast      the fast tier: no training, no processes (well under a minute)
+#   make test-serving   runtime and server tests in a venv without torch (what an edge device installs)
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV ?= .venv
+SERVE_VENV ?= .venv-serve
 PORT ?= 8000
 EPOCHS ?= 10
 DATA_DIR ?= $(or $(QUORUM_DATA_DIR),/usr/share/datasets/fashion-mnist)
@@ -11,7 +15,7 @@ DATA_DIR ?= $(or $(QUORUM_DATA_DIR),/usr/share/datasets/fashion-mnist)
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: help setup data demo test lint typecheck pytest clean
+.PHONY: help setup data demo test test-fast test-serving lint typecheck pytest clean
 
 help:
 	@sed -n 's/^#  *make /make /p' Makefile
@@ -45,7 +49,19 @@ typecheck: $(STAMP)
 pytest: setup
 	$(BIN)/pytest
 
-test: lint typecheck pytest
+test-fast: setup
+	$(BIN)/pytest -m "not slow"
+
+# The serving side alone: `pip install -e .[dev]` brings no torch; the tests prove the runtime and
+# the server need none.
+test-serving: data
+	@test -x $(SERVE_VENV)/bin/python || $(PYTHON) -m venv $(SERVE_VENV)
+	$(SERVE_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(SERVE_VENV)/bin/python -m pip install --quiet -e '.[dev]'
+	@if $(SERVE_VENV)/bin/python -c 'import torch' 2>/dev/null; then echo "torch is installed in $(SERVE_VENV)"; exit 1; fi
+	$(SERVE_VENV)/bin/pytest -p no:cacheprovider tests/core tests/runtime tests/server tests/test_layers.py
+
+test: lint typecheck pytest test-serving
 
 clean:
-	rm -rf build .pytest_cache .ruff_cache .mypy_cache
+	rm -rf build .pytest_cache .ruff_cache .mypy_cache $(SERVE_VENV)

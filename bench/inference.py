@@ -41,7 +41,7 @@ import onnxruntime as ort
 from onnx import helper, numpy_helper
 
 from quorum.core.datasets import load_raw, resolve_data_dir
-from quorum.exporter.onnx_graphs import OPSET
+from quorum.exporter.graphs import OPSET
 from quorum.exporter.packed import mlp_weights
 from quorum.runtime.engine import Engine
 from quorum.runtime.providers import session_options

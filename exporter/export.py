@@ -23,15 +23,8 @@ from tqdm.auto import tqdm
 
 from quorum.core.tasks import Task
 from quorum.exporter.errors import ExportError
-from quorum.exporter.onnx_graphs import (
-    INPUT_NAME,
-    OUTPUT_NAME,
-    cpu_session,
-    export_graph,
-    export_template,
-    serialize,
-    with_weights,
-)
+from quorum.exporter.graphs import INPUT_NAME, OUTPUT_NAME, cpu_session, serialize
+from quorum.exporter.onnx_graphs import export_graph, export_template, with_weights
 from quorum.exporter.packed import write_packed
 from quorum.exporter.selection import (
     ANYTIME_CRITERION,

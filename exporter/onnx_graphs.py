@@ -1,4 +1,4 @@
-"""Per-module ONNX graphs, written fast.
+"""Per-module ONNX graphs from torch modules, written fast.
 
 The modules of one ensemble share one architecture, so their graphs differ only in their
 initializers. We export module 0 once with torch's exporter (a few seconds), then write
@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import hashlib
 import io
 import logging
 import warnings
@@ -19,28 +18,14 @@ from collections.abc import Iterator
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 import torch
 from onnx import numpy_helper
 from torch import nn
 
 from quorum.exporter.errors import ExportError
-from quorum.runtime.providers import session_options
+from quorum.exporter.graphs import INPUT_NAME, OPSET, OUTPUT_NAME
 
-__all__ = [
-    "INPUT_NAME",
-    "OPSET",
-    "OUTPUT_NAME",
-    "cpu_session",
-    "export_graph",
-    "export_template",
-    "serialize",
-    "with_weights",
-]
-
-INPUT_NAME = "input"
-OUTPUT_NAME = "logits"
-OPSET = 18
+__all__ = ["export_graph", "export_template", "with_weights"]
 
 
 @contextlib.contextmanager
@@ -111,18 +96,3 @@ def with_weights(template: onnx.ModelProto, module: nn.Module, doc: str) -> onnx
         proto.graph.initializer[i].CopyFrom(numpy_helper.from_array(np.ascontiguousarray(array), init.name))
     proto.doc_string = doc
     return proto
-
-
-def serialize(proto: onnx.ModelProto) -> tuple[bytes, str]:
-    """Check the graph and return its bytes and their sha256."""
-    try:
-        onnx.checker.check_model(proto, full_check=True)
-    except onnx.checker.ValidationError as e:
-        raise ExportError(f"exported graph fails onnx.checker: {e}") from e
-    data = proto.SerializeToString()
-    return data, hashlib.sha256(data).hexdigest()
-
-
-def cpu_session(data: bytes) -> ort.InferenceSession:
-    """A CPU session over a serialized graph, set up as the runtime sets up its own, for parity checks."""
-    return ort.InferenceSession(data, session_options(), providers=["CPUExecutionProvider"])

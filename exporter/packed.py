@@ -31,7 +31,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from quorum.exporter.errors import ExportError
-from quorum.exporter.onnx_graphs import OPSET, cpu_session, serialize
+from quorum.exporter.graphs import OPSET, cpu_session, serialize
 from quorum.runtime.manifest import PARITY_ATOL, PARITY_RTOL, Manifest, PackedEntry, probe_input
 
 __all__ = [

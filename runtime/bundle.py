@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -71,7 +72,7 @@ def _verified(bundle_dir: Path, file: str, sha256: str | None) -> bytes:
 
 
 def load_bundle(
-    bundle_dir: str | Path,
+    bundle_dir: str | os.PathLike[str],
     *,
     device: str = "auto",
     executor: Executor = "auto",

@@ -103,7 +103,6 @@ class IsolatedExecutor:
         self._input, self._output = input_name, output_name
         # Threads waiting on a hung run cost no CPU; spares keep concurrent requests from queueing
         # behind hung runs (a queued module that misses its deadline is a timeout).
-        # (Measured by bench/chaos.py: 256 ran out at 32 concurrent requests with 6 % of runs hanging.)
         self._pool = ThreadPoolExecutor(max_workers=max(1024, 8 * self.workers), thread_name_prefix="quorum-module")
 
     def run_one(

@@ -56,13 +56,10 @@ READABLE_VERSIONS = (1, 2, 3)
 MANIFEST_FILE = "manifest.json"
 
 # Parity of a module graph with its reference (torch at export, the module file for the
-# packed graph at load), per module: max |Δ logit| <= ATOL + RTOL * max |logit|.
-# The absolute 1e-4 holds for modules of ordinary scale. At high λ a single module's logits
-# grow large (only the mean over modules is trained): sums of terms in the hundreds that cancel.
-# float32 resolves ~7 digits, so two correct implementations that sum in another order differ
-# by ~1e-6 of that scale (torch's batched and standalone modules differ as much as ONNX Runtime
-# does), more where the terms cancel from above the final logit: 1.2e-6 was measured on a
-# 40-epoch λ = 1 run. The relative term allows ten times 1e-6; a wrong graph is off by O(1).
+# packed graph at load), per module: max |Δ logit| <= ATOL + RTOL * max |logit|. At high λ a
+# single module's logits grow large (only the mean over modules is trained), and two correct
+# float32 implementations that sum in another order differ by ~1e-6 of that scale: the
+# relative term allows ten times that. A wrong graph is off by O(1).
 PARITY_ATOL = 1e-4
 PARITY_RTOL = 1e-5
 

@@ -30,9 +30,9 @@ class PredictOptions:
 
     def __post_init__(self) -> None:
         if self.budget is not None and (type(self.budget) is not int or self.budget < 1):
-            raise InvalidRequest(f"budget must be a whole number of modules >= 1, got {self.budget!r}")
+            raise InvalidRequest(f"budget={self.budget!r} must be a whole number of modules >= 1")
         if self.seed is not None and (type(self.seed) is not int or not 0 <= self.seed <= MAX_SEED):
-            raise InvalidRequest(f"seed must be a whole number in 0..{MAX_SEED}, got {self.seed!r}")
+            raise InvalidRequest(f"seed={self.seed!r} must be a whole number in 0..{MAX_SEED}")
         if self.drop is not None and (isinstance(self.drop, bool) or not isinstance(self.drop, int | float)):
             raise InvalidRequest(f"drop must be a fraction in [0, 1) or a whole count, got {self.drop!r}")
         deadline = self.deadline_ms

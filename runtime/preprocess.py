@@ -68,7 +68,7 @@ class Preprocessor:
             if self._table is not None and kind in "iu" and x.size <= _TABLE_MAX:  # whole numbers in 0..255
                 if self._one_table is not None:
                     return self._one_table.take(x)
-                return self._table[self._channel, x]  # type: ignore[no-any-return]
+                return self._table[self._channel, x]
         out = x.astype(np.float32)  # a copy, normalized in place: the same float32 steps as the formula
         out *= self._scale
         out -= self._mean

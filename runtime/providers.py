@@ -66,6 +66,6 @@ def session_options() -> ort.SessionOptions:
     # Prepacked constant weights take another summation order than weights computed in the
     # graph (the packed graph gathers them), which made the two executors differ by ~1e-6 of
     # the logit scale. Unpacked, a module gives bit-identical logits on both paths; the speed
-    # of these small GEMMs is the same either way (measured in docs/RESULTS.md).
+    # of these small GEMMs is the same either way.
     opts.add_session_config_entry("session.disable_prepacking", "1")
     return opts

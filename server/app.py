@@ -12,6 +12,7 @@ from fastapi import FastAPI
 
 import quorum
 from quorum.runtime.engine import Engine
+from quorum.server.dataplane import DataPlane
 from quorum.server.deps import load_engine
 from quorum.server.errors import install_error_handlers
 from quorum.server.limits import BodySizeLimit
@@ -50,6 +51,7 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
     app.state.engine = engine
     app.state.reload_lock = asyncio.Lock()
     app.state.metrics = Metrics(lambda: app.state.engine)
+    app.state.dataplane = DataPlane(app.state.metrics)
     install_error_handlers(app)
     app.include_router(predict.router)
     app.include_router(health.router)

@@ -30,6 +30,7 @@ def load_engine(settings: Settings) -> Engine:
         module_timeout_ms=settings.module_timeout_ms,
         packed_cache_mb=settings.packed_cache_mb,
         packed_threads=settings.packed_threads,
+        packed_compile=settings.packed_compile,
         wait_for_first=settings.wait_for_first,
         breaker=(settings.breaker_failures, settings.breaker_window_s, settings.breaker_open_s),
     )

@@ -22,7 +22,8 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from quorum.runtime.engine import Engine, Prediction
+from quorum.runtime.engine import Engine
+from quorum.runtime.results import Prediction
 
 __all__ = ["CONTENT_TYPE_LATEST", "Metrics", "RequestMetrics"]
 

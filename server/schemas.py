@@ -7,7 +7,6 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from quorum.runtime.faults import FaultPlan
-from quorum.runtime.manifest import TaskKind
 
 __all__ = [
     "ClassPrediction",
@@ -134,7 +133,7 @@ class ValuePrediction(BaseModel):
 class RegressionResponse(BaseModel):
     """The answer of a regression or count bundle: values in place of classes."""
 
-    task: Literal["regression", "count"]
+    task: str = Field(description="The task without classes: regression (Gaussian targets) or count (Poisson targets).")
     targets: list[str] = Field(description="The names of the outputs, in the manifest's order.")
     predictions: list[ValuePrediction]
     modules: ModulesUsed
@@ -191,7 +190,7 @@ class ServiceInfo(BaseModel):
     num_modules: int
     healthy_modules: int
     classes: list[str] = Field(description="Class names; empty for regression and count bundles.")
-    task: TaskKind = Field(description="classification, regression (Gaussian targets) or count (Poisson targets).")
+    task: str = Field(description="classification, regression (Gaussian targets) or count (Poisson targets).")
     targets: list[str] = Field(description="Output names of a regression or count bundle; empty for classification.")
     input_shape: list[int]
     lam: float

@@ -31,6 +31,9 @@ class Settings(BaseSettings):
         64.0, ge=0, description="Memory for cached gathered weights of repeated subsets (packed; 0: off)."
     )
     packed_threads: int = Field(1, ge=1, description="Intra-op threads of the packed session (2 helps big batches).")
+    packed_compile: bool = Field(
+        True, description="Compile cached subsets into sessions with constant weights (in the background)."
+    )
     wait_for_first: bool = Field(
         False, description="Under deadline_ms, wait past the deadline for the first module rather than answer 503."
     )

@@ -12,30 +12,21 @@ import numpy as np
 import pytest
 import torch
 
-from quorum.exporter.export import export_run
 from quorum.runtime.engine import Engine
 from quorum.runtime.errors import BundleError
 from quorum.runtime.manifest import Manifest
-from quorum.trainer.config import TrainConfig
 from quorum.trainer.evaluate import module_logits
 from quorum.trainer.run import load_best
-from quorum.trainer.train import load_data, train
+from quorum.trainer.train import load_data
+from tests.bundles import CONV_SIZES
 
-TINY = {
-    "convnet": dict(filters="6,8", strides="2,2"),
-    "treenet": dict(filters="6,8,8", strides="2,2,1", split=1),
-    "densenet_bc": dict(depth=10, growth=4),
-}
+pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module", params=sorted(TINY))
-def exported(request, tmp_path_factory: pytest.TempPathFactory, data_dir: Path) -> tuple[str, Path, Path]:
-    arch = request.param
-    tmp = tmp_path_factory.mktemp(arch)
-    cfg = TrainConfig(arch=arch, modules=3, lam=0.95, epochs=1, subset=1000, lr=0.1, seed=0, **TINY[arch])
-    train(cfg, tmp / "run", progress=False)
-    export_run(tmp / "run", tmp / "bundle", progress=False, parity_samples=200)
-    return arch, tmp / "run", tmp / "bundle"
+@pytest.fixture(params=sorted(CONV_SIZES))
+def exported(request, arch_bundle) -> tuple[str, Path, Path]:
+    """(arch, run, bundle), trained once per session (shared with test_e2e.py)."""
+    return (request.param, *arch_bundle(request.param))
 
 
 def test_export_matches_torch_and_the_runtime_matches_export(exported, test_images):

@@ -7,7 +7,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
+
+pytestmark = pytest.mark.slow  # each benchmark runs as a process
 
 
 def _run(*args: str) -> str:
@@ -31,9 +35,12 @@ def test_inference_bench_prints_its_comparison(bundle_dir: Path, data_dir: Path)
         "--target-ms",
         "1",
     )
-    assert "packed/floor" in out and "naive/cached" in out
-    rows = [line.split() for line in out.splitlines() if line.strip().startswith("1 ")]
-    assert [r[1] for r in rows] == ["1", "3"]
+    assert "packed/floor" in out and "naive/cached" in out and "predict/hand" in out
+    executors, request_path = out.split("the request path")[:2]
+    for table in (executors, request_path.split("packed graph:")[0]):
+        rows = [line.split() for line in table.splitlines() if line.strip().startswith("1 ")]
+        assert [r[1] for r in rows] == ["1", "3"]
+    assert all(float(r[-1]) > 0 for r in rows)  # predict/hand, measured
 
 
 def test_epoch_time_bench_runs_both_workloads(data_dir: Path):

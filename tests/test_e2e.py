@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 ROOT = Path(__file__).parents[1]
 QUORUM = [sys.executable, "-m", "quorum"]
@@ -176,7 +176,7 @@ def test_kserve_v2_protocol_with_tritonclient(server, test_images):
 
     with pytest.raises(InferenceServerException, match="no model 'nope'"):
         client.infer("nope", [tensor])
-    with pytest.raises(InferenceServerException, match="unknown parameters"):
+    with pytest.raises(InferenceServerException, match="unknown parameter"):
         client.infer(name, [tensor], parameters={"budjet": 3})
     with pytest.raises(InferenceServerException, match=r"budget=0 must lie in 1\.\.64"):
         client.infer(name, [tensor], parameters={"budget": 0})
@@ -313,14 +313,10 @@ def test_faults_admin_limits_deadlines_and_metrics_over_real_uvicorn(server, tes
 
 
 @pytest.mark.parametrize("arch", ["convnet", "treenet", "densenet_bc"])
-def test_every_convolutional_architecture_trains_exports_and_serves_from_the_cli(arch, tmp_path, test_images):
-    sizes = {"convnet": ["--filters", "6,8", "--strides", "2,2"],
-             "treenet": ["--filters", "6,8,8", "--strides", "2,2,1", "--split", "1"],
-             "densenet_bc": ["--depth", "10", "--growth", "4"]}[arch]  # fmt: skip
-    run, bundle = tmp_path / "run", tmp_path / "bundle"
-    _run("train", "--arch", arch, "--modules", "3", *sizes, "--lam", "0.95", "--epochs", "1", "--subset", "1000",
-         "--out", str(run), "--quiet")  # fmt: skip
-    _run("export", str(run), "--out", str(bundle), "--quiet")
+def test_every_convolutional_architecture_trains_exports_and_serves_from_the_cli(
+    arch, arch_bundle, tmp_path, test_images
+):
+    _, bundle = arch_bundle(arch)  # `quorum train` and `quorum export` as processes (tests/conftest.py)
     proc, base = _serve(bundle)
     try:
         x = test_images[0][:8].reshape(-1, 1, 28, 28)

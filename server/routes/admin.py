@@ -1,44 +1,21 @@
-"""/admin/*: the server-wide fault plan (robustness rehearsals) and hot reload. Bearer-token protected.
-
-No token configured (QUORUM_ADMIN_TOKEN unset): every /admin route is 404. A token configured:
-no `Authorization: Bearer …` is 401, a wrong one 403 (compared in constant time).
-"""
+"""/admin/*: the server-wide fault plan (robustness rehearsals) and hot reload; behind the admin
+token (`quorum.server.auth`): 404 when none is configured, 401 without it, 403 when wrong."""
 
 from __future__ import annotations
 
-import secrets
 from pathlib import Path
 
 from fastapi import APIRouter, Depends, Request
 
 from quorum.runtime.engine import Engine
 from quorum.runtime.errors import QuorumError
-from quorum.runtime.faults import FaultPlan
+from quorum.server.auth import require_admin
 from quorum.server.deps import get_engine, get_settings
 from quorum.server.errors import ApiError
 from quorum.server.reload import swap_engine
 from quorum.server.schemas import FaultPlanBody, ReloadBody, ReloadResult
 
-__all__ = ["fault_plan", "is_admin", "require_admin", "router"]
-
-
-def is_admin(request: Request) -> bool:
-    """The request carries the configured admin token."""
-    token = get_settings(request).admin_token
-    if token is None:
-        return False
-    scheme, _, given = request.headers.get("authorization", "").partition(" ")
-    return scheme.lower() == "bearer" and secrets.compare_digest(given.encode(), token.get_secret_value().encode())
-
-
-def require_admin(request: Request) -> None:
-    token = get_settings(request).admin_token
-    if token is None:
-        raise ApiError(404, "the admin API is disabled: set QUORUM_ADMIN_TOKEN to enable it")
-    if not request.headers.get("authorization"):
-        raise ApiError(401, "the admin API needs `Authorization: Bearer <QUORUM_ADMIN_TOKEN>`")
-    if not is_admin(request):
-        raise ApiError(403, "wrong admin token")
+__all__ = ["router"]
 
 
 async def _guard(request: Request) -> None:  # async: not sent to the thread pool
@@ -47,19 +24,6 @@ async def _guard(request: Request) -> None:  # async: not sent to the thread poo
 
 # The guard runs before the body is read: without the right token, a malformed body is not a 422.
 router = APIRouter(prefix="/admin", tags=["admin"], dependencies=[Depends(_guard)])
-
-
-def fault_plan(
-    request: Request, fail: frozenset[int], nan: frozenset[int], delay_ms: float | None, seed: int | None
-) -> FaultPlan | None:
-    """A per-request fault plan, if the request asks for one and may."""
-    if not (fail or nan or delay_ms):
-        return None
-    if not (get_settings(request).allow_fault_injection or is_admin(request)):
-        raise ApiError(
-            403, "fault injection (fail, nan, delay_ms) needs the admin token, or QUORUM_ALLOW_FAULT_INJECTION=true"
-        )
-    return FaultPlan(fail=fail, nan=nan, delay_ms=delay_ms or 0.0, seed=seed)
 
 
 @router.get("/faults", response_model=FaultPlanBody)

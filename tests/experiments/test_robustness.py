@@ -201,6 +201,7 @@ def test_subset_scorer_combines_by_mean_logits():
     assert set(scorer.random_removal(2, 50, seed=0)) == {0.5, 1.0}  # one module left: 2 is wrong, 0 and 1 right
 
 
+@pytest.mark.slow
 def test_runs_and_imports_without_torch(bundle_dir: Path, tmp_path: Path):
     code = (
         "import sys; sys.modules['torch'] = None\n"  # any `import torch` now fails
@@ -215,6 +216,7 @@ def test_runs_and_imports_without_torch(bundle_dir: Path, tmp_path: Path):
     assert "PASS" in r.stdout and (tmp_path / "robustness.png").is_file()
 
 
+@pytest.mark.slow
 def test_trials_script_pools_bundles_by_lam(report: tuple[Path, dict], tmp_path: Path):
     # four copies of the real report's bundle as two trials (seeds) each of λ = 0.99 and λ = 1, with
     # the accuracies at 90 % (36 of 40) and 50 % (20) removed set so that the pooled numbers are
@@ -239,7 +241,7 @@ def test_trials_script_pools_bundles_by_lam(report: tuple[Path, dict], tmp_path:
     png = tmp_path / "trials.png"
     out = subprocess.run(
         [sys.executable, "scripts/robustness_trials.py", str(src), str(again), "--out", str(png)],
-        cwd=Path(__file__).resolve().parents[1],
+        cwd=Path(__file__).resolve().parents[2],
         capture_output=True,
         text=True,
         timeout=300,

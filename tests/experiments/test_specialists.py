@@ -41,7 +41,7 @@ def test_command_writes_json_markdown_and_png(bundle_dir: Path, tmp_path: Path, 
     args = ["specialists", str(bundle_dir), "--out", str(tmp_path), "--limit", str(LIMIT), "-k", "5"]
     assert main([*args, "--tries", "20", "--quiet", "--device", "cpu"]) == 0
     out = capsys.readouterr().out
-    assert "| small | 0.99 | 40 |" in out
+    assert "| small | 0 | 40 |" in out
     doc = json.loads((tmp_path / "specialists.json").read_text())
     (b,) = doc["bundles"]
     assert (doc["images"], b["modules"], b["k"]) == (LIMIT, 40, 5)

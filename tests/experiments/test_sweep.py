@@ -59,6 +59,7 @@ def test_tables_json_and_plots(sweep: Path):
         assert (sweep / png).read_bytes()[:4] == b"\x89PNG"
 
 
+@pytest.mark.slow
 def test_rerun_reuses_and_widening_fills_one_table(sweep: Path, data_dir: Path):
     again = run_sweep(SweepConfig(**TINY, data_dir=str(data_dir)), sweep, progress=False)
     assert (again.trained, again.reused) == (0, 6)
@@ -71,6 +72,7 @@ def test_rerun_reuses_and_widening_fills_one_table(sweep: Path, data_dir: Path):
     assert lams == [0.0, 0.5, 1.0]
 
 
+@pytest.mark.slow
 def test_an_unfinished_run_is_resumed(tmp_path: Path, data_dir: Path):
     cfg = SweepConfig(configs=["2-M-8-H"], lams=[1.0], trials=1, epochs=2, subset=1500, data_dir=str(data_dir))
     run_sweep(cfg, tmp_path, progress=False)

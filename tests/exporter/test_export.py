@@ -18,8 +18,8 @@ from quorum.trainer.run import load_best, load_run
 from quorum.trainer.train import train
 
 
-def test_manifest_describes_every_module(bundle_dir: Path, run_dir: Path):
-    m = Manifest.load(bundle_dir)
+def test_manifest_describes_every_module(exported_bundle: Path, run_dir: Path):
+    m = Manifest.load(exported_bundle)
     assert m.format == "quorum-bundle" and m.version == SCHEMA_VERSION == 3 and m.trunk is None
     assert (m.training.checkpoint, m.training.exported_epoch) == ("best", m.training.best_epoch)
     assert len(m.modules) == m.training.num_modules == 40
@@ -27,7 +27,7 @@ def test_manifest_describes_every_module(bundle_dir: Path, run_dir: Path):
     assert m.input.shape == [784] and m.input.scale == pytest.approx(1 / 255)
     assert m.task.class_names[9] == "Ankle boot"
     for entry in m.modules:
-        data = (bundle_dir / entry.file).read_bytes()
+        data = (exported_bundle / entry.file).read_bytes()
         assert hashlib.sha256(data).hexdigest() == entry.sha256
         assert entry.params == 784 * 4 + 4 + 4 * 10 + 10 and entry.flops == 2 * (784 * 4 + 4 * 10)
         assert 0 <= entry.parity <= 1e-4
@@ -46,10 +46,10 @@ def test_manifest_describes_every_module(bundle_dir: Path, run_dir: Path):
     assert 0 < m.metrics.test_error < 0.5 and 0 < m.metrics.val_error < 0.5
 
 
-def test_every_graph_stands_alone(bundle_dir: Path):
-    m = Manifest.load(bundle_dir)
+def test_every_graph_stands_alone(exported_bundle: Path):
+    m = Manifest.load(exported_bundle)
     for entry in m.modules[:5]:
-        proto = onnx.load(bundle_dir / entry.file)
+        proto = onnx.load(exported_bundle / entry.file)
         onnx.checker.check_model(proto, full_check=True)
         (inp,) = proto.graph.input
         (out,) = proto.graph.output
@@ -59,15 +59,15 @@ def test_every_graph_stands_alone(bundle_dir: Path):
         assert out.name == "logits" and out.type.tensor_type.shape.dim[1].dim_value == 10
 
 
-def test_onnx_matches_torch_on_real_test_images(bundle_dir: Path, run_dir: Path, test_images):
+def test_onnx_matches_torch_on_real_test_images(exported_bundle: Path, run_dir: Path, test_images):
     run = load_best(run_dir)
-    m = Manifest.load(bundle_dir)
+    m = Manifest.load(exported_bundle)
     x_raw, _ = test_images
     x = run.norm.apply(torch.from_numpy(x_raw[:257]))
     with torch.no_grad():
         expected = run.model(x).numpy()  # (N, M, K)
     for j in (0, 17, 39):
-        session = ort.InferenceSession(str(bundle_dir / m.modules[j].file), providers=["CPUExecutionProvider"])
+        session = ort.InferenceSession(str(exported_bundle / m.modules[j].file), providers=["CPUExecutionProvider"])
         for n in (1, 257):  # the batch axis is dynamic
             got = session.run(None, {"input": x[:n].numpy()})[0]
             assert np.abs(got - expected[:n, j]).max() <= 1e-4
@@ -87,9 +87,9 @@ def test_parity_check_rejects_a_wrong_graph_and_allows_float32_rounding():
         _check_parity(3, ref * np.float32(np.nan), ref)
 
 
-def test_existing_bundle_needs_overwrite(bundle_dir: Path, run_dir: Path):
+def test_existing_bundle_needs_overwrite(exported_bundle: Path, run_dir: Path):
     with pytest.raises(ExportError, match="--overwrite"):
-        export_run(run_dir, bundle_dir, progress=False)
+        export_run(run_dir, exported_bundle, progress=False)
 
 
 def test_exporting_a_folder_without_a_run_says_what_to_do(tmp_path: Path):
@@ -97,6 +97,7 @@ def test_exporting_a_folder_without_a_run_says_what_to_do(tmp_path: Path):
         export_run(tmp_path, tmp_path / "b", progress=False)
 
 
+@pytest.mark.slow
 def test_last_checkpoint_exports_the_last_epoch(tmp_path: Path, data_dir: Path, test_images):
     run_dir = tmp_path / "run"
     cfg = TrainConfig(arch="mlp", modules=6, hidden=4, lam=0.99, epochs=3, subset=3000, seed=0, command="pytest")

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from quorum.core.tasks import get_task
 from quorum.exporter.selection import (
     best_of_random_specialist,
     ensemble_f1,
@@ -79,7 +80,7 @@ def test_brier_score_of_the_prefix_matches_its_definition():
     p = torch.softmax(mean, -1)
     onehot = torch.nn.functional.one_hot(torch.from_numpy(y), K).float().unsqueeze(1)
     expected = ((p - onehot) ** 2).sum(-1).mean(0)
-    torch.testing.assert_close(_prefix_loss("categorical", "brier", mean, torch.from_numpy(y)), expected)
+    torch.testing.assert_close(_prefix_loss(get_task("classification"), "brier", mean, torch.from_numpy(y)), expected)
     with pytest.raises(ValueError, match="score"):
         greedy_anytime_order(logits, y, score="accuracy")
 
@@ -113,7 +114,7 @@ def test_steps_after_the_labelled_ones_match_the_whole_ensemble():
     with pytest.raises(ValueError, match="labelled"):
         greedy_anytime_order(logits, y, labelled=-1)
     with pytest.raises(ValueError, match="labelled"):
-        greedy_anytime_order(logits, y.astype(np.float32)[:, None], family="gaussian", labelled=1)
+        greedy_anytime_order(logits, y.astype(np.float32)[:, None], task=get_task("regression"), labelled=1)
 
 
 def test_backward_tail_leaves_out_what_the_whole_ensemble_needs_least():
@@ -141,7 +142,7 @@ def test_backward_tail_leaves_out_what_the_whole_ensemble_needs_least():
     with pytest.raises(ValueError, match="backward_above"):
         greedy_anytime_order(logits, y, backward_above=0)
     with pytest.raises(ValueError, match="backward_above"):
-        greedy_anytime_order(logits, y.astype(np.float32)[:, None], family="gaussian", backward_above=1)
+        greedy_anytime_order(logits, y.astype(np.float32)[:, None], task=get_task("regression"), backward_above=1)
 
 
 def test_first_by_error_takes_the_most_accurate_lone_module():
@@ -166,7 +167,7 @@ def test_first_by_error_takes_the_most_accurate_lone_module():
     pair_brier[9] = float("inf")
     assert order[1] == int(pair_brier.argmin())
     with pytest.raises(ValueError, match="first_by_error"):
-        greedy_anytime_order(logits, y.astype(np.float32)[:, None], family="gaussian", first_by_error=True)
+        greedy_anytime_order(logits, y.astype(np.float32)[:, None], task=get_task("regression"), first_by_error=True)
 
 
 def test_f1_from_counts_and_one_vs_all():

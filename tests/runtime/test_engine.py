@@ -1,13 +1,15 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
 import pytest
 
-from quorum.runtime.engine import Engine, softmax
+from quorum.core.tasks import softmax
+from quorum.runtime.engine import Engine
 from quorum.runtime.errors import BundleError, InvalidRequest
 from quorum.runtime.manifest import Manifest
 
@@ -160,6 +162,34 @@ def test_a_bundle_of_an_older_schema_version_still_loads(bundle_copy: Path, test
         assert engine.predict(test_images[0][:2], budget=3).labels.shape == (2,)
     finally:
         engine.close()
+
+
+OLD_BUNDLE = Path(__file__).parents[1] / "data" / "bundle-e77a083"  # exported before the redesign
+
+
+def test_a_bundle_exported_before_the_redesign_still_serves(test_images):
+    packed = Engine.load(OLD_BUNDLE, device="cpu", executor="packed")
+    isolated = Engine.load(OLD_BUNDLE, device="cpu", executor="isolated")
+    try:
+        m = packed.manifest
+        assert m.version == 3 and packed.bundle.packed is not None and len(m.packed.weights) == 5  # type: ignore[union-attr]
+        x, y = test_images[0][:500], test_images[1][:500]
+        for budget in (1, 2, 4):
+            p, q = packed.predict(x, budget=budget), isolated.predict(x, budget=budget)
+            assert p.used == q.used == m.anytime_order[:budget]
+            np.testing.assert_allclose(p.probabilities, q.probabilities, rtol=0, atol=1e-5)
+        assert (p.labels == y).mean() == pytest.approx(1 - m.metrics.test_error, abs=0.06)
+        # A subset asked for again is cached, then compiled from the old core graph
+        for _ in range(3):
+            packed.predict(x[:3], budget=4)
+        deadline = time.monotonic() + 10
+        while packed.bundle.packed.compiled == 0 and time.monotonic() < deadline:  # type: ignore[union-attr]
+            time.sleep(0.05)
+        assert packed.bundle.packed.compiled == 1  # type: ignore[union-attr]
+        np.testing.assert_allclose(packed.predict(x, budget=4).probabilities, q.probabilities, rtol=0, atol=1e-5)
+    finally:
+        packed.close()
+        isolated.close()
 
 
 def test_a_manifest_that_breaks_the_schema_is_summarized(bundle_copy: Path):

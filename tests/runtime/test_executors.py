@@ -12,16 +12,14 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-import torch
 from onnx import TensorProto, helper, numpy_helper
 
-from quorum.exporter.packed import pack_bundle
-from quorum.runtime.engine import Engine, softmax
+from quorum.core.tasks import softmax
+from quorum.exporter.packed import mlp_weights, pack_bundle
+from quorum.runtime.engine import Engine
 from quorum.runtime.errors import BundleError, InvalidRequest, NoModulesAvailable
 from quorum.runtime.faults import FaultPlan
 from quorum.runtime.manifest import Manifest
-from quorum.trainer.evaluate import module_logits
-from quorum.trainer.run import load_best
 
 PARITY = 1e-5  # packed against isolated, on logits and probabilities
 
@@ -49,19 +47,29 @@ def test_export_writes_a_packed_graph(packed: Engine):
     assert packed.executor == "packed" and packed.packed_note is None
 
 
+def _numpy_logits(bundle: Path, x: np.ndarray) -> np.ndarray:
+    """Every module's logits (N, M, K) computed in numpy from the weights in its file: a reference
+    that shares no code with ONNX Runtime."""
+    m = Manifest.load(bundle)
+    out = []
+    for e in m.modules:
+        w1, b1, w2, b2 = (w.astype(np.float64) for w in mlp_weights(onnx.load(bundle / e.file), "input", "logits"))
+        out.append(np.maximum(x @ w1.T + b1, 0) @ w2.T + b2)
+    return np.stack(out, axis=1)
+
+
 @pytest.mark.parametrize("batch", [1, 7, 64])
-def test_packed_isolated_and_torch_agree_on_random_subsets(packed, isolated, run_dir, test_images, batch):
+def test_packed_isolated_and_numpy_agree_on_random_subsets(packed, isolated, bundle_dir, test_images, batch):
     x_raw = test_images[0][:batch]
-    model = load_best(run_dir).model
-    torch_logits = module_logits(model, torch.from_numpy(isolated.preprocess(x_raw))).numpy()  # (N, M, K)
+    reference_logits = _numpy_logits(bundle_dir, isolated.preprocess(x_raw).astype(np.float64))  # (N, M, K)
     rng = np.random.default_rng(batch)
     for size in (1, 2, 13, 40):
         ids = sorted(rng.choice(40, size=size, replace=False).tolist())
         a, b = packed.mean_logits(x_raw, ids), isolated.mean_logits(x_raw, ids)
-        reference = torch_logits[:, ids].mean(axis=1)
+        reference = reference_logits[:, ids].mean(axis=1)
         np.testing.assert_allclose(a, b, rtol=0, atol=PARITY)
         np.testing.assert_allclose(softmax(a), softmax(b), rtol=0, atol=PARITY)
-        np.testing.assert_allclose(a, reference, rtol=0, atol=1e-4)  # export parity
+        np.testing.assert_allclose(a, reference, rtol=0, atol=1e-4)
         if size == 1:
             np.testing.assert_array_equal(a, b)  # one module: the same arithmetic on both paths
 
@@ -277,8 +285,8 @@ def test_a_hung_module_times_out_and_the_rest_answer(bundle_copy: Path, test_ima
 def test_cached_weights_give_bit_identical_answers(bundle_dir: Path, test_images):
     engine = Engine.load(bundle_dir, device="cpu", executor="packed")
     uncached = Engine.load(bundle_dir, device="cpu", executor="packed", packed_cache_mb=0)
-    packed = engine._packed
-    assert packed is not None and packed.core is not None and uncached._packed.core is None
+    packed = engine.bundle.packed
+    assert packed is not None and packed.core is not None and uncached.bundle.packed.core is None
     x = test_images[0][:9]
     for budget in (3, 17, 3, 17, 40):
         a, b = engine.predict(x, budget=budget), uncached.predict(x, budget=budget)
@@ -290,7 +298,7 @@ def test_cached_weights_give_bit_identical_answers(bundle_dir: Path, test_images
 
 def test_the_weight_cache_stays_within_its_budget(bundle_dir: Path, test_images):
     engine = Engine.load(bundle_dir, device="cpu", executor="packed", packed_cache_mb=0.1)  # ~8 modules' weights
-    packed = engine._packed
+    packed = engine.bundle.packed
     assert packed is not None
     x = test_images[0][:2]
     for budget in range(1, 41):
@@ -302,7 +310,7 @@ def test_the_weight_cache_stays_within_its_budget(bundle_dir: Path, test_images)
 def test_a_damaged_core_only_turns_the_cache_off(bundle_copy: Path, test_images):
     _flip_bytes(bundle_copy / "packed_core.onnx")
     engine = Engine.load(bundle_copy, device="cpu", executor="packed")
-    assert engine.executor == "packed" and engine._packed is not None and engine._packed.core is None
+    assert engine.executor == "packed" and engine.bundle.packed is not None and engine.bundle.packed.core is None
     assert engine.predict(test_images[0][:2], budget=4).used
 
 

@@ -66,7 +66,7 @@ def test_specialist_query_answers_one_vs_all_from_the_class_subset(client: TestC
     assert body["modules"]["used"] == spec["modules"] and body["degraded"] is False
     # the same answer as the subset's full prediction
     engine = Engine.load(bundle_dir)
-    full = engine.predict_specialist(np.array(images), 9).prediction
+    full = engine.predict_specialist(np.array(images), 9)
     for answer, probs, label in zip(body["predictions"], full.probabilities, full.labels, strict=True):
         assert answer["is_class"] == (label == 9)
         assert answer["probability"] == pytest.approx(float(probs[9]), abs=1e-6)
@@ -259,6 +259,7 @@ def test_quarantined_modules_show_in_modules_and_the_rest_serve(bundle_copy: Pat
         assert r.status_code == 200 and 7 not in r.json()["modules"]["used"] and r.json()["degraded"]
 
 
+@pytest.mark.slow
 def test_server_package_never_imports_torch_or_onnxruntime_itself():
     root = Path(__file__).parents[2] / "server"
     for path in root.rglob("*.py"):

@@ -6,20 +6,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from quorum.core.errors import QuorumError
+from quorum.core.tasks import get_task, list_tasks, task_of_family
 from quorum.trainer.config import TrainConfig
 from quorum.trainer.diagnostics import oracle_accuracy
 from quorum.trainer.errors import ConfigError
-from quorum.trainer.loss import (
-    FAMILIES,
-    check_lambda,
-    ensemble_logits,
-    family_loss,
-    gaussian_modular_loss,
-    mcl_loss,
-    mean_prediction,
-    modular_loss,
-    poisson_modular_loss,
-)
+from quorum.trainer.loss import check_lambda, ensemble_logits, mcl_loss, modular_loss
+
+REGRESSION, COUNT, CLASSIFICATION = get_task("regression"), get_task("count"), get_task("classification")
 
 B, M, K = 7, 5, 4
 
@@ -107,7 +101,7 @@ def test_lambda_bounds_are_accepted(lam):
 
 # --- Gaussian and Poisson targets --------------------------------------------------------------
 
-GLM = {"gaussian": (gaussian_modular_loss, lambda e: e), "poisson": (poisson_modular_loss, torch.exp)}  # loss, g
+GLM = {"gaussian": (REGRESSION.modular_loss, lambda e: e), "poisson": (COUNT.modular_loss, torch.exp)}  # loss, g
 D = 3
 
 
@@ -159,33 +153,32 @@ def test_gaussian_loss_is_ncl(lam):
     eta, y = _glm_batch("gaussian", (B, M))
     members = 0.5 * (eta - y.unsqueeze(1)).square().mean(1)
     ambiguity = 0.5 * (eta - eta.mean(1, keepdim=True)).square().mean(1)
-    torch.testing.assert_close(gaussian_modular_loss(eta, y, lam), (members - lam * ambiguity).mean())
+    torch.testing.assert_close(REGRESSION.modular_loss(eta, y, lam), (members - lam * ambiguity).mean())
 
 
-def test_family_loss_and_mean_prediction_dispatch_by_family(batch):
+def test_each_family_has_one_task_that_owns_its_loss(batch):
     logits, y = batch
-    torch.testing.assert_close(family_loss("categorical", logits, y, 0.5), modular_loss(logits, y, 0.5))
+    torch.testing.assert_close(CLASSIFICATION.modular_loss(logits, y, 0.5), modular_loss(logits, y, 0.5))
     for family, (loss, _) in GLM.items():
-        eta, t = _glm_batch(family, (B, M, D))
-        torch.testing.assert_close(family_loss(family, eta, t, 0.5), loss(eta, t, 0.5))
-    assert set(FAMILIES) == {"categorical", "gaussian", "poisson"}
-    with pytest.raises(ConfigError, match="categorical, gaussian, poisson"):
-        family_loss("bernoulli", logits, y, 0.5)
-    with pytest.raises(ConfigError, match="unknown target family"):
-        mean_prediction(logits, "bernoulli")
+        assert task_of_family(family).modular_loss == loss
+    assert {task_of_family(f).kind for f in ("categorical", "gaussian", "poisson")} == set(list_tasks())
+    with pytest.raises(QuorumError, match="categorical, gaussian, poisson"):
+        task_of_family("bernoulli")
+    with pytest.raises(QuorumError, match="classification, count, regression"):
+        get_task("ranking")
 
 
 def test_mean_prediction_is_the_inverse_link_of_the_mean_parameter(batch):
     logits, _ = batch
-    probs = mean_prediction(logits, "categorical")  # (B, K)
+    probs = CLASSIFICATION.mean_prediction(logits)  # (B, K)
     torch.testing.assert_close(probs.sum(-1), torch.ones(B, dtype=torch.float64))
     # normalized geometric mean of the members' probabilities
     geo = torch.softmax(logits, -1).log().mean(1).exp()
     torch.testing.assert_close(probs, geo / geo.sum(-1, keepdim=True))
     eta, _ = _glm_batch("poisson", (B, M, D))
-    torch.testing.assert_close(mean_prediction(eta, "gaussian"), eta.mean(1))
+    torch.testing.assert_close(REGRESSION.mean_prediction(eta), eta.mean(1))
     # the Poisson ensemble rate is the geometric mean of the members' rates
-    torch.testing.assert_close(mean_prediction(eta, "poisson"), eta.exp().prod(1) ** (1 / M))
+    torch.testing.assert_close(COUNT.mean_prediction(eta), eta.exp().prod(1) ** (1 / M))
 
 
 # --- Multiple Choice Learning -------------------------------------------------------------------

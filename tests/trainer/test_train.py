@@ -16,6 +16,7 @@ from quorum.trainer.train import train
 TINY = dict(modules=8, hidden=4, lam=0.95, subset=600, val_size=1000, batch_size=100)
 
 
+@pytest.mark.slow
 def test_run_directory_and_metrics(tmp_path: Path, data_dir: Path):
     res = train(TrainConfig(**TINY, epochs=3), tmp_path / "r", progress=False)
     run = tmp_path / "r"
@@ -33,6 +34,7 @@ def test_run_directory_and_metrics(tmp_path: Path, data_dir: Path):
     assert json.loads((run / "config.json").read_text())["lam"] == 0.95
 
 
+@pytest.mark.slow
 def test_resumed_run_equals_uninterrupted_run(tmp_path: Path, data_dir: Path):
     train(TrainConfig(**TINY, epochs=3), tmp_path / "straight", progress=False)
     train(TrainConfig(**TINY, epochs=1), tmp_path / "resumed", progress=False)
@@ -51,6 +53,7 @@ def test_resumed_run_equals_uninterrupted_run(tmp_path: Path, data_dir: Path):
     assert [r["val_error"] for r in ra] == [r["val_error"] for r in rb]
 
 
+@pytest.mark.slow
 def test_existing_run_is_not_overwritten(tmp_path: Path, data_dir: Path):
     train(TrainConfig(**TINY, epochs=1), tmp_path / "r", progress=False)
     before = (tmp_path / "r" / "best.pt").read_bytes()
@@ -71,6 +74,7 @@ def test_resume_without_a_run_says_so(tmp_path: Path):
         train(TrainConfig(**TINY), tmp_path / "nothing", resume=True, progress=False)
 
 
+@pytest.mark.slow
 def test_patience_stops_early(tmp_path: Path, data_dir: Path):
     # a learning rate this small cannot keep improving the validation error every epoch
     res = train(TrainConfig(**{**TINY, "lr": 1e-9}, epochs=6, patience=1), tmp_path / "r", progress=False)
@@ -87,6 +91,7 @@ def test_default_learning_rate_scales_with_modules():
     assert TrainConfig(modules=16, lr=0.1).learning_rate == 0.1
 
 
+@pytest.mark.slow
 def test_mcl_trains_each_example_into_its_best_modules_and_reports_oracle_accuracy(tmp_path: Path, data_dir: Path):
     cfg = TrainConfig(**{**TINY, "lam": 0.0}, epochs=3, loss="mcl", mcl_k=1, pretrain_epochs=1)
     res = train(cfg, tmp_path / "mcl", progress=False)
@@ -106,6 +111,7 @@ def test_mcl_options_are_checked():
         TrainConfig(modules=4, pretrain_epochs=2)
 
 
+@pytest.mark.slow
 def test_regression_on_diabetes_beats_predicting_the_mean(tmp_path: Path):
     from quorum.trainer.data import load_dataset
 
@@ -121,6 +127,7 @@ def test_regression_on_diabetes_beats_predicting_the_mean(tmp_path: Path):
         TrainConfig(dataset="diabetes", arch="convnet")
 
 
+@pytest.mark.slow
 def test_count_targets_train_with_the_poisson_loss(tmp_path: Path):
     train(TrainConfig(dataset="linnerud", modules=4, hidden=4, lam=0.9, epochs=20, batch_size=4), tmp_path / "c",
           progress=False)  # fmt: skip
@@ -130,6 +137,7 @@ def test_count_targets_train_with_the_poisson_loss(tmp_path: Path):
     assert all(math.isfinite(r["train_loss"]) for r in rows) and "val_oracle_accuracy" not in rows[0]
 
 
+@pytest.mark.slow
 def test_bf16_autocast_trains_as_well_as_fp32(tmp_path: Path, data_dir: Path):
     fp32 = train(TrainConfig(**TINY, epochs=2, precision="fp32"), tmp_path / "fp32", progress=False)
     bf16 = train(TrainConfig(**TINY, epochs=2, precision="bf16"), tmp_path / "bf16", progress=False)

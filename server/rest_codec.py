@@ -1,4 +1,6 @@
-"""Request bodies of /predict: JSON, raw float32/uint8 bytes, or a .npy file.
+"""The /predict protocol's codec: request bodies in, answers out.
+
+Bodies: JSON, raw float32/uint8 bytes, or a .npy file:
 
     application/json           {"inputs": [[...], ...]}                      parsed with orjson
     application/octet-stream   little-endian bytes, row-major; shape in the X-Shape header
@@ -8,6 +10,8 @@
 JSON is what every client can send; the binary bodies skip text parsing and the conversion of
 nested lists to an array, which dominate the cost of a large batch (docs/RESULTS.md measures it).
 Each format checks only its own framing here; the engine checks shape, dtype and values.
+Answers: labels and probabilities, a specialist's yes/no, or values per target, with the
+modules used, dropped and failed.
 """
 
 from __future__ import annotations
@@ -20,10 +24,23 @@ import numpy as np
 import orjson
 from fastapi import Request
 
+from quorum.core.tasks import Task
+from quorum.runtime.results import Prediction
 from quorum.server.errors import ApiError
-from quorum.server.schemas import PredictRequest
+from quorum.server.schemas import (
+    ClassPrediction,
+    FailedModuleOut,
+    ModulesUsed,
+    PredictRequest,
+    PredictResponse,
+    RegressionResponse,
+    SpecialistAnswer,
+    SpecialistInfo,
+    SpecialistResponse,
+    ValuePrediction,
+)
 
-__all__ = ["BINARY_DTYPES", "MEDIA_TYPES", "OPENAPI_REQUEST_BODY", "read_inputs"]
+__all__ = ["BINARY_DTYPES", "MEDIA_TYPES", "OPENAPI_REQUEST_BODY", "encode", "read_inputs"]
 
 BINARY_DTYPES: dict[str, np.dtype[Any]] = {"float32": np.dtype("<f4"), "uint8": np.dtype("u1")}
 MEDIA_TYPES = ("application/json", "application/octet-stream", "application/x-npy")
@@ -108,3 +125,56 @@ def _npy_inputs(body: bytes) -> np.ndarray:
     if not isinstance(array, np.ndarray) or array.ndim < 1:
         raise ApiError(422, "the .npy body must hold one array with a batch axis first")
     return array
+
+
+def _modules(result: Prediction) -> ModulesUsed:
+    return ModulesUsed(
+        requested=result.requested,
+        used=result.used,
+        dropped=result.dropped,
+        failed=[FailedModuleOut(id=f.id, reason=f.reason, kind=f.kind) for f in result.failed if not f.injected],
+        injected=[FailedModuleOut(id=f.id, reason=f.reason, kind=f.kind) for f in result.failed if f.injected],
+        unfinished=result.unfinished,
+    )
+
+
+def encode(
+    result: Prediction, task: Task, target_names: list[str]
+) -> PredictResponse | SpecialistResponse | RegressionResponse:
+    """The answer of /predict: classes, a specialist's one-vs-all answer, or values per target."""
+    modules, latency = _modules(result), round(result.latency_ms, 3)
+    if (spec := result.specialist) is not None:
+        return SpecialistResponse(
+            specialist=SpecialistInfo(
+                class_index=spec.class_index, class_name=spec.class_name, subset=spec.subset, val_f1=spec.val_f1
+            ),
+            predictions=[
+                SpecialistAnswer(is_class=yes, probability=p)
+                for yes, p in zip(spec.is_class.tolist(), spec.probability.tolist(), strict=True)
+            ],
+            modules=modules,
+            degraded=result.degraded,
+            latency_ms=latency,
+        )
+    if not task.has_classes:
+        return RegressionResponse(
+            task=result.task,
+            targets=target_names,
+            predictions=[
+                ValuePrediction(values=dict(zip(target_names, v, strict=True))) for v in result.values.tolist()
+            ],
+            modules=modules,
+            degraded=result.degraded,
+            latency_ms=latency,
+        )
+    return PredictResponse(
+        predictions=[
+            ClassPrediction(label=label, class_name=name, probabilities=p)
+            for label, name, p in zip(
+                result.labels.tolist(), result.class_names, result.probabilities.tolist(), strict=True
+            )
+        ],
+        modules=modules,
+        degraded=result.degraded,
+        latency_ms=latency,
+    )
