@@ -1,14 +1,10 @@
-"""The `quorum` command: train | export | pack | serve | demo | sweep | robustness | specialists | report.
-
-Heavy imports happen inside each subcommand, so `quorum serve` never loads torch and
-`quorum --help` answers at once.
-"""
+"""The `quorum` command's arguments: train | export | pack | serve | demo | sweep | robustness |
+specialists | report. `quorum.commands` holds what each does."""
 
 from __future__ import annotations
 
 import argparse
 import logging
-import shlex
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -288,119 +284,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _cmd_train(args: argparse.Namespace) -> int:
-    from dataclasses import fields
-    from pathlib import Path
-
-    from quorum.trainer.config import TrainConfig
-    from quorum.trainer.train import train
-
-    # every TrainConfig field that is also a command-line option (`command` is recorded, not given)
-    keys = [f.name for f in fields(TrainConfig) if f.name != "command" and hasattr(args, f.name)]
-    given: dict[str, Any] = {k: getattr(args, k) for k in keys if getattr(args, k) is not None}
-    if args.preset:
-        from quorum.trainer.models.densenet import DENSENET_PRESETS
-
-        depth, growth, modules = DENSENET_PRESETS[args.preset]
-        given = {"arch": "densenet_bc", "depth": depth, "growth": growth, "modules": modules, **given}
-    command = shlex.join(["quorum", *sys.argv[1:]])
-    out = Path(args.out)
-    if args.resume and (out / "config.json").exists():
-        cfg = TrainConfig.load(out / "config.json").resumed_with(given)
-    else:
-        cfg = TrainConfig(**given, command=command)
-    result = train(cfg, out, resume=args.resume, progress=not args.quiet)
-    metric = "oracle error" if cfg.loss == "mcl" else cfg.task.metric
-    print(
-        f"{out}: {result.epochs_done} epochs; best validation {metric} {result.best_val_error:.4f} "
-        f"at epoch {result.best_epoch} (best.pt)"
-    )
-    return 0
-
-
-def _cmd_export(args: argparse.Namespace) -> int:
-    from quorum.core.tasks import get_task
-    from quorum.exporter.export import export_run
-
-    m = export_run(
-        args.run,
-        args.out,
-        data_dir=args.data_dir,
-        overwrite=args.overwrite,
-        checkpoint=args.checkpoint,
-        progress=not args.quiet,
-    )
-    metric = get_task(m.task.kind).metric
-    print(
-        f"{args.out}: {len(m.modules)} modules from epoch {m.training.exported_epoch} ({m.training.checkpoint}.pt), "
-        f"validation {metric} {m.metrics.val_error:.4f}, test {metric} {m.metrics.test_error:.4f}"
-    )
-    return 0
-
-
-def _cmd_serve(args: argparse.Namespace) -> int:
-    from quorum.server.main import serve
-    from quorum.server.settings import Settings
-
-    given = {
-        "host": args.host,
-        "port": args.port,
-        "device": args.device,
-        "executor": args.executor,
-        "module_timeout_ms": args.module_timeout_ms,
-    }
-    overrides = {k: v for k, v in given.items() if v is not None}
-    serve(Settings(bundle=args.bundle, **overrides))
-    return 0
-
-
-def _cmd_pack(args: argparse.Namespace) -> int:
-    from quorum.exporter.packed import pack_bundle
-
-    m = pack_bundle(args.bundle)
-    assert m.packed is not None
-    print(f"{args.bundle}: {m.packed.file} holds {len(m.modules)} modules (parity {m.packed.parity:.1e})")
-    return 0
-
-
-def _cmd_demo(args: argparse.Namespace) -> int:
-    from quorum.demo import run_demo
-
-    return run_demo(args)
-
-
-def _cmd_sweep(args: argparse.Namespace) -> int:
-    from quorum.experiments.sweep import (
-        DEFAULT_CONFIGS,
-        DEFAULT_LAMS,
-        SweepConfig,
-        parse_configs,
-        parse_lams,
-        run_sweep,
-    )
-
-    cfg = SweepConfig(
-        configs=parse_configs(args.configs) if args.configs else DEFAULT_CONFIGS,
-        lams=parse_lams(args.lams) if args.lams else DEFAULT_LAMS,
-        trials=args.trials,
-        epochs=args.epochs,
-        patience=args.patience,
-        seed=args.seed,
-        lr=args.lr,
-        device=args.device,
-        data_dir=args.data_dir,
-        subset=args.subset,
-        jobs=args.jobs,
-        command=shlex.join(["quorum", *sys.argv[1:]]),
-    )
-    report = run_sweep(cfg, args.out, progress=not args.quiet)
-    print(report.markdown)
-    print(f"{args.out}: {report.trained} runs trained, {report.reused} reused; sweep.md, sweep.json, sweep.png")
-    for failure in report.failures:
-        print(f"quorum sweep: failed: {failure}", file=sys.stderr)
-    return 1 if report.failures else 0
-
-
 def _requirement(text: str) -> Any:
     """argparse type of --require: a malformed spec is a usage error that shows the syntax."""
     from quorum.experiments.robustness import Requirement
@@ -412,72 +295,14 @@ def _requirement(text: str) -> Any:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
-def _cmd_robustness(args: argparse.Namespace) -> int:
-    import importlib.util
-
-    if missing := [m for m in ("matplotlib", "tqdm") if importlib.util.find_spec(m) is None]:
-        print(f"quorum robustness: needs {', '.join(missing)}: pip install 'quorum[report]'", file=sys.stderr)
-        return 2
-    from quorum.experiments.robustness import RobustnessConfig
-    from quorum.experiments.robustness_report import format_checks, format_table, run_robustness
-
-    cfg = RobustnessConfig(
-        trials=args.trials, step=args.step, seed=args.seed, split=args.split, limit=args.limit, device=args.device
-    )
-    reports = run_robustness(args.bundles, args.out, cfg, args.require, data_dir=args.data_dir, progress=not args.quiet)
-    print(format_table(reports))
-    lines = format_checks(reports)
-    for line in lines:
-        print(line)
-    print(f"wrote {args.out}/robustness.json and {args.out}/robustness.png")
-    failed = [line.removeprefix("FAIL ") for line in lines if line.startswith("FAIL ")]
-    if failed:
-        print(f"quorum robustness: {len(failed)} of {len(lines)} requirement checks failed:", file=sys.stderr)
-        for line in failed:
-            print(f"  {line}", file=sys.stderr)
-        return 1
-    return 0
-
-
-def _cmd_specialists(args: argparse.Namespace) -> int:
-    from quorum.experiments.specialists import SpecialistsConfig, run_specialists
-
-    try:
-        cfg = SpecialistsConfig(k=args.k, tries=args.tries, seed=args.seed, device=args.device)
-    except ValueError as e:
-        print(f"quorum specialists: error: {e}", file=sys.stderr)
-        return 2
-    _, markdown = run_specialists(
-        args.bundles, args.out, cfg, data_dir=args.data_dir, limit=args.limit, progress=not args.quiet
-    )
-    print(markdown)
-    print(f"wrote {args.out}/specialists.json, specialists.md and specialists.png")
-    return 0
-
-
-def _cmd_report(args: argparse.Namespace) -> int:
-    from quorum.experiments.report import make_report
-
-    print(make_report(args.run, args.out, data_dir=args.data_dir).summary())
-    return 0
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    handler = {
-        "train": _cmd_train,
-        "export": _cmd_export,
-        "serve": _cmd_serve,
-        "pack": _cmd_pack,
-        "demo": _cmd_demo,
-        "sweep": _cmd_sweep,
-        "robustness": _cmd_robustness,
-        "specialists": _cmd_specialists,
-        "report": _cmd_report,
-    }[args.command]
+    from quorum.commands import HANDLERS
+
+    handler = HANDLERS[args.command]
     try:
         return handler(args)
     except KeyboardInterrupt:

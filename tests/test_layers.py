@@ -19,10 +19,10 @@ LAYERS = {
     "quorum.exporter": 2,
     "quorum.server": 2,
     "quorum.experiments": 3,
-    "app": 4,  # quorum.cli, quorum.demo, quorum.__main__
+    "app": 4,  # quorum.cli, quorum.commands, quorum.demo, quorum.__main__
     "quorum": 0,  # the root package's __init__: the version, nothing else
 }
-APP = ("quorum.cli", "quorum.demo", "quorum.__main__")
+APP = ("quorum.cli", "quorum.commands", "quorum.demo", "quorum.__main__")
 
 
 def _package(module: str) -> str:
@@ -33,22 +33,24 @@ def _package(module: str) -> str:
     return top if top in LAYERS else "quorum"
 
 
-def _walk(name: str, found: dict[str, Path]) -> None:
-    spec = importlib.util.find_spec(name)  # imports the parents only
-    assert spec is not None and spec.origin is not None, name
-    found[name] = Path(spec.origin)
-    for info in pkgutil.iter_modules(spec.submodule_search_locations or []):
-        _walk(f"{name}.{info.name}", found)
+def _walk(name: str, folder: Path, found: dict[str, Path]) -> None:
+    """A package's modules by file, importing none of them (the serving venv has no torch)."""
+    found[name] = folder / "__init__.py"
+    for info in pkgutil.iter_modules([str(folder)]):
+        if info.ispkg:
+            _walk(f"{name}.{info.name}", folder / info.name, found)
+        else:
+            found[f"{name}.{info.name}"] = folder / f"{info.name}.py"
 
 
 def _modules() -> dict[str, Path]:
     """Every module of the installed package, by name, with its source file (without importing them:
     the subpackages live in their own top-level folders, mapped by setuptools' package-dir)."""
     found: dict[str, Path] = {}
-    _walk("quorum", found)
-    for pkg in LAYERS:
-        if pkg.startswith("quorum.") and pkg not in found:
-            _walk(pkg, found)
+    for pkg in ["quorum", *(p for p in LAYERS if p.startswith("quorum."))]:
+        spec = importlib.util.find_spec(pkg)  # imports `quorum` only, to find each top-level folder
+        assert spec is not None and spec.submodule_search_locations, pkg
+        _walk(pkg, Path(next(iter(spec.submodule_search_locations))), found)
     return found
 
 
