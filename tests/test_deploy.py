@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import configparser
 import re
+import tomllib
 from pathlib import Path
 
 import yaml
@@ -44,11 +45,18 @@ def test_kubernetes_probes_hit_routes_the_server_answers(bundle_dir: Path):
             assert client.get(path).status_code == 200, path
 
 
+def _package_folders() -> set[str]:
+    """The top-level folders that setuptools installs as quorum's subpackages."""
+    config = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    return {path.split("/")[0] for path in config["tool"]["setuptools"]["package-dir"].values()}
+
+
 def test_dockerfiles_copy_what_exists_and_run_the_server():
     for name in ("Dockerfile", "Dockerfile.gpu"):
         text = (DEPLOY / name).read_text()
         sources = [src for line in re.findall(r"^COPY (.+)$", text, re.M) for src in line.split()[:-1]]
         assert sources and all((ROOT / src).exists() for src in sources), sources
+        assert _package_folders() <= set(sources), f"{name} must copy every package folder of pyproject.toml"
         assert 'CMD ["quorum", "serve", "/bundle"]' in text and re.search(r"^USER \w+", text, re.M)
     compose = yaml.safe_load((DEPLOY / "docker-compose.yml").read_text())
     build = compose["services"]["quorum"]["build"]

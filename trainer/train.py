@@ -193,8 +193,8 @@ def train(cfg: TrainConfig, out_dir: str | Path, *, resume: bool = False, progre
         with torch.no_grad():
             bias.copy_(eta0.expand_as(bias))
     if len(in_shape) == 3:
-        # Grouped convolutions run far faster channels-last, on cuDNN and on the CPU alike
-        # (DN-64-6-16 on 2 CPU cores: 20 s -> 6 s for a batch of 16, forward and backward).
+        # Grouped convolutions run several times faster channels-last, on cuDNN and on the CPU
+        # alike (docs/RESULTS.md, "Channels-last").
         model = model.to(memory_format=torch.channels_last)
     # The loss's gradients carry 1/M (eq. 8) and the default rate M: weight decay as for one module alone.
     opt = torch.optim.SGD(
