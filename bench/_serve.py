@@ -1,11 +1,18 @@
-"""What the benchmark scripts share for running servers: a free port and a server log's tail."""
+"""What the benchmark scripts share for running servers: a free port, a `quorum serve` process
+ready to answer, its log's tail, and its memory."""
 
 from __future__ import annotations
 
+import http.client
+import os
 import socket
+import subprocess
+import sys
+import tempfile
+import time
 from typing import IO
 
-__all__ = ["free_port", "log_tail"]
+__all__ = ["free_port", "log_tail", "peak_rss_mb", "rss_mb", "start_server"]
 
 
 def free_port() -> int:
@@ -18,3 +25,42 @@ def log_tail(log: IO[bytes], chars: int = 2000) -> str:
     """The end of a server's log file (servers log to a file: a full pipe would stall them)."""
     log.seek(0)
     return log.read().decode(errors="replace")[-chars:]
+
+
+def start_server(bundle: str, port: int, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+    """`quorum serve BUNDLE` on 127.0.0.1:port with QUORUM_* settings from `env`, once /readyz answers."""
+    env = {**os.environ, "QUORUM_LOG_LEVEL": "error", **(env or {})}
+    cmd = [sys.executable, "-m", "quorum", "serve", bundle, "--host", "127.0.0.1", "--port", str(port)]
+    log = tempfile.TemporaryFile()  # noqa: SIM115 (open as long as the server runs: a full pipe would stall it)
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=log)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"quorum serve exited: {log_tail(log)}")
+        try:
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
+            conn.request("GET", "/readyz")
+            if conn.getresponse().status == 200:
+                return proc
+        except OSError:
+            time.sleep(0.2)
+    proc.kill()
+    raise SystemExit("quorum serve did not become ready in 120 s")
+
+
+def _status_kb(pid: int, field: str) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise ValueError(f"no {field} in /proc/{pid}/status")
+
+
+def rss_mb(pid: int) -> float:
+    """Resident memory of a process now, in MiB (Linux)."""
+    return _status_kb(pid, "VmRSS") / 1024
+
+
+def peak_rss_mb(pid: int) -> float:
+    """The highest resident memory of a process so far (VmHWM), in MiB (Linux)."""
+    return _status_kb(pid, "VmHWM") / 1024

@@ -21,48 +21,17 @@ from __future__ import annotations
 import argparse
 import http.client
 import json
-import os
 import secrets
 import statistics
-import subprocess
 import sys
-import tempfile
 import threading
 import time
 from collections import Counter
 from pathlib import Path
 
-from _serve import free_port, log_tail  # bench/ is on sys.path when a script runs
+from _serve import free_port, peak_rss_mb, start_server  # bench/ is on sys.path when a script runs
 
 from quorum.core.datasets import load_raw, resolve_data_dir
-
-
-def start_server(bundle: str, port: int, token: str, timeout_ms: float) -> subprocess.Popen[bytes]:
-    env = {
-        **os.environ,
-        "QUORUM_ADMIN_TOKEN": token,
-        "QUORUM_BREAKER_FAILURES": "0",
-        "QUORUM_MODULE_TIMEOUT_MS": str(timeout_ms),
-        "QUORUM_LOG_LEVEL": "error",
-    }
-    cmd = [sys.executable, "-m", "quorum", "serve", bundle, "--host", "127.0.0.1", "--port", str(port)]
-    log = tempfile.TemporaryFile()  # noqa: SIM115 (open as long as the server runs: a full pipe would stall it)
-    proc = subprocess.Popen(
-        cmd, env=env, stdout=subprocess.DEVNULL, stderr=log
-    )  # a file: a full pipe would stall the server
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"quorum serve exited: {log_tail(log)}")
-        try:
-            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
-            conn.request("GET", "/readyz")
-            if conn.getresponse().status == 200:
-                return proc
-        except OSError:
-            time.sleep(0.2)
-    proc.kill()
-    raise SystemExit("quorum serve did not become ready in 120 s")
 
 
 def main() -> int:
@@ -78,7 +47,12 @@ def main() -> int:
     args = p.parse_args()
 
     token, port = secrets.token_hex(16), free_port()
-    proc = start_server(args.bundle, port, token, args.module_timeout_ms)
+    env = {
+        "QUORUM_ADMIN_TOKEN": token,
+        "QUORUM_BREAKER_FAILURES": "0",
+        "QUORUM_MODULE_TIMEOUT_MS": str(args.module_timeout_ms),
+    }
+    proc = start_server(args.bundle, port, env)
     rate = args.failure_rate
     plan = {"fail_probability": rate * 0.5, "hang_probability": rate * 0.2, "nan_probability": rate * 0.3}
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
@@ -140,6 +114,7 @@ def main() -> int:
     for t in threads:
         t.join()
     seconds = time.perf_counter() - t0
+    peak = peak_rss_mb(proc.pid)
     proc.terminate()
     proc.wait(30)
 
@@ -159,6 +134,7 @@ def main() -> int:
         "p50_ms": round(q[49], 2),
         "p99_ms": round(q[98], 2),
         "problems": len(problems),
+        "server_peak_rss_mib": round(peak, 1),
     }
     print(f"{args.requests} requests, {args.concurrency} clients, budget {args.budget}, fault plan {plan}, "
           f"module timeout {args.module_timeout_ms:g} ms, {seconds:.1f} s")  # fmt: skip

@@ -67,6 +67,11 @@ class Breakers:
             self._next_expiry = min((b.open_until for b in self._b if b.state == "open"), default=float("inf"))
             self.version += 1
 
+    def next_retry_s(self, now: float | None = None) -> float | None:
+        """Seconds until the first open breaker lets its module be tried again; None if none is open."""
+        now = time.monotonic() if now is None else now
+        return None if self._next_expiry == float("inf") else max(0.0, self._next_expiry - now)
+
     def trials_running(self) -> frozenset[int]:
         """Half-open modules that a request is trying now: others must not use them."""
         return frozenset(j for j, b in enumerate(self._b) if b.trial)

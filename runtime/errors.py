@@ -21,7 +21,13 @@ class InvalidRequest(QuorumError, ValueError):
 
 
 class NoModulesAvailable(QuorumError):
-    """No module could answer: all quarantined or out of rotation, or every evaluated module failed."""
+    """No module could answer: all quarantined or out of rotation, or every evaluated module failed.
+
+    `retry_after_s`: when modules are expected back (their breakers half-open), in seconds."""
+
+    def __init__(self, message: str, retry_after_s: float | None = None):
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
 
 
 class BundleError(QuorumError):

@@ -17,6 +17,7 @@ from typing import NamedTuple
 import numpy as np
 
 from quorum.runtime.breaker import Breakers
+from quorum.runtime.errors import InvalidRequest
 from quorum.runtime.executors import IsolatedExecutor, ModuleRun
 from quorum.runtime.faults import FaultPlan
 from quorum.runtime.packed import PackedExecutor
@@ -155,7 +156,11 @@ class Runner:
         return total / done, done
 
     def _checked(self, runs: list[ModuleRun], n: int) -> list[ModuleRun]:
-        """Turn a wrong shape or non-finite logits into an error, count every run, tell the breakers."""
+        """Turn a wrong shape or non-finite logits into an error, count every run, and tell the
+        breakers of the failures that are the module's fault (`_module_at_fault`).
+
+        Inputs the server accepted that make every module that ran overflow are the client's: an
+        InvalidRequest, and no module is blamed."""
         shape = (n, self._width)
         for r in runs:
             if r.error is None and r.logits is not None and r.logits.shape != shape:
@@ -166,12 +171,35 @@ class Runner:
             for (r, _), ok in zip(answered, finite, strict=True):
                 if not ok:
                     r.error, r.kind = "non-finite output", "nonfinite"
+        real = [r for r in runs if not r.injected]
+        if real and all(r.kind == "nonfinite" for r in real):
+            raise InvalidRequest(
+                "the inputs make every module's output overflow to non-finite values: they lie far outside the "
+                "data the bundle was trained on"
+            )
         self._stats.record(runs)
+        slowest = max((r.ms for r in real if r.error is None), default=None)
         for r in runs:
-            if r.error is not None:
-                # Injected faults are expected in their thousands during a rehearsal: debug only.
-                (log.debug if r.injected else log.warning)("module %d failed: %s", r.id, r.error)
+            if r.error is None:
+                continue
+            if self._module_at_fault(r, slowest):
+                log.warning("module %d failed: %s", r.id, r.error)
                 self._breakers.failed(r.id)
+            else:  # injected (a rehearsal's thousands) or not the module's doing: no breaker, no alarm
+                log.debug("module %d failed, not at its own fault: %s", r.id, r.error)
         if self._breakers.any_half_open:
             self._breakers.succeeded(r.id for r in runs if r.error is None)
         return runs
+
+    def _module_at_fault(self, run: ModuleRun, slowest_ok_ms: float | None) -> bool:
+        """Whether a failed run counts against its module's breaker.
+
+        Injected faults never do. A timeout does only when modules of the same request answered
+        its inputs in under half the timeout: then the module is the slow one, not the request's
+        size or a busy machine. An error or a non-finite output on inputs the server accepted does.
+        """
+        if run.injected:
+            return False
+        if run.kind == "timeout":
+            return slowest_ok_ms is not None and slowest_ok_ms < self.isolated.timeout_s * 1e3 / 2
+        return True

@@ -21,6 +21,7 @@ logits by their mean, then apply softmax (the normalized geometric mean of the m
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Literal
 
@@ -102,19 +103,44 @@ class TaskSpec(_Strict):
         return len(self.class_names) or len(self.target_names)
 
 
+MAX_INPUT_DIMENSIONS = 8  # of one input's shape
+MAX_INPUT_ELEMENTS = 2**24  # values in one input: far above any image the modules take
+
+
+def _check_shape(shape: list[int], what: str) -> list[int]:
+    if not all(d >= 1 for d in shape):
+        raise ValueError(f"{what} sizes must be positive, got {shape}")
+    if math.prod(shape) > MAX_INPUT_ELEMENTS:
+        raise ValueError(f"{what} {shape} holds over {MAX_INPUT_ELEMENTS} values")
+    return shape
+
+
 class InputSpec(_Strict):
     name: str = Field(description="Input tensor name of every module graph.")
-    shape: list[int] = Field(min_length=1, description="Shape of one input, without the batch axis.")
+    shape: list[int] = Field(
+        min_length=1, max_length=MAX_INPUT_DIMENSIONS, description="Shape of one input, without the batch axis."
+    )
     dtype: Literal["float32"] = "float32"
-    scale: float = Field(description="x_model = (x_raw * scale - mean[c]) / std[c].")
+    scale: float = Field(gt=0, allow_inf_nan=False, description="x_model = (x_raw * scale - mean[c]) / std[c].")
     mean: list[float] = Field(min_length=1, description="Per channel, after scaling.")
     std: list[float] = Field(min_length=1, description="Per channel, after scaling.")
     raw_range: tuple[float, float] | None = Field(None, description="Range of the raw values clients send.")
 
+    @field_validator("shape")
+    @classmethod
+    def _shape(cls, shape: list[int]) -> list[int]:
+        return _check_shape(shape, "input.shape")
+
     @model_validator(mode="after")
     def _channels(self) -> InputSpec:
-        if len(self.mean) != len(self.std) or any(s <= 0 for s in self.std):
+        if len(self.mean) != len(self.std) or not all(s > 0 and math.isfinite(s) for s in self.std):
             raise ValueError("input.mean and input.std need one entry per channel, std > 0")
+        if not all(math.isfinite(m) for m in self.mean):
+            raise ValueError("input.mean must be finite")
+        if self.raw_range is not None and not (
+            math.isfinite(self.raw_range[0]) and self.raw_range[0] < self.raw_range[1] < math.inf
+        ):
+            raise ValueError(f"input.raw_range must be (low, high) with low < high, got {self.raw_range}")
         return self
 
 
@@ -195,10 +221,17 @@ class TrunkEntry(_Strict):
 
     file: str = Field(description="Path relative to the bundle folder, e.g. trunk.onnx.")
     sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
-    output_shape: list[int] = Field(min_length=1, description="Features of one input; the module graphs' input.")
+    output_shape: list[int] = Field(
+        min_length=1, max_length=MAX_INPUT_DIMENSIONS, description="Features of one input; the module graphs' input."
+    )
     params: int = Field(ge=0)
     flops: int = Field(ge=0, description="Per input (2 per multiply-add); paid once, whatever the budget.")
     parity: float = Field(ge=0, description="Max |feature difference| of ONNX Runtime vs torch on validation images.")
+
+    @field_validator("output_shape")
+    @classmethod
+    def _shape(cls, shape: list[int]) -> list[int]:
+        return _check_shape(shape, "trunk.output_shape")
 
 
 class EnsembleMetrics(_Strict):

@@ -29,8 +29,8 @@ class PredictOptions:
     faults: FaultPlan | None = None  # injected faults for this request, on top of the engine's own
 
     def __post_init__(self) -> None:
-        if self.budget is not None and (type(self.budget) is not int or self.budget < 1):
-            raise InvalidRequest(f"budget={self.budget!r} must be a whole number of modules >= 1")
+        if self.budget is not None and type(self.budget) is not int:  # its range, 1..M, is the plan's to check
+            raise InvalidRequest(f"budget={self.budget!r} must be a whole number of modules")
         if self.seed is not None and (type(self.seed) is not int or not 0 <= self.seed <= MAX_SEED):
             raise InvalidRequest(f"seed={self.seed!r} must be a whole number in 0..{MAX_SEED}")
         if self.drop is not None and (isinstance(self.drop, bool) or not isinstance(self.drop, int | float)):

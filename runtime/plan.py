@@ -179,6 +179,8 @@ class Planner:
             return cached
         order = self._anytime if specialist is None else self._specialists[specialist]
         num = len(self._anytime_all) if specialist is None else len(self._specialists_all[specialist])
+        if not order:
+            raise self._nothing_in_rotation(specialist)
         available = order
         fault_drops: list[int] = []
         if faults is not None:
@@ -197,6 +199,20 @@ class Planner:
         if plain:
             self._plans[(specialist, budget)] = plan
         return plan
+
+    def _nothing_in_rotation(self, specialist: int | None) -> NoModulesAvailable:
+        """Why the order has no module in rotation: quarantined at load, or breakers open (and until when)."""
+        whose = "the bundle" if specialist is None else f"class {specialist}'s specialist subset"
+        wanted = self._anytime_all if specialist is None else self._specialists_all[specialist]
+        if not any(j in self._healthy for j in wanted):
+            return NoModulesAvailable(f"no module of {whose} is available: every one is quarantined (see /modules)")
+        retry = self._breakers.next_retry_s()
+        when = f"; the first is tried again in {retry:.1f} s" if retry is not None else ""
+        return NoModulesAvailable(
+            f"no module of {whose} is available: the healthy ones are out of rotation after repeated failures "
+            f"(their circuit breakers are open{when})",
+            retry_after_s=retry,
+        )
 
     def release(self, plan: RequestPlan) -> None:
         """End the trials the request claimed (those no success or failure ended)."""

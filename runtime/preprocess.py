@@ -4,7 +4,10 @@
 
 per channel on axis 1 (per feature for tabular inputs of shape [F]). Every client mistake is
 an InvalidRequest naming what was wrong: shape, dtype, non-finite values, values outside the
-raw range.
+raw range. Inputs of a bundle without a raw range (tabular data) must lie within
+MAX_STANDARD_SCORE training standard deviations of the training mean once normalized: the
+modules then give finite outputs, so a module whose output is not finite is at fault, never
+the input.
 """
 
 from __future__ import annotations
@@ -16,7 +19,9 @@ import numpy as np
 from quorum.runtime.errors import InvalidRequest
 from quorum.runtime.manifest import InputSpec
 
-__all__ = ["Preprocessor"]
+__all__ = ["MAX_STANDARD_SCORE", "Preprocessor", "as_array"]
+
+MAX_STANDARD_SCORE = 1000.0  # |x_model| allowed where the manifest gives no raw range
 
 # Values up to which a table lookup beats the formula's four numpy steps (a few images); past
 # it the gather costs more per value than the arithmetic.
@@ -46,7 +51,7 @@ class Preprocessor:
 
     def __call__(self, x_raw: Any) -> np.ndarray:
         """Validate raw inputs and normalize them: a new float32 array (N, *input.shape)."""
-        x = x_raw if type(x_raw) is np.ndarray else self._array(x_raw)
+        x = x_raw if type(x_raw) is np.ndarray else as_array(x_raw)
         kind = x.dtype.kind  # i, u: integers; f: floats; anything else is refused
         if kind not in "iuf":
             raise InvalidRequest(f"inputs must be real numbers, got dtype {x.dtype}")
@@ -69,15 +74,23 @@ class Preprocessor:
                 if self._one_table is not None:
                     return self._one_table.take(x)
                 return self._table[self._channel, x]
-        out = x.astype(np.float32)  # a copy, normalized in place: the same float32 steps as the formula
-        out *= self._scale
-        out -= self._mean
-        out /= self._std
+        with np.errstate(over="ignore"):  # values beyond float32 become inf, and are refused below
+            out = x.astype(np.float32)  # a copy, normalized in place: the same float32 steps as the formula
+            out *= self._scale
+            out -= self._mean
+            out /= self._std
+        if self.raw_range is None and not (top := float(np.abs(out).max())) <= MAX_STANDARD_SCORE:  # NaN fails too
+            bad = np.unravel_index(int(np.nanargmax(np.where(np.isfinite(out), np.abs(out), np.inf))), out.shape)
+            raise InvalidRequest(
+                f"inputs must lie within {MAX_STANDARD_SCORE:g} standard deviations of the training data's mean; "
+                f"input {bad[0]} is {top:.3g} away at {tuple(int(i) for i in bad[1:])} (the value {x[bad].item()!r})"
+            )
         return out
 
-    @staticmethod
-    def _array(x_raw: Any) -> np.ndarray:
-        try:
-            return np.asarray(x_raw)
-        except (ValueError, TypeError) as e:  # ragged nesting
-            raise InvalidRequest(f"inputs must be a rectangular array of numbers: {e}") from None
+
+def as_array(x_raw: Any) -> np.ndarray:
+    """Nested lists of numbers (a JSON body) as one array; InvalidRequest when they are ragged."""
+    try:
+        return np.asarray(x_raw)
+    except (ValueError, TypeError, OverflowError) as e:  # ragged nesting, integers beyond 64 bits
+        raise InvalidRequest(f"inputs must be a rectangular array of numbers: {str(e)[:200]}") from None

@@ -22,6 +22,7 @@ from quorum.runtime.results import Prediction
 from quorum.server.auth import may_inject_faults
 from quorum.server.errors import ApiError
 from quorum.server.metrics import Metrics
+from quorum.server.reload import Leases
 
 __all__ = ["OPTIONS", "DataPlane", "predict_options"]
 
@@ -132,18 +133,21 @@ def _ids(value: Any, name: str, kind: str) -> frozenset[int]:
 
 
 class DataPlane:
-    """Runs requests of either protocol on the engine and counts their answers."""
+    """Runs requests of either protocol on the engine and counts their answers; each request
+    holds its engine (`Leases`) until it ends, so a reload closes the old one only then."""
 
-    def __init__(self, metrics: Metrics):
+    def __init__(self, metrics: Metrics, leases: Leases):
         self._metrics = metrics
+        self._leases = leases
 
     async def infer(self, engine: Engine, inputs: Any, options: PredictOptions) -> Prediction:
-        if engine.may_wait(options.faults):  # isolated path or faults: waits on module deadlines
-            result = await run_in_threadpool(engine.predict, inputs, options)
-        else:
-            # One bounded packed call (~0.05-3 ms): answered on the event loop, which saves a
-            # thread hand-off that costs as much as the work (docs/RESULTS.md, HTTP).
-            result = engine.predict(inputs, options)
+        with self._leases.hold(engine):
+            if engine.may_wait(options.faults):  # isolated path or faults: waits on module deadlines
+                result = await run_in_threadpool(engine.predict, inputs, options)
+            else:
+                # One bounded packed call (~0.05-3 ms): answered on the event loop, which saves a
+                # thread hand-off that costs as much as the work (docs/RESULTS.md, HTTP).
+                result = engine.predict(inputs, options)
         self._metrics.observe_answer(result)
         return result
 

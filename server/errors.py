@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -56,7 +57,10 @@ def describe_validation_errors(errors: list[dict[str, Any]]) -> str:
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(QuorumError)
     async def _domain(_: Request, exc: QuorumError) -> JSONResponse:
-        return _error(status_of(exc), str(exc))
+        response = _error(status_of(exc), str(exc))
+        if isinstance(exc, NoModulesAvailable) and exc.retry_after_s is not None:
+            response.headers["retry-after"] = str(max(1, math.ceil(exc.retry_after_s)))
+        return response
 
     @app.exception_handler(ApiError)
     async def _api(_: Request, exc: ApiError) -> JSONResponse:

@@ -33,6 +33,7 @@ DATATYPES: dict[str, np.dtype[Any]] = {
 }
 # Triton's binary extension: clients may ask for binary outputs; answers are JSON, which they read too.
 IGNORED = frozenset({"binary_data_output"})
+MAX_DIMENSIONS = 8  # of an input tensor's shape
 
 
 _NUMBER: dict[str, Any] = {"type": "number"}
@@ -87,11 +88,11 @@ INFER_REQUEST_SCHEMA: dict[str, Any] = {
 
 
 def decode(
-    body: bytes, header_length: str | None, spec: InputSpec
+    body: bytes, header_length: str | None, spec: InputSpec, max_elements: int
 ) -> tuple[dict[str, Any], np.ndarray, dict[str, Any]]:
     """The request's JSON header, its one input tensor as an array, and its option parameters
     (Triton's `binary_data_output` left out: answers are JSON, which clients read too)."""
-    header, tensor = _parse(body, header_length, spec)
+    header, tensor = _parse(body, header_length, spec, max_elements)
     params = header.get("parameters")
     if params is None:
         params = {}
@@ -166,13 +167,15 @@ def _report(pred: Prediction) -> dict[str, Any]:
     }
 
 
-def _parse(body: bytes, header_length: str | None, spec: InputSpec) -> tuple[dict[str, Any], np.ndarray]:
+def _parse(
+    body: bytes, header_length: str | None, spec: InputSpec, max_elements: int
+) -> tuple[dict[str, Any], np.ndarray]:
     """The request's JSON header and its one input tensor as an array."""
     binary = b""
     if header_length is not None:
-        if not header_length.isdigit() or int(header_length) > len(body):
+        if not (header_length.isascii() and header_length.isdigit()) or int(header_length) > len(body):
             raise ApiError(
-                400, f"Inference-Header-Content-Length {header_length!r} does not fit a {len(body)}-byte body"
+                400, f"Inference-Header-Content-Length {header_length[:40]!r} does not fit a {len(body)}-byte body"
             )
         body, binary = body[: int(header_length)], body[int(header_length) :]
     try:
@@ -191,12 +194,25 @@ def _parse(body: bytes, header_length: str | None, spec: InputSpec) -> tuple[dic
     if dtype is None:
         raise ApiError(422, f"datatype {t.get('datatype')!r} is not one of {', '.join(DATATYPES)}")
     shape = t.get("shape")
-    if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
-        raise ApiError(422, f"shape {shape!r} must be a list of sizes, e.g. [N, {', '.join(map(str, spec.shape))}]")
+    example = f"[N, {', '.join(map(str, spec.shape))}]"
+    if (
+        not isinstance(shape, list)
+        or not 1 <= len(shape) <= MAX_DIMENSIONS
+        or not all(isinstance(d, int) and not isinstance(d, bool) and 0 <= d < 2**31 for d in shape)
+    ):
+        shown = repr(shape) if len(repr(shape)) <= 80 else repr(shape)[:80] + "…"
+        raise ApiError(422, f"shape {shown} must be 1 to {MAX_DIMENSIONS} sizes with the batch first, e.g. {example}")
     count = math.prod(shape)
-    size = (t.get("parameters") or {}).get("binary_data_size")
+    if count > max_elements:
+        raise ApiError(413, f"shape {shape} holds {count} numbers, over the limit of {max_elements}; split the batch")
+    tensor_params = t.get("parameters") or {}
+    if not isinstance(tensor_params, dict):
+        raise ApiError(
+            422, f"the input tensor's `parameters` must be a JSON object, got {type(tensor_params).__name__}"
+        )
+    size = tensor_params.get("binary_data_size")
     if size is not None:
-        if not isinstance(size, int) or size != len(binary) or size != count * dtype.itemsize:
+        if isinstance(size, bool) or not isinstance(size, int) or size != len(binary) or size != count * dtype.itemsize:
             raise ApiError(
                 400,
                 f"binary_data_size {size!r} disagrees with {len(binary)} bytes after the header or with the "
@@ -209,7 +225,7 @@ def _parse(body: bytes, header_length: str | None, spec: InputSpec) -> tuple[dic
     try:
         array = np.asarray(data, dtype=dtype)
     except (ValueError, TypeError, OverflowError) as e:
-        raise ApiError(422, f"input data are not {t['datatype']} numbers: {e}") from None
+        raise ApiError(422, f"input data are not {t['datatype']} numbers: {str(e)[:200]}") from None
     if array.size != count:
         raise ApiError(422, f"input data hold {array.size} values; shape {shape} needs {count}")
     return header, array.reshape(shape)

@@ -2,16 +2,37 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import uvicorn
 
-from quorum.server.app import create_app, load_engine
+from quorum.server.app import create_admin_app, create_app, load_engine
 from quorum.server.settings import Settings
 
 __all__ = ["serve"]
 
 
 def serve(settings: Settings) -> None:
-    """Load the bundle and serve until interrupted. Fails fast if the bundle cannot be served."""
+    """Load the bundle and serve until interrupted. Fails fast if the bundle cannot be served.
+
+    With `settings.admin_port`, /admin/* and /metrics are served there, in the same process."""
     engine = load_engine(settings)  # errors surface before binding
     app = create_app(settings, engine=engine)
-    uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level)
+    if settings.admin_port is None:
+        uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level)
+        return
+    public = uvicorn.Server(uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level))
+    admin = uvicorn.Server(
+        uvicorn.Config(
+            create_admin_app(app),
+            host=settings.admin_host,
+            port=settings.admin_port,
+            log_level=settings.log_level,
+            lifespan="off",  # the public app's lifespan owns the engine
+        )
+    )
+
+    async def both() -> None:
+        await asyncio.gather(public.serve(), admin.serve())
+
+    asyncio.run(both())

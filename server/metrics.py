@@ -1,6 +1,7 @@
 """Prometheus metrics: `GET /metrics`, one registry per app.
 
     quorum_http_requests_total{route, method, status}        requests answered
+    quorum_http_rejected_total{reason}                       refused before any work: overload
     quorum_http_request_duration_seconds{route, method}      latency histogram
     quorum_modules_evaluated                                 modules combined per answer (histogram)
     quorum_degraded_answers_total                            answers with fewer modules than requested
@@ -8,8 +9,9 @@
     quorum_module_ready{module}                              1 in rotation; 0 quarantined or breaker open
 
 Per-module figures are read from the engine's own counters when Prometheus scrapes, so a
-request pays for two observations, not one per module. `route` is the route's template
-(`/predict`), or `unmatched`, so that unknown paths cannot grow the label set.
+request pays for two observations, not one per module. Every label takes a bounded set of
+values, whatever clients send: `route` is the route's template (`/predict`) or `unmatched`,
+`method` a standard HTTP method or `other`, `module` an id of the bundle.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from quorum.runtime.results import Prediction
 __all__ = ["CONTENT_TYPE_LATEST", "Metrics", "RequestMetrics"]
 
 OUTCOMES = ("ok", "error", "timeout", "nonfinite", "injected")
+METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS"})
 
 
 class Metrics:
@@ -53,6 +56,9 @@ class Metrics:
         )
         self.degraded = Counter(
             "quorum_degraded_answers", "Answers from fewer modules than were requested.", registry=self.registry
+        )
+        self.rejected = Counter(
+            "quorum_http_rejected", "Requests refused before any work, by reason.", ["reason"], registry=self.registry
         )
         self.registry.register(_ModuleCollector(engine))
 
@@ -113,6 +119,6 @@ class RequestMetrics:
             await self.app(scope, receive, send_and_note)
         finally:
             route = getattr(scope.get("route"), "path", None) or "unmatched"
-            method = scope["method"]
+            method = scope["method"] if scope["method"] in METHODS else "other"
             self.metrics.requests.labels(route, method, str(status)).inc()
             self.metrics.latency.labels(route, method).observe(time.perf_counter() - t0)

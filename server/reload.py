@@ -2,8 +2,11 @@
 
 Triggered by `POST /admin/reload` or by SIGHUP (`systemctl reload quorum`, `kill -HUP`), which
 reloads the configured bundle. The new engine is loaded and verified off the event loop while
-the old one keeps serving; a request holds the engine it started with, so requests in flight
-finish on the old one. If the new bundle cannot be served, nothing changes.
+the old one keeps serving. A bundle with any module quarantined, or with fewer healthy modules
+than the one serving, changes nothing unless the admin forces it (a half-copied bundle must
+not replace a healthy one); a bundle that cannot be served at all changes nothing, ever.
+Requests hold the engine they started with (`Leases`): the old engine is closed when its last
+request ends.
 """
 
 from __future__ import annotations
@@ -11,6 +14,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from fastapi import FastAPI
@@ -20,23 +25,73 @@ from quorum.runtime.engine import Engine
 from quorum.runtime.errors import QuorumError
 from quorum.server.deps import load_engine
 
-__all__ = ["install_sighup", "swap_engine"]
+__all__ = ["Leases", "ReloadRefused", "install_sighup", "swap_engine"]
 
 log = logging.getLogger(__name__)
 
-RETIRE_AFTER_S = 60  # an old engine is closed this long after the swap, when its requests are long done
+
+class ReloadRefused(QuorumError):
+    """The new bundle loads, but would serve with less than the one serving now."""
 
 
-async def swap_engine(app: FastAPI, bundle: Path) -> Engine:
+class Leases:
+    """Requests in flight per engine; a retired engine is closed when its last request ends.
+
+    Used on the event loop's one thread only, so it needs no lock."""
+
+    def __init__(self) -> None:
+        self._held: dict[int, int] = {}
+        self._retired: dict[int, Engine] = {}
+
+    @contextmanager
+    def hold(self, engine: Engine) -> Iterator[None]:
+        key = id(engine)
+        self._held[key] = self._held.get(key, 0) + 1
+        try:
+            yield
+        finally:
+            self._held[key] -= 1
+            if not self._held[key]:
+                del self._held[key]
+                if (retired := self._retired.pop(key, None)) is not None:
+                    retired.close()
+
+    def retire(self, engine: Engine) -> None:
+        """Close `engine` now if no request holds it, else when the last one ends."""
+        if id(engine) in self._held:
+            self._retired[id(engine)] = engine
+        else:
+            engine.close()
+
+    def in_flight(self, engine: Engine) -> int:
+        return self._held.get(id(engine), 0)
+
+
+def _shortfall(new: Engine, old: Engine | None) -> str | None:
+    """Why `new` would serve with less than `old`; None when it would not."""
+    quarantined = new.num_modules - len(new.healthy_ids)
+    if quarantined:
+        reasons = "; ".join(f"m{m.id}: {m.reason}" for m in new.modules if m.status == "quarantined")
+        shown = reasons if len(reasons) <= 300 else reasons[:300] + "…"
+        return f"{quarantined} of its {new.num_modules} modules are quarantined ({shown})"
+    if old is not None and len(new.healthy_ids) < len(old.healthy_ids):
+        return f"it has {len(new.healthy_ids)} healthy modules, fewer than the {len(old.healthy_ids)} serving now"
+    return None
+
+
+async def swap_engine(app: FastAPI, bundle: Path, *, force: bool = False) -> Engine:
     """Load `bundle` and serve it from now on. Raises QuorumError (nothing changed) if it cannot
-    be served. Reloads run one at a time."""
+    be served, and ReloadRefused if it would serve with less (unless `force`). One at a time."""
     async with app.state.reload_lock:
         old: Engine | None = app.state.engine
         new = await run_in_threadpool(load_engine, app.state.settings.model_copy(update={"bundle": bundle}))
+        if not force and (why := _shortfall(new, old)) is not None:
+            new.close()
+            raise ReloadRefused(f"{bundle}: {why}; to serve it anyway, reload with force")
         new.faults = old.faults if old is not None else None  # a rehearsal in progress goes on
         app.state.engine = new  # one reference swap
         if old is not None:
-            asyncio.get_running_loop().call_later(RETIRE_AFTER_S, old.close)
+            app.state.leases.retire(old)
         return new
 
 

@@ -18,13 +18,16 @@ from __future__ import annotations
 
 import io
 import math
+from functools import partial
 from typing import Any
 
 import numpy as np
 import orjson
 from fastapi import Request
+from starlette.concurrency import run_in_threadpool
 
 from quorum.core.tasks import Task
+from quorum.runtime.preprocess import as_array
 from quorum.runtime.results import Prediction
 from quorum.server.errors import ApiError
 from quorum.server.schemas import (
@@ -58,28 +61,39 @@ OPENAPI_REQUEST_BODY: dict[str, Any] = {
 }
 
 
-async def read_inputs(request: Request, max_batch: int) -> Any:
-    """The request's batch of raw inputs: a nested list (JSON) or an array (binary bodies)."""
+MAX_DIMENSIONS = 8  # of a binary body's X-Shape: inputs are (N, *shape) of a few axes
+OFF_LOOP_BYTES = 64 * 1024  # bodies larger than this are parsed in the thread pool, not on the event loop
+
+
+async def read_inputs(request: Request, max_batch: int, max_elements: int) -> np.ndarray:
+    """The request's batch of raw inputs as one array, within the batch and element limits
+    (413 beyond). Large bodies are decoded off the event loop."""
     content_type = request.headers.get("content-type", "")
     media = content_type.split(";")[0].strip().lower()
     body = await request.body()
-    inputs: list[Any] | np.ndarray
+    decode: Any
     if media == "application/json" or media.endswith("+json"):
-        inputs = _json_inputs(body)
+        decode = partial(_json_inputs, body, max_elements + max_batch)
     elif media == "application/octet-stream":
-        inputs = _raw_inputs(body, request.headers.get("x-shape"), request.headers.get("x-dtype"))
+        decode = partial(_raw_inputs, body, request.headers.get("x-shape"), request.headers.get("x-dtype"))
     elif media == "application/x-npy":
-        inputs = _npy_inputs(body)
+        decode = partial(_npy_inputs, body)
     else:
-        raise ApiError(415, f"Content-Type must be one of {', '.join(MEDIA_TYPES)}; got {content_type or 'none'!r}")
-    if len(inputs) > max_batch:
+        raise ApiError(415, f"Content-Type must be one of {', '.join(MEDIA_TYPES)}; got {content_type[:80]!r}")
+    inputs: np.ndarray = await run_in_threadpool(decode) if len(body) > OFF_LOOP_BYTES else decode()
+    if inputs.ndim and len(inputs) > max_batch:
         raise ApiError(413, f"batch of {len(inputs)} inputs exceeds the limit of {max_batch}; split it")
+    if inputs.size > max_elements:
+        raise ApiError(413, f"the inputs hold {inputs.size} numbers, over the limit of {max_elements}; split them")
     return inputs
 
 
-def _json_inputs(body: bytes) -> list[Any]:
+def _json_inputs(body: bytes, max_numbers: int) -> np.ndarray:
     if not body.strip():
         raise ApiError(422, 'request body is empty; send JSON like {"inputs": [[...], ...]}')
+    # Each number but the last of a list is followed by a comma: a cheap bound before parsing.
+    if body.count(b",") > max_numbers:
+        raise ApiError(413, f"the body holds more than {max_numbers} numbers, over the limit; split it")
     try:
         data = orjson.loads(body)
     except orjson.JSONDecodeError as e:
@@ -87,27 +101,30 @@ def _json_inputs(body: bytes) -> list[Any]:
     if not isinstance(data, dict):
         raise ApiError(422, f'body: expected a JSON object like {{"inputs": [...]}}, got {type(data).__name__}')
     if extra := sorted(set(data) - {"inputs"}):
-        raise ApiError(422, f"body {', '.join(map(str, extra))}: unknown field(s); the body holds only `inputs`")
+        shown = ", ".join(k if len(k) <= 40 else k[:40] + "…" for k in extra[:5])
+        raise ApiError(422, f"body {shown}: unknown field(s); the body holds only `inputs`")
     if "inputs" not in data:
         raise ApiError(422, "body inputs: field required")
     inputs = data["inputs"]
     if not isinstance(inputs, list):
         raise ApiError(422, f"body inputs: expected a list of inputs, got {type(inputs).__name__}")
-    return inputs
+    return as_array(inputs)
 
 
 def _raw_inputs(body: bytes, shape_header: str | None, dtype_header: str | None) -> np.ndarray:
     if shape_header is None:
         raise ApiError(422, "an application/octet-stream body needs an X-Shape header, e.g. X-Shape: 64,784")
-    try:
-        shape = tuple(int(d) for d in shape_header.replace(" ", "").split(","))
-    except ValueError:
-        raise ApiError(422, f"X-Shape must be comma-separated integers like 64,784; got {shape_header!r}") from None
+    parts = shape_header.replace(" ", "").split(",")
+    if not 1 <= len(parts) <= MAX_DIMENSIONS or not all(p.isascii() and p.isdigit() and len(p) <= 9 for p in parts):
+        raise ApiError(
+            422, f"X-Shape must be 1 to {MAX_DIMENSIONS} comma-separated sizes like 64,784; got {shape_header[:80]!r}"
+        )
+    shape = tuple(int(d) for d in parts)
     if any(d < 1 for d in shape):
         raise ApiError(422, f"X-Shape must hold positive sizes; got {shape_header!r}")
     name = (dtype_header or "float32").strip().lower()
     if name not in BINARY_DTYPES:
-        raise ApiError(422, f"X-Dtype must be one of {', '.join(BINARY_DTYPES)}; got {dtype_header!r}")
+        raise ApiError(422, f"X-Dtype must be one of {', '.join(BINARY_DTYPES)}; got {dtype_header[:40]!r}")
     dtype = BINARY_DTYPES[name]
     expected = math.prod(shape) * dtype.itemsize
     if len(body) != expected:
@@ -121,7 +138,7 @@ def _npy_inputs(body: bytes) -> np.ndarray:
     try:
         array = np.load(io.BytesIO(body), allow_pickle=False)
     except Exception as e:  # numpy raises ValueError, EOFError, OSError... for a damaged file
-        raise ApiError(400, f"request body is not a .npy array: {e}") from None
+        raise ApiError(400, f"request body is not a .npy array: {str(e)[:200]}") from None
     if not isinstance(array, np.ndarray) or array.ndim < 1:
         raise ApiError(422, "the .npy body must hold one array with a batch axis first")
     return array

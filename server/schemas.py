@@ -93,7 +93,14 @@ class FaultPlanBody(BaseModel):
 class ReloadBody(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    bundle: str | None = Field(None, description="Bundle folder to serve from now on (default: the configured one).")
+    bundle: str | None = Field(
+        None,
+        max_length=4096,
+        description="Bundle folder to serve from now on, under QUORUM_BUNDLE_ROOT (default: the configured one).",
+    )
+    force: bool = Field(
+        False, description="Serve it even if some of its modules are quarantined or it has fewer healthy modules."
+    )
 
 
 class ReloadResult(BaseModel):

@@ -15,9 +15,12 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
+import json
 from pathlib import Path
 
 import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
 
 from quorum.core.datasets import FASHION_MNIST_CLASSES, load_raw
 from quorum.core.tasks import softmax
@@ -32,7 +35,15 @@ from quorum.runtime.manifest import (
     TrainingInfo,
 )
 
-__all__ = ["CONV_SIZES", "write_mlp_bundle", "write_tabular_bundle"]
+__all__ = [
+    "CONV_SIZES",
+    "flip_bytes",
+    "hang_on_zero_pixels",
+    "nan_on_zero_pixels",
+    "rewrite_module",
+    "write_mlp_bundle",
+    "write_tabular_bundle",
+]
 
 IR_VERSION = 9  # onnx.helper stamps a newer IR version than ONNX Runtime reads
 # Tiny sizes of each convolutional architecture, as `quorum train` options, for the trained test bundles.
@@ -44,8 +55,6 @@ CONV_SIZES = {
 
 
 def _model(nodes: list, inputs: list, output: object, initializers: list, name: str) -> bytes:
-    from onnx import helper
-
     from quorum.exporter.graphs import OPSET
 
     graph = helper.make_graph(nodes, name, inputs, [output], initializer=initializers)
@@ -55,8 +64,6 @@ def _model(nodes: list, inputs: list, output: object, initializers: list, name: 
 
 def _mlp_graph(w1: np.ndarray, b1: np.ndarray, w2: np.ndarray, b2: np.ndarray) -> bytes:
     """input (N, D) -> Gemm (H, D)ᵀ -> Relu -> Gemm (K, H)ᵀ -> logits (N, K): an exported MLP module's ops."""
-    from onnx import TensorProto, helper, numpy_helper
-
     d, k = w1.shape[1], w2.shape[0]
     return _model(
         [
@@ -169,11 +176,9 @@ def write_mlp_bundle(
     (val_error, val_nll), (test_error, test_nll) = error_nll(val, y_val), error_nll(test, y_test)
     packed_entry = None
     if packed:
-        from onnx import load_from_string
-
         probe = normalize(x_val[:256])
         packed_entry = write_packed(
-            out, [load_from_string(g) for g in graphs], "input", "logits", probe, logits(x_val[:256])
+            out, [onnx.load_from_string(g) for g in graphs], "input", "logits", probe, logits(x_val[:256])
         )
     Manifest(
         name=out.name,
@@ -211,8 +216,6 @@ def write_mlp_bundle(
 
 def _linear_graph(weights: np.ndarray, bias: np.ndarray) -> bytes:
     """input (N, F) -> MatMul (F, D) -> Add (D,) -> logits (N, D), dynamic batch axis."""
-    from onnx import TensorProto, helper, numpy_helper
-
     f, d = weights.shape
     graph = helper.make_graph(
         [helper.make_node("MatMul", ["input", "W"], ["xw"]), helper.make_node("Add", ["xw", "b"], ["logits"])],
@@ -298,3 +301,96 @@ def write_tabular_bundle(out: Path, dataset: str, modules: int = 5, seed: int = 
         metrics=EnsembleMetrics(val_error=0.0, test_error=0.0, val_nll=0.0, test_nll=0.0),
     ).dump(out)
     return out
+
+
+def rewrite_module(bundle: Path, j: int, data: bytes) -> None:
+    """Replace module j's file and its checksum, so that only later checks can catch it."""
+    (bundle / f"modules/m{j:03d}.onnx").write_bytes(data)
+    raw = json.loads((bundle / "manifest.json").read_text())
+    raw["modules"][j]["sha256"] = hashlib.sha256(data).hexdigest()
+    (bundle / "manifest.json").write_text(json.dumps(raw))
+
+
+def flip_bytes(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    for i in range(100, len(data), 997):
+        data[i] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+# ---------------------------------------------------------------- faulty modules
+#
+# Real graphs that behave on the load-time probe (random pixels, never exactly 0) and misbehave
+# on real images, whose background pixels are 0: a fault that only shows in service.
+
+
+def _zero_pixel_flag(proto: onnx.ModelProto, manifest: Manifest) -> tuple[onnx.ModelProto, str]:
+    """Rename the module's output to `orig` and add `any_zero` (N, 1): 1.0 where a raw pixel is 0."""
+    spec = manifest.input
+    zero = (np.float32(0) * np.float32(spec.scale) - np.float32(spec.mean[0])) / np.float32(spec.std[0])
+    g = proto.graph
+    for node in g.node:
+        node.output[:] = ["orig" if o == manifest.output.name else o for o in node.output]
+    g.initializer.extend(
+        [numpy_helper.from_array(np.float32(zero).reshape(()), "zero"), numpy_helper.from_array(np.array([1]), "ax1")]
+    )
+    g.node.extend(
+        [
+            helper.make_node("Equal", [spec.name, "zero"], ["is_zero"]),
+            helper.make_node("Cast", ["is_zero"], ["is_zero_f"], to=TensorProto.FLOAT),
+            helper.make_node("ReduceMax", ["is_zero_f", "ax1"], ["any_zero"], keepdims=1),
+        ]
+    )
+    return proto, "any_zero"
+
+
+def nan_on_zero_pixels(proto: onnx.ModelProto, manifest: Manifest) -> bytes:
+    proto, flag = _zero_pixel_flag(proto, manifest)
+    g = proto.graph
+    g.initializer.extend([numpy_helper.from_array(np.float32(1).reshape(()), "one_f")])
+    g.node.extend(
+        [
+            helper.make_node("Sub", ["one_f", flag], ["keep"]),
+            helper.make_node("Log", ["keep"], ["log_keep"]),  # -inf where a pixel is 0
+            helper.make_node("Sub", ["log_keep", "log_keep"], ["nan_or_zero"]),  # -inf - -inf = NaN
+            helper.make_node("Add", ["orig", "nan_or_zero"], [manifest.output.name]),
+        ]
+    )
+    return proto.SerializeToString()
+
+
+def hang_on_zero_pixels(proto: onnx.ModelProto, manifest: Manifest) -> bytes:
+    proto, flag = _zero_pixel_flag(proto, manifest)
+    body = helper.make_graph(
+        [helper.make_node("Identity", ["c_in"], ["c_out"]), helper.make_node("Add", ["v_in", "step"], ["v_out"])],
+        "spin",
+        [
+            helper.make_tensor_value_info("i", TensorProto.INT64, []),
+            helper.make_tensor_value_info("c_in", TensorProto.BOOL, []),
+            helper.make_tensor_value_info("v_in", TensorProto.FLOAT, [1]),
+        ],
+        [
+            helper.make_tensor_value_info("c_out", TensorProto.BOOL, []),
+            helper.make_tensor_value_info("v_out", TensorProto.FLOAT, [1]),
+        ],
+        [numpy_helper.from_array(np.zeros(1, np.float32), "step")],
+    )
+    g = proto.graph
+    g.initializer.extend(
+        [
+            numpy_helper.from_array(np.array([10**12], np.int64), "forever"),
+            numpy_helper.from_array(np.array(True), "true"),
+            numpy_helper.from_array(np.zeros(1, np.float32), "v0"),
+        ]
+    )
+    g.node.extend(
+        [
+            helper.make_node("ReduceMax", [flag], ["any_zero_all"], keepdims=0),
+            helper.make_node("Cast", ["any_zero_all"], ["any_zero_i"], to=TensorProto.INT64),
+            helper.make_node("Mul", ["any_zero_i", "forever"], ["trips"]),  # 0 on the probe
+            helper.make_node("Squeeze", ["trips"], ["trip_count"]),
+            helper.make_node("Loop", ["trip_count", "true", "v0"], ["v"], body=body),
+            helper.make_node("Add", ["orig", "v"], [manifest.output.name]),
+        ]
+    )
+    return proto.SerializeToString()

@@ -57,3 +57,8 @@ def test_chaos_load_loses_nothing_and_flags_every_degraded_answer(bundle_dir: Pa
     out = _run("bench/chaos.py", "--bundle", str(bundle_dir), "--requests", "300", "--concurrency", "8",
                "--budget", "8")  # fmt: skip
     assert "PASS" in out and "'2xx': 300" in out
+
+
+def test_memory_bench_measures_the_largest_bodies_and_sees_the_limits_hold(bundle_dir: Path):
+    out = _run("bench/memory.py", "--bundle", str(bundle_dir), "--concurrency", "2")
+    assert "peak_rss_burst_mib" in out and out.rstrip().endswith("PASS"), out[-2000:]

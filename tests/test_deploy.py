@@ -69,3 +69,32 @@ def test_systemd_unit_parses():
     unit.read_string((DEPLOY / "quorum.service").read_text())
     assert {"Unit", "Service", "Install"} <= set(unit.sections())
     assert "quorum serve" in unit["Service"]["ExecStart"]
+
+
+def test_kubernetes_pods_run_with_least_privilege_and_keep_admin_off_the_service():
+    docs = [doc for _, doc in _yaml_documents()]
+    deployment = next(doc for doc in docs if doc.get("kind") == "Deployment")
+    pod = deployment["spec"]["template"]["spec"]
+    assert pod["automountServiceAccountToken"] is False
+    assert (
+        pod["securityContext"]["runAsNonRoot"] and pod["securityContext"]["seccompProfile"]["type"] == "RuntimeDefault"
+    )
+    container = pod["containers"][0]
+    security = container["securityContext"]
+    assert security["capabilities"]["drop"] == ["ALL"] and security["allowPrivilegeEscalation"] is False
+    assert security["readOnlyRootFilesystem"] is True
+    env = {e["name"]: e["value"] for e in container["env"]}
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert int(env["QUORUM_ADMIN_PORT"]) == ports["admin"] != ports["http"]
+    annotations = deployment["spec"]["template"]["metadata"]["annotations"]
+    assert int(annotations["prometheus.io/port"]) == ports["admin"]  # metrics live on the admin port
+    service = next(doc for doc in docs if doc.get("kind") == "Service")
+    assert [p["targetPort"] for p in service["spec"]["ports"]] == ["http"]
+
+
+def test_both_images_check_their_health_and_compose_publishes_the_public_port_only():
+    for name in ("Dockerfile", "Dockerfile.gpu"):
+        assert re.search(r"^HEALTHCHECK .*\n\s+CMD .*/v2/health/ready", (DEPLOY / name).read_text(), re.M), name
+    service = yaml.safe_load((DEPLOY / "docker-compose.yml").read_text())["services"]["quorum"]
+    assert service["ports"] == ["8000:8000"] and service["environment"]["QUORUM_ADMIN_PORT"] == "9000"
+    assert service["cap_drop"] == ["ALL"] and service["read_only"] is True

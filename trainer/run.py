@@ -6,14 +6,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-import torch
-
-from quorum.trainer.checkpoint import read_jsonl
+from quorum.trainer.checkpoint import load_checkpoint, read_jsonl
 from quorum.trainer.config import TrainConfig
 from quorum.trainer.data import Normalization
 from quorum.trainer.errors import RunDirError
 from quorum.trainer.models import Ensemble
-from quorum.trainer.train import build_model
+from quorum.trainer.train import LAST, build_model, settle_staged_best
 
 __all__ = ["CHECKPOINTS", "Checkpoint", "LoadedRun", "load_best", "load_run"]
 
@@ -56,14 +54,13 @@ def load_run(run_dir: str | Path, checkpoint: Checkpoint = "best") -> LoadedRun:
     if checkpoint not in CHECKPOINTS:
         raise RunDirError(f"checkpoint must be one of {', '.join(CHECKPOINTS)}, got {checkpoint!r}")
     run_dir = Path(run_dir)
+    if (run_dir / LAST).exists():
+        settle_staged_best(run_dir, load_checkpoint(run_dir / LAST))  # a kill between an epoch's writes
     path = run_dir / f"{checkpoint}.pt"
     if not path.exists():
         what = "no run (no config.json)" if not (run_dir / "config.json").exists() else "no finished epoch yet"
         raise RunDirError(f"{run_dir} holds {what}: train it first with `quorum train --out {run_dir}`")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:
-        raise RunDirError(f"cannot read {path}: {e}") from e
+    ckpt = load_checkpoint(path)
     cfg = TrainConfig.from_dict(ckpt["config"])
     in_shape = tuple(ckpt["in_shape"])
     outputs = len(ckpt["class_names"]) or len(ckpt.get("target_names", []))

@@ -4,8 +4,11 @@
 
 The run directory holds `config.json`, `metrics.jsonl` (one line per epoch), `last.pt`
 (everything needed to resume) and `best.pt` (the weights of the epoch with the lowest
-validation ensemble error: the paper's early stopping). Both checkpoints are written
-atomically at the end of every epoch, so a killed run resumes from its last finished epoch.
+validation ensemble error: the paper's early stopping). At the end of an epoch, a new best is
+staged as `best.next.pt`, the metrics line appended, and `last.pt` written: that write commits
+the epoch; the staged best then replaces `best.pt`. Every write is atomic, and a resumed run
+finishes or discards what a kill interrupted, so a run killed at any point resumes from its last
+committed epoch with a `best.pt` that matches its record.
 Each metrics record holds every module's validation error; after `dominance_epoch` the record
 also holds the module-dominance check of trainer/diagnostics.py, which logs a warning when one
 member carries the ensemble (over-capacity modules for joint training).
@@ -26,7 +29,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from quorum.trainer.checkpoint import append_jsonl, atomic_torch_save, read_jsonl, write_jsonl
+from quorum.trainer.checkpoint import append_jsonl, atomic_torch_save, load_checkpoint, read_jsonl, write_jsonl
 from quorum.trainer.config import TrainConfig
 from quorum.trainer.data import Splits, augment, load_dataset
 from quorum.trainer.diagnostics import check_dominance, oracle_accuracy
@@ -42,11 +45,14 @@ __all__ = [
     "load_data",
     "loss_for_epoch",
     "resolve_device",
+    "settle_staged_best",
     "train",
     "train_epoch",
 ]
 
 log = logging.getLogger(__name__)
+
+BEST, BEST_NEXT, LAST = "best.pt", "best.next.pt", "last.pt"
 
 
 @dataclass
@@ -159,7 +165,7 @@ def train_epoch(
 
 def _prepare_run_dir(cfg: TrainConfig, out_dir: Path, resume: bool) -> dict[str, Any] | None:
     """Check the run directory against the request; return the resume state, if any."""
-    config_path, last_path = out_dir / "config.json", out_dir / "last.pt"
+    config_path, last_path = out_dir / "config.json", out_dir / LAST
     if not resume:
         if config_path.exists():
             raise RunDirError(f"{out_dir} already holds a run; pass --resume to continue it, or choose another --out")
@@ -169,13 +175,22 @@ def _prepare_run_dir(cfg: TrainConfig, out_dir: Path, resume: bool) -> dict[str,
     if not config_path.exists():
         raise RunDirError(f"--resume: {out_dir} holds no run (no config.json); drop --resume to start one")
     cfg.save(config_path)  # records extended --epochs
-    if not last_path.exists():
-        return None  # killed before its first epoch finished: start over
-    try:
-        state: dict[str, Any] = torch.load(last_path, map_location="cpu", weights_only=False)
-    except Exception as e:  # a truncated file cannot come from our atomic writes, but say so
-        raise RunDirError(f"cannot read {last_path} ({e}); delete it to restart the run from scratch") from e
+    state = load_checkpoint(last_path) if last_path.exists() else None  # None: killed before its first epoch
+    settle_staged_best(out_dir, state)
     return state
+
+
+def settle_staged_best(out_dir: Path, state: dict[str, Any] | None) -> None:
+    """A best checkpoint staged by an epoch that was killed: keep it if last.pt committed that
+    epoch (the kill came before the rename), else drop it (the epoch is trained again)."""
+    staged = out_dir / BEST_NEXT
+    if not staged.exists():
+        return
+    committed = state is not None and load_checkpoint(staged).get("epoch") == state["best_epoch"]
+    if committed:
+        staged.replace(out_dir / BEST)
+    else:
+        staged.unlink()
 
 
 def train(cfg: TrainConfig, out_dir: str | Path, *, resume: bool = False, progress: bool = True) -> TrainResult:
@@ -297,7 +312,7 @@ def train(cfg: TrainConfig, out_dir: str | Path, *, resume: bool = False, progre
         improved = score < best_val
         if improved:
             best_val, best_epoch = score, epoch + 1
-            atomic_torch_save(
+            atomic_torch_save(  # staged: it becomes best.pt once last.pt has committed the epoch
                 {
                     **meta,
                     "model": model.state_dict(),
@@ -305,10 +320,10 @@ def train(cfg: TrainConfig, out_dir: str | Path, *, resume: bool = False, progre
                     "val_error": ev.ensemble_error,
                     "module_val_errors": ev.module_errors.tolist(),
                 },
-                out_dir / "best.pt",
+                out_dir / BEST_NEXT,
             )
         append_jsonl(record, metrics_path)
-        atomic_torch_save(
+        atomic_torch_save(  # the commit point of the epoch
             {
                 **meta,
                 "model": model.state_dict(),
@@ -317,8 +332,10 @@ def train(cfg: TrainConfig, out_dir: str | Path, *, resume: bool = False, progre
                 "best_epoch": best_epoch,
                 "best_val_error": best_val,
             },
-            out_dir / "last.pt",
+            out_dir / LAST,
         )
+        if improved:
+            (out_dir / BEST_NEXT).replace(out_dir / BEST)
         epochs.set_postfix(
             loss=f"{train_loss:.4f}", val_err=f"{ev.ensemble_error:.4f}", best=f"{best_val:.4f}@{best_epoch}"
         )

@@ -12,7 +12,7 @@ from quorum.runtime.errors import QuorumError
 from quorum.server.auth import require_admin
 from quorum.server.deps import get_engine, get_settings
 from quorum.server.errors import ApiError
-from quorum.server.reload import swap_engine
+from quorum.server.reload import ReloadRefused, swap_engine
 from quorum.server.schemas import FaultPlanBody, ReloadBody, ReloadResult
 
 __all__ = ["router"]
@@ -50,22 +50,36 @@ async def delete_faults(request: Request) -> FaultPlanBody:
 
 
 @router.post(
-    "/reload", response_model=ReloadResult, responses={422: {"description": "The new bundle cannot be served."}}
+    "/reload",
+    response_model=ReloadResult,
+    responses={
+        403: {"description": "The bundle lies outside QUORUM_BUNDLE_ROOT."},
+        409: {"description": "The bundle would serve with less than the one serving (reload with force)."},
+        422: {"description": "The new bundle cannot be served."},
+    },
 )
 async def reload(request: Request, body: ReloadBody | None = None) -> ReloadResult:
     """Load a bundle (by default the configured one, again) and swap it in atomically.
 
     The new engine is loaded and verified off the event loop while the old one keeps serving;
-    requests already running finish on the old engine, which holds their reference. If the new
-    bundle cannot be served, nothing changes and the answer says why. SIGHUP reloads the
-    configured bundle the same way.
+    requests already running finish on the old engine, which is closed when the last of them
+    ends. A bundle with quarantined modules, or fewer healthy modules than the one serving,
+    changes nothing unless `force` is given; one that cannot be served changes nothing. SIGHUP
+    reloads the configured bundle the same way.
     """
-    bundle = Path(body.bundle) if body and body.bundle else get_settings(request).bundle
+    settings = get_settings(request)
+    bundle = Path(body.bundle) if body and body.bundle else settings.bundle
+    root = settings.reload_root
+    if not bundle.absolute().resolve().is_relative_to(root):
+        raise ApiError(403, f"reload loads bundles from under {root} only (QUORUM_BUNDLE_ROOT); not {bundle}")
     old: Engine | None = request.app.state.engine
+    serving = f"still serving {old.bundle_dir if old else 'nothing'}"
     try:
-        new = await swap_engine(request.app, bundle)
+        new = await swap_engine(request.app, bundle, force=bool(body and body.force))
+    except ReloadRefused as e:
+        raise ApiError(409, f"reload refused, {serving}: {e}") from None
     except QuorumError as e:
-        raise ApiError(422, f"reload refused, still serving {old.bundle_dir if old else 'nothing'}: {e}") from None
+        raise ApiError(422, f"reload refused, {serving}: {e}") from None
     return ReloadResult(
         bundle=str(new.bundle_dir), name=new.manifest.name, healthy_modules=len(new.healthy_ids), executor=new.executor
     )

@@ -9,9 +9,10 @@ from quorum.server.deps import EngineDep
 from quorum.server.metrics import CONTENT_TYPE_LATEST
 from quorum.server.schemas import ModulesResponse, ModuleStatusOut, ServiceInfo
 
-__all__ = ["router"]
+__all__ = ["metrics_router", "router"]
 
 router = APIRouter(tags=["health"])
+metrics_router = APIRouter(tags=["metrics"])  # served beside /admin when QUORUM_ADMIN_PORT is set
 
 
 @router.get("/healthz")
@@ -38,7 +39,7 @@ def modules(engine: EngineDep) -> ModulesResponse:
     return ModulesResponse(healthy=len(engine.healthy_ids), total=engine.num_modules, modules=out)
 
 
-@router.get("/metrics", response_class=Response, responses={200: {"content": {CONTENT_TYPE_LATEST: {}}}})
+@metrics_router.get("/metrics", response_class=Response, responses={200: {"content": {CONTENT_TYPE_LATEST: {}}}})
 def metrics(request: Request) -> Response:
     """Prometheus metrics: requests, latency, modules per answer, module outcomes and readiness."""
     return Response(request.app.state.metrics.render(), media_type=CONTENT_TYPE_LATEST)

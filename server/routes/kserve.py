@@ -10,17 +10,20 @@ read by the data plane's one parser; `kserve_codec` decodes the tensors and enco
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any
 
 import orjson
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
+from starlette.concurrency import run_in_threadpool
 
 from quorum.runtime.engine import Engine
 from quorum.server import kserve_codec
 from quorum.server.dataplane import predict_options
 from quorum.server.deps import get_engine, get_settings
 from quorum.server.errors import ApiError
+from quorum.server.rest_codec import OFF_LOOP_BYTES
 
 __all__ = ["router"]
 
@@ -96,9 +99,15 @@ async def infer(request: Request, name: str) -> Response:
     """One inference request of the v2 protocol."""
     engine = _model(request, name)
     settings = get_settings(request)
-    header, tensor, params = kserve_codec.decode(
-        await request.body(), request.headers.get("inference-header-content-length"), engine.manifest.input
+    body = await request.body()
+    decode = partial(
+        kserve_codec.decode,
+        body,
+        request.headers.get("inference-header-content-length"),
+        engine.manifest.input,
+        settings.max_elements,
     )
+    header, tensor, params = await run_in_threadpool(decode) if len(body) > OFF_LOOP_BYTES else decode()
     if len(tensor) > settings.max_batch:
         raise ApiError(413, f"batch of {len(tensor)} inputs exceeds the limit of {settings.max_batch}; split it")
     options = predict_options(params, request, kind="parameter")

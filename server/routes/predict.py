@@ -105,7 +105,7 @@ async def predict(request: Request) -> PredictResponse | SpecialistResponse | Re
     # costs a measurable share of a sub-millisecond request (docs/RESULTS.md, HTTP).
     engine, settings = get_engine(request), get_settings(request)
     options = predict_options(request.query_params, request, kind="query parameter")
-    inputs = await read_inputs(request, settings.max_batch)
+    inputs = await read_inputs(request, settings.max_batch, settings.max_elements)
     result = await request.app.state.dataplane.infer(engine, inputs, options)
     task = engine.manifest.task
     return encode(result, task.task, task.target_names)

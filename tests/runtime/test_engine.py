@@ -208,3 +208,41 @@ def test_module_path_outside_the_bundle_is_quarantined(bundle_copy: Path):
     (bundle_copy / "manifest.json").write_text(json.dumps(raw))
     engine = Engine.load(bundle_copy, device="cpu")
     assert engine.modules[0].status == "quarantined" and "outside" in (engine.modules[0].reason or "")
+
+
+@pytest.mark.parametrize(
+    ("shape", "match"),
+    [
+        ([0], "positive"),
+        ([-784], "positive"),
+        ([100000, 100000], "holds over"),
+        ([1] * 9, "at most 8"),
+        ([], "at least 1"),
+    ],
+)
+def test_a_manifest_with_an_impossible_input_shape_is_a_bundle_error(bundle_copy: Path, shape, match):
+    raw = json.loads((bundle_copy / "manifest.json").read_text())
+    raw["input"]["shape"] = shape
+    (bundle_copy / "manifest.json").write_text(json.dumps(raw))
+    with pytest.raises(BundleError, match=rf"input\.shape.*{match}"):
+        Engine.load(bundle_copy, device="cpu")
+
+
+def test_module_sessions_are_made_from_the_bytes_that_were_checked(bundle_copy: Path, monkeypatch, test_images):
+    """Check then use: the file is read once; swapping it after the checksum cannot reach a session."""
+    import quorum.runtime.bundle as bundle_module
+
+    made_from: list[type] = []
+    real = bundle_module.ort.InferenceSession
+
+    def spy(source, *args, **kwargs):
+        made_from.append(type(source))
+        return real(source, *args, **kwargs)
+
+    monkeypatch.setattr(bundle_module.ort, "InferenceSession", spy)
+    engine = Engine.load(bundle_copy, device="cpu")
+    try:
+        assert made_from and set(made_from) == {bytes}
+        assert engine.predict(test_images[0][:2]).labels.shape == (2,)
+    finally:
+        engine.close()

@@ -3,7 +3,6 @@ packed graph against the module files, and faults that only show at request time
 
 from __future__ import annotations
 
-import hashlib
 import json
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -12,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-from onnx import TensorProto, helper, numpy_helper
+from onnx import numpy_helper
 
 from quorum.core.tasks import softmax
 from quorum.exporter.packed import mlp_weights, pack_bundle
@@ -20,6 +19,7 @@ from quorum.runtime.engine import Engine
 from quorum.runtime.errors import BundleError, InvalidRequest, NoModulesAvailable
 from quorum.runtime.faults import FaultPlan
 from quorum.runtime.manifest import Manifest
+from tests.bundles import flip_bytes, hang_on_zero_pixels, nan_on_zero_pixels, rewrite_module
 
 PARITY = 1e-5  # packed against isolated, on logits and probabilities
 
@@ -32,14 +32,6 @@ def packed(bundle_dir: Path) -> Engine:
 @pytest.fixture(scope="module")
 def isolated(bundle_dir: Path) -> Engine:
     return Engine.load(bundle_dir, device="cpu", executor="isolated")
-
-
-def _rewrite(bundle: Path, j: int, data: bytes) -> None:
-    """Replace module j's file and its checksum, so that only later checks can catch it."""
-    (bundle / f"modules/m{j:03d}.onnx").write_bytes(data)
-    raw = json.loads((bundle / "manifest.json").read_text())
-    raw["modules"][j]["sha256"] = hashlib.sha256(data).hexdigest()
-    (bundle / "manifest.json").write_text(json.dumps(raw))
 
 
 def test_export_writes_a_packed_graph(packed: Engine):
@@ -84,17 +76,10 @@ def test_predict_is_the_same_on_both_executors(packed, isolated, test_images):
     assert p.dropped == q.dropped and p.used == q.used and len(p.used) == 20 and p.degraded
 
 
-def _flip_bytes(path: Path) -> None:
-    data = bytearray(path.read_bytes())
-    for i in range(100, len(data), 997):
-        data[i] ^= 0xFF
-    path.write_bytes(bytes(data))
-
-
 def test_a_quarantined_module_never_runs_in_the_packed_path(bundle_copy: Path, isolated: Engine, test_images):
     m = Manifest.load(bundle_copy)
     bad = m.anytime_order[0]
-    _flip_bytes(bundle_copy / m.modules[bad].file)
+    flip_bytes(bundle_copy / m.modules[bad].file)
     engine = Engine.load(bundle_copy, device="cpu", executor="packed")
     assert engine.executor == "packed" and bad not in engine.healthy_ids
 
@@ -109,7 +94,7 @@ def test_a_quarantined_module_never_runs_in_the_packed_path(bundle_copy: Path, i
 def test_a_packed_graph_that_disagrees_with_a_module_file_is_not_used(bundle_copy: Path, test_images):
     # Module 0's file now holds module 1's weights, with a matching checksum: the files are the
     # unit of verification, so the packed graph (which still holds module 0) must not be trusted.
-    _rewrite(bundle_copy, 0, (bundle_copy / "modules/m001.onnx").read_bytes())
+    rewrite_module(bundle_copy, 0, (bundle_copy / "modules/m001.onnx").read_bytes())
     engine = Engine.load(bundle_copy, device="cpu")
     assert engine.executor == "isolated" and "disagrees with modules/m000.onnx" in (engine.packed_note or "")
     assert engine.predict(test_images[0][:4]).used  # still serving, from the module files
@@ -118,7 +103,7 @@ def test_a_packed_graph_that_disagrees_with_a_module_file_is_not_used(bundle_cop
 
 
 def test_a_corrupt_or_absent_packed_graph_falls_back_to_isolated(bundle_copy: Path):
-    _flip_bytes(bundle_copy / "packed.onnx")
+    flip_bytes(bundle_copy / "packed.onnx")
     engine = Engine.load(bundle_copy, device="cpu")
     assert engine.executor == "isolated" and "checksum mismatch for packed.onnx" in (engine.packed_note or "")
 
@@ -143,93 +128,18 @@ def test_pack_adds_a_packed_graph_to_an_older_bundle(bundle_copy: Path, packed: 
 
 
 def test_pack_refuses_a_module_file_that_fails_its_checksum(bundle_copy: Path):
-    _flip_bytes(bundle_copy / "modules/m003.onnx")
+    flip_bytes(bundle_copy / "modules/m003.onnx")
     with pytest.raises(Exception, match="does not match its checksum"):
         pack_bundle(bundle_copy)
 
 
 # ---------------------------------------------------------------- faults at request time
-#
-# Real graphs that behave on the load-time probe (random pixels, never exactly 0) and misbehave
-# on real images, whose background pixels are 0: a fault that only shows in service.
-
-
-def _zero_pixel_flag(proto: onnx.ModelProto, manifest: Manifest) -> tuple[onnx.ModelProto, str]:
-    """Rename the module's output to `orig` and add `any_zero` (N, 1): 1.0 where a raw pixel is 0."""
-    spec = manifest.input
-    zero = (np.float32(0) * np.float32(spec.scale) - np.float32(spec.mean[0])) / np.float32(spec.std[0])
-    g = proto.graph
-    for node in g.node:
-        node.output[:] = ["orig" if o == manifest.output.name else o for o in node.output]
-    g.initializer.extend(
-        [numpy_helper.from_array(np.float32(zero).reshape(()), "zero"), numpy_helper.from_array(np.array([1]), "ax1")]
-    )
-    g.node.extend(
-        [
-            helper.make_node("Equal", [spec.name, "zero"], ["is_zero"]),
-            helper.make_node("Cast", ["is_zero"], ["is_zero_f"], to=TensorProto.FLOAT),
-            helper.make_node("ReduceMax", ["is_zero_f", "ax1"], ["any_zero"], keepdims=1),
-        ]
-    )
-    return proto, "any_zero"
-
-
-def _nan_on_zero_pixels(proto: onnx.ModelProto, manifest: Manifest) -> bytes:
-    proto, flag = _zero_pixel_flag(proto, manifest)
-    g = proto.graph
-    g.initializer.extend([numpy_helper.from_array(np.float32(1).reshape(()), "one_f")])
-    g.node.extend(
-        [
-            helper.make_node("Sub", ["one_f", flag], ["keep"]),
-            helper.make_node("Log", ["keep"], ["log_keep"]),  # -inf where a pixel is 0
-            helper.make_node("Sub", ["log_keep", "log_keep"], ["nan_or_zero"]),  # -inf - -inf = NaN
-            helper.make_node("Add", ["orig", "nan_or_zero"], [manifest.output.name]),
-        ]
-    )
-    return proto.SerializeToString()
-
-
-def _hang_on_zero_pixels(proto: onnx.ModelProto, manifest: Manifest) -> bytes:
-    proto, flag = _zero_pixel_flag(proto, manifest)
-    body = helper.make_graph(
-        [helper.make_node("Identity", ["c_in"], ["c_out"]), helper.make_node("Add", ["v_in", "step"], ["v_out"])],
-        "spin",
-        [
-            helper.make_tensor_value_info("i", TensorProto.INT64, []),
-            helper.make_tensor_value_info("c_in", TensorProto.BOOL, []),
-            helper.make_tensor_value_info("v_in", TensorProto.FLOAT, [1]),
-        ],
-        [
-            helper.make_tensor_value_info("c_out", TensorProto.BOOL, []),
-            helper.make_tensor_value_info("v_out", TensorProto.FLOAT, [1]),
-        ],
-        [numpy_helper.from_array(np.zeros(1, np.float32), "step")],
-    )
-    g = proto.graph
-    g.initializer.extend(
-        [
-            numpy_helper.from_array(np.array([10**12], np.int64), "forever"),
-            numpy_helper.from_array(np.array(True), "true"),
-            numpy_helper.from_array(np.zeros(1, np.float32), "v0"),
-        ]
-    )
-    g.node.extend(
-        [
-            helper.make_node("ReduceMax", [flag], ["any_zero_all"], keepdims=0),
-            helper.make_node("Cast", ["any_zero_all"], ["any_zero_i"], to=TensorProto.INT64),
-            helper.make_node("Mul", ["any_zero_i", "forever"], ["trips"]),  # 0 on the probe
-            helper.make_node("Squeeze", ["trips"], ["trip_count"]),
-            helper.make_node("Loop", ["trip_count", "true", "v0"], ["v"], body=body),
-            helper.make_node("Add", ["orig", "v"], [manifest.output.name]),
-        ]
-    )
-    return proto.SerializeToString()
 
 
 def test_a_module_returning_nan_in_service_is_dropped_from_the_answer(bundle_copy: Path, test_images):
     m = Manifest.load(bundle_copy)
     j = m.anytime_order[0]
-    _rewrite(bundle_copy, j, _nan_on_zero_pixels(onnx.load(bundle_copy / m.modules[j].file), m))
+    rewrite_module(bundle_copy, j, nan_on_zero_pixels(onnx.load(bundle_copy / m.modules[j].file), m))
     engine = Engine.load(bundle_copy, device="cpu", executor="isolated")
     assert j in engine.healthy_ids  # finite on the probe
 
@@ -248,7 +158,7 @@ def test_nan_weights_are_caught_at_load(bundle_copy: Path):
         proto.graph.initializer[i].CopyFrom(
             numpy_helper.from_array(np.full_like(numpy_helper.to_array(init), np.nan), init.name)
         )
-    _rewrite(bundle_copy, 7, proto.SerializeToString())
+    rewrite_module(bundle_copy, 7, proto.SerializeToString())
     engine = Engine.load(bundle_copy, device="cpu")
     state = engine.modules[7]
     assert state.status == "quarantined" and "non-finite" in (state.reason or "")
@@ -258,7 +168,7 @@ def test_nan_weights_are_caught_at_load(bundle_copy: Path):
 def test_a_hung_module_times_out_and_the_rest_answer(bundle_copy: Path, test_images):
     m = Manifest.load(bundle_copy)
     j = m.anytime_order[1]
-    _rewrite(bundle_copy, j, _hang_on_zero_pixels(onnx.load(bundle_copy / m.modules[j].file), m))
+    rewrite_module(bundle_copy, j, hang_on_zero_pixels(onnx.load(bundle_copy / m.modules[j].file), m))
     engine = Engine.load(bundle_copy, device="cpu", executor="isolated", workers=2, module_timeout_ms=300)
     assert j in engine.healthy_ids  # answers the probe at once
     x = test_images[0][:2]
@@ -308,7 +218,7 @@ def test_the_weight_cache_stays_within_its_budget(bundle_dir: Path, test_images)
 
 
 def test_a_damaged_core_only_turns_the_cache_off(bundle_copy: Path, test_images):
-    _flip_bytes(bundle_copy / "packed_core.onnx")
+    flip_bytes(bundle_copy / "packed_core.onnx")
     engine = Engine.load(bundle_copy, device="cpu", executor="packed")
     assert engine.executor == "packed" and engine.bundle.packed is not None and engine.bundle.packed.core is None
     assert engine.predict(test_images[0][:2], budget=4).used
@@ -320,7 +230,7 @@ def test_a_damaged_core_only_turns_the_cache_off(bundle_copy: Path, test_images)
 def test_a_deadline_answers_with_what_finished_and_is_not_a_failure(bundle_copy: Path, test_images):
     m = Manifest.load(bundle_copy)
     j = m.anytime_order[2]
-    _rewrite(bundle_copy, j, _hang_on_zero_pixels(onnx.load(bundle_copy / m.modules[j].file), m))
+    rewrite_module(bundle_copy, j, hang_on_zero_pixels(onnx.load(bundle_copy / m.modules[j].file), m))
     engine = Engine.load(bundle_copy, device="cpu", executor="isolated", workers=2, module_timeout_ms=5000)
     try:
         t0 = time.perf_counter()
@@ -358,7 +268,7 @@ def test_a_deadline_must_be_a_positive_number(packed: Engine, test_images):
 def test_a_module_that_keeps_failing_leaves_rotation_and_is_retried(bundle_copy: Path, test_images):
     m = Manifest.load(bundle_copy)
     j = m.anytime_order[0]
-    _rewrite(bundle_copy, j, _nan_on_zero_pixels(onnx.load(bundle_copy / m.modules[j].file), m))
+    rewrite_module(bundle_copy, j, nan_on_zero_pixels(onnx.load(bundle_copy / m.modules[j].file), m))
     engine = Engine.load(bundle_copy, device="cpu", executor="isolated", breaker=(2, 60.0, 0.3))
     real = test_images[0][:2]  # background pixels are 0: the module answers NaN
     clean = np.full((2, 784), 7, np.uint8)  # no zero pixel: the module answers
@@ -383,7 +293,7 @@ def test_a_module_that_keeps_failing_leaves_rotation_and_is_retried(bundle_copy:
 def test_a_half_open_module_is_tried_by_one_request_at_a_time(bundle_copy: Path, test_images):
     m = Manifest.load(bundle_copy)
     j = m.anytime_order[0]
-    _rewrite(bundle_copy, j, _nan_on_zero_pixels(onnx.load(bundle_copy / m.modules[j].file), m))
+    rewrite_module(bundle_copy, j, nan_on_zero_pixels(onnx.load(bundle_copy / m.modules[j].file), m))
     engine = Engine.load(bundle_copy, device="cpu", executor="isolated", breaker=(1, 60.0, 0.2))
     clean = np.full((2, 784), 7, np.uint8)
     try:

@@ -120,12 +120,14 @@ def test_specialists_are_refused_on_bundles_without_classes(regression: Engine, 
 
 def test_counts_that_overflow_float32_are_refused(count: Engine, linnerud):
     x, _ = linnerud
-    # Thousands of standard deviations out, either way: the modules' log-rates are finite, and
-    # on one side of the data their exp is not.
-    far = x.mean(axis=0) + 1e4 * x.std(axis=0) * np.array([[1.0], [-1.0]])  # (2, 3)
+    # Hundreds of standard deviations out, either way (within the inputs' bound): the modules'
+    # log-rates are finite, and on one side of the data their exp is not.
+    far = x.mean(axis=0) + 900 * x.std(axis=0) * np.array([[1.0], [-1.0]])  # (2, 3)
     assert np.isfinite(count.module_logits(far)).all()
     with pytest.raises(InvalidRequest, match="overflows float32"):
         count.predict(far)
+    with pytest.raises(InvalidRequest, match="within 1000 standard deviations"):
+        count.predict(x.mean(axis=0) + 1e4 * x.std(axis=0) * np.ones((1, 3)))
 
 
 def test_module_outputs_are_the_natural_parameters(regression: Engine, regression_bundle: Path, diabetes):

@@ -3,6 +3,8 @@ apart from real failures, and only admins (or a server that allows it) may injec
 
 from __future__ import annotations
 
+import os
+import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -13,7 +15,7 @@ from fastapi.testclient import TestClient
 from quorum.server.app import create_app
 from quorum.server.settings import Settings
 
-TOKEN = "s3cret-token"
+TOKEN = "s3cret-token-for-tests"
 ADMIN = {"Authorization": f"Bearer {TOKEN}"}
 
 
@@ -62,15 +64,15 @@ def test_injected_faults_take_the_real_paths_and_are_reported_apart(bundle_dir: 
         plan = c.put("/admin/faults", json={"fail": [m2], "seed": 1}, headers=ADMIN)
         assert plan.status_code == 200 and plan.json()["fail"] == [m2]
         assert c.get("/admin/faults", headers=ADMIN).json()["fail"] == [m2]
-        for _ in range(2):
+        for _ in range(3):
             r = c.post("/predict?budget=6", json={"inputs": images})
             assert [f["id"] for f in r.json()["modules"]["injected"]] == [m2]
-        # Same breaker code as real failures: two failures open m2's breaker, and it leaves rotation.
+        # Counted apart, and never against the module's breaker: a rehearsal takes nothing out of rotation.
         state = next(m for m in c.get("/modules").json()["modules"] if m["id"] == m2)
-        assert state["breaker"] == "open" and state["failure_kinds"] == {"injected": 2}
-        r = c.post("/predict?budget=6", json={"inputs": images})
-        assert m2 not in r.json()["modules"]["used"] and r.json()["modules"]["injected"] == []
+        assert state["breaker"] == "closed" and state["failure_kinds"] == {"injected": 3}
         assert c.delete("/admin/faults", headers=ADMIN).json()["fail"] == []
+        r = c.post("/predict?budget=6", json={"inputs": images})
+        assert m2 in r.json()["modules"]["used"] and r.json()["modules"]["injected"] == []
         assert c.put("/admin/faults", json={"fail": [999]}, headers=ADMIN).status_code == 422
         assert c.put("/admin/faults", json={"fail_probability": 1.5}, headers=ADMIN).status_code == 422
 
@@ -85,10 +87,40 @@ def test_injected_latency_meets_the_module_timeout(bundle_dir: Path, images):
 
 
 def test_a_reload_that_cannot_serve_changes_nothing(bundle_dir: Path, images, tmp_path: Path):
-    with _client(bundle_dir, admin_token=TOKEN) as c:
+    root = Path(os.path.commonpath([bundle_dir, tmp_path]))
+    with _client(bundle_dir, admin_token=TOKEN, bundle_root=root) as c:
         assert c.post("/admin/reload", json={"bundle": str(tmp_path)}).status_code == 401
         r = c.post("/admin/reload", json={"bundle": str(tmp_path)}, headers=ADMIN)
         assert r.status_code == 422 and "reload refused" in r.json()["error"] and "quorum export" in r.json()["error"]
         assert c.post("/predict?budget=3", json={"inputs": images}).status_code == 200
         r = c.post("/admin/reload", headers=ADMIN)
         assert r.status_code == 200 and r.json()["bundle"] == str(bundle_dir)
+
+
+def test_a_reload_loads_bundles_from_under_the_bundle_root_only(bundle_dir: Path, tmp_path: Path):
+    with _client(bundle_dir, admin_token=TOKEN) as c:  # the root: the served bundle's folder's parent
+        for outside in ("/etc", str(tmp_path), str(bundle_dir.parent.parent)):
+            r = c.post("/admin/reload", json={"bundle": outside}, headers=ADMIN)
+            assert r.status_code == 403 and "QUORUM_BUNDLE_ROOT" in r.json()["error"], outside
+        assert c.post("/admin/reload", json={"bundle": str(bundle_dir)}, headers=ADMIN).status_code == 200
+
+
+def test_a_reload_to_a_half_copied_bundle_changes_nothing_unless_forced(tmp_path: Path, data_dir: Path, test_images):
+    from tests.bundles import write_mlp_bundle
+
+    serving = write_mlp_bundle(tmp_path / "serving", data_dir, modules=256, hidden=2, fit_images=300)
+    copy = tmp_path / "copy"
+    shutil.copytree(serving, copy)
+    for j in range(200):  # 200 of 256 module files cut short, as a copy that stopped midway leaves them
+        f = copy / f"modules/m{j:03d}.onnx"
+        f.write_bytes(f.read_bytes()[:100])
+    x = {"inputs": test_images[0][:2].tolist()}
+    with _client(serving, admin_token=TOKEN) as c:
+        r = c.post("/admin/reload", json={"bundle": str(copy)}, headers=ADMIN)
+        assert r.status_code == 409, r.text
+        assert "200 of its 256 modules are quarantined" in r.json()["error"] and "force" in r.json()["error"]
+        assert c.get("/").json()["bundle"] == str(serving) and c.get("/readyz").json()["healthy_modules"] == 256
+        assert len(c.post("/predict", json=x).json()["modules"]["used"]) == 256
+        r = c.post("/admin/reload", json={"bundle": str(copy), "force": True}, headers=ADMIN)
+        assert r.status_code == 200 and r.json()["healthy_modules"] == 56
+        assert len(c.post("/predict", json=x).json()["modules"]["used"]) == 56

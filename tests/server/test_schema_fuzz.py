@@ -19,7 +19,7 @@ from quorum.server.settings import Settings
 EXAMPLES = 25  # per operation; bounded so that CI stays quick
 
 
-TOKEN = "fuzz-token"
+TOKEN = "fuzz-token-long-enough"
 
 
 def _operations(bundle_dir: Path, **settings) -> tuple[list, Engine]:
