@@ -161,6 +161,41 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="time one module run may take from its start (isolated path; default: 1000); a request ends by twice this",
     )
+    shard = p.add_mutually_exclusive_group()
+    shard.add_argument(
+        "--modules",
+        default=None,
+        help="serve only these modules, a shard of the bundle for `quorum gateway`: ids and ranges, e.g. 0-63",
+    )
+    shard.add_argument(
+        "--shard",
+        default=None,
+        metavar="I/N",
+        help="serve the I-th of N equal blocks of the bundle's module ids (1-based), e.g. 1/4",
+    )
+
+    p = sub.add_parser(
+        "gateway",
+        help="serve the public API over shards (each a `quorum serve --shard I/N` of one bundle)",
+        description="Answer /predict and /v2 by fanning each request out to the shards that hold its planned "
+        "modules, concurrently, and combining their partial sums. A shard that is down, refuses, stalls or "
+        "answers garbage costs only its modules: they are listed as failed and the answer is degraded. Needs "
+        "neither torch nor ONNX Runtime. Settings also come from QUORUM_* environment variables.",
+        epilog="Example: quorum serve bundles/demo --shard 1/2 --port 8001 & quorum serve bundles/demo --shard 2/2 "
+        "--port 8002 & quorum gateway --shard http://127.0.0.1:8001 --shard http://127.0.0.1:8002 --port 8000",
+    )
+    p.add_argument("--shard", action="append", required=True, metavar="URL", help="a shard's base URL (repeat)")
+    p.add_argument("--host", default=None, help="address to bind (default: 127.0.0.1)")
+    p.add_argument("--port", type=int, default=None, help="port (default: 8000)")
+    p.add_argument(
+        "--shard-timeout-ms",
+        type=float,
+        default=None,
+        help="time a shard may take to answer a request without a deadline (default: 2000)",
+    )
+    p.add_argument(
+        "--health-interval-s", type=float, default=None, help="time between health checks of every shard (default: 0.5)"
+    )
 
     p = sub.add_parser(
         "pack",

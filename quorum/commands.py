@@ -15,12 +15,20 @@ __all__ = ["HANDLERS"]
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    import logging
+    import os
     from dataclasses import fields
     from pathlib import Path
 
+    from quorum.core.errors import QuorumError
     from quorum.trainer.config import TrainConfig
+    from quorum.trainer.distributed import Launch, train_distributed
     from quorum.trainer.train import train
 
+    launch = Launch.from_env(os.environ)  # set when torchrun started this process
+    rank = launch.rank if launch is not None else 0
+    if rank:
+        logging.getLogger().setLevel(logging.WARNING)  # progress and logs from rank 0 only
     # every TrainConfig field that is also a command-line option (`command` is recorded, not given)
     keys = [f.name for f in fields(TrainConfig) if f.name != "command" and hasattr(args, f.name)]
     given: dict[str, Any] = {k: getattr(args, k) for k in keys if getattr(args, k) is not None}
@@ -31,16 +39,28 @@ def cmd_train(args: argparse.Namespace) -> int:
         given = {"arch": "densenet_bc", "depth": depth, "growth": growth, "modules": modules, **given}
     command = shlex.join(["quorum", *sys.argv[1:]])
     out = Path(args.out)
-    if args.resume and (out / "config.json").exists():
-        cfg = TrainConfig.load(out / "config.json").resumed_with(given)
-    else:
-        cfg = TrainConfig(**given, command=command)
-    result = train(cfg, out, resume=args.resume, progress=not args.quiet)
-    metric = "oracle error" if cfg.loss == "mcl" else cfg.task.metric
-    print(
-        f"{out}: {result.epochs_done} epochs; best validation {metric} {result.best_val_error:.4f} "
-        f"at epoch {result.best_epoch} (best.pt)"
-    )
+    # A job that torchrun restarted (--max-restarts) continues the run its first attempt started.
+    restarted = launch is not None and launch.restarts > 0 and (out / "config.json").exists()
+    resume = args.resume or restarted
+    try:
+        if resume and (out / "config.json").exists():
+            cfg = TrainConfig.load(out / "config.json").resumed_with(given)
+        else:
+            cfg = TrainConfig(**given, command=command)
+        if launch is not None and launch.world_size > 1:
+            result = train_distributed(cfg, out, launch=launch, resume=resume, progress=not args.quiet)
+        else:
+            result = train(cfg, out, resume=resume, progress=not args.quiet)
+    except QuorumError:
+        if rank:
+            return 2  # every rank raises it; rank 0 says it
+        raise
+    if rank == 0:
+        metric = "oracle error" if cfg.loss == "mcl" else cfg.task.metric
+        print(
+            f"{out}: {result.epochs_done} epochs; best validation {metric} {result.best_val_error:.4f} "
+            f"at epoch {result.best_epoch} (best.pt)"
+        )
     return 0
 
 
@@ -74,9 +94,25 @@ def cmd_serve(args: argparse.Namespace) -> int:
         "device": args.device,
         "executor": args.executor,
         "module_timeout_ms": args.module_timeout_ms,
+        "modules": args.modules,
+        "shard": args.shard,
     }
     overrides = {k: v for k, v in given.items() if v is not None}
     serve(Settings(bundle=args.bundle, **overrides))
+    return 0
+
+
+def cmd_gateway(args: argparse.Namespace) -> int:
+    from quorum.server.main import serve_gateway
+    from quorum.server.settings import GatewaySettings
+
+    given = {
+        "host": args.host,
+        "port": args.port,
+        "shard_timeout_ms": args.shard_timeout_ms,
+        "health_interval_s": args.health_interval_s,
+    }
+    serve_gateway(GatewaySettings(shards=args.shard, **{k: v for k, v in given.items() if v is not None}))
     return 0
 
 
@@ -181,6 +217,7 @@ HANDLERS = {
     "train": cmd_train,
     "export": cmd_export,
     "serve": cmd_serve,
+    "gateway": cmd_gateway,
     "pack": cmd_pack,
     "demo": cmd_demo,
     "sweep": cmd_sweep,

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -81,9 +82,11 @@ def load_bundle(
     packed_cache_mb: float = 64.0,
     packed_threads: int = 1,
     packed_compile: bool = True,
+    modules: Collection[int] | None = None,
 ) -> LoadedBundle:
     """Verify and load a bundle (`Engine.load` documents the arguments). Raises BundleError only when
-    no module is healthy, or when `executor="packed"` is asked for and the packed graph does not verify."""
+    no module is healthy, or when `executor="packed"` is asked for and the packed graph does not verify.
+    `modules`: load only these (a shard of the bundle); the others are "elsewhere"."""
     if executor not in ("auto", "packed", "isolated"):
         raise ValueError(f"executor must be auto, packed or isolated, got {executor!r}")
     bundle_dir = Path(bundle_dir)
@@ -94,10 +97,17 @@ def load_bundle(
             f"{bundle_dir}: input.mean and input.std hold {len(spec.mean)} entries for input shape {spec.shape}: "
             "give one, or one per channel (the first axis; per feature for tabular inputs); re-export the run"
         )
+    if modules is not None and (bad := sorted(set(modules) - set(range(len(manifest.modules))))):
+        raise BundleError(f"{bundle_dir}: no module(s) {bad[:10]}; its modules are 0..{len(manifest.modules) - 1}")
     providers = requested_providers(device)
     opts = session_options()
     sessions: dict[int, ort.InferenceSession] = {}
-    states = [ModuleState(e.id, e.file, "healthy") for e in manifest.modules]
+    states = [
+        ModuleState(e.id, e.file, "healthy")
+        if modules is None or e.id in modules
+        else ModuleState(e.id, e.file, "elsewhere", reason="served by another shard")
+        for e in manifest.modules
+    ]
 
     def quarantine(j: int, why: str) -> None:
         log.warning("module %d quarantined: %s", j, why)
@@ -106,6 +116,8 @@ def load_bundle(
 
     trunk = _load_trunk(bundle_dir, manifest, opts, providers)
     for entry in manifest.modules:
+        if states[entry.id].status == "elsewhere":
+            continue
         try:
             session = _load_module(bundle_dir, manifest, entry, opts, providers)
         except _Quarantine as q:
@@ -132,11 +144,12 @@ def load_bundle(
         else:
             probe_logits[run.id] = run.logits
     if not sessions:
-        reasons = "; ".join(f"m{m.id}: {m.reason}" for m in states[:5])
+        reasons = "; ".join(f"m{m.id}: {m.reason}" for m in states if m.status == "quarantined")[:600]
         isolated.close()
-        raise BundleError(f"{bundle_dir}: no healthy module ({reasons}{'; ...' if len(states) > 5 else ''})")
-    log.info("loaded %s: %d/%d modules healthy on %s", bundle_dir, len(sessions), len(states), providers[0])
-    if n_bad := len(states) - len(sessions):
+        raise BundleError(f"{bundle_dir}: no healthy module ({reasons or 'none loaded'})")
+    here = sum(m.status != "elsewhere" for m in states)
+    log.info("loaded %s: %d/%d modules healthy on %s", bundle_dir, len(sessions), here, providers[0])
+    if n_bad := here - len(sessions):
         log.warning("%d module(s) quarantined; serving with the rest", n_bad)
     packed: PackedExecutor | None = None
     note: str | None = "executor=isolated was asked for"

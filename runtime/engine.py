@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Collection, Sequence
 from dataclasses import replace
 from typing import Any, Literal
 
@@ -25,15 +26,15 @@ from quorum.runtime.bundle import Executor, LoadedBundle, load_bundle
 from quorum.runtime.errors import InvalidRequest, NoModulesAvailable
 from quorum.runtime.execute import Runner
 from quorum.runtime.faults import FaultPlan
-from quorum.runtime.heads import Head
+from quorum.runtime.heads import Head, class_index, specialist_answer, specialist_index
 from quorum.runtime.offline import module_logits
 from quorum.runtime.options import DEFAULT, PredictOptions
 from quorum.runtime.plan import Planner
 from quorum.runtime.preprocess import Preprocessor
-from quorum.runtime.results import FailedModule, Prediction, SpecialistAnswer
+from quorum.runtime.results import FailedModule, Partial, Prediction, SpecialistAnswer
 from quorum.runtime.stats import ModuleState, ModuleStats
 
-__all__ = ["Engine", "FailedModule", "ModuleState", "PredictOptions", "Prediction", "SpecialistAnswer"]
+__all__ = ["Engine", "FailedModule", "ModuleState", "Partial", "PredictOptions", "Prediction", "SpecialistAnswer"]
 
 
 class Engine:
@@ -78,6 +79,7 @@ class Engine:
         packed_compile: bool = True,
         wait_for_first: bool = False,
         breaker: tuple[int, float, float] = (5, 30.0, 30.0),
+        modules: Collection[int] | None = None,
     ) -> Engine:
         """Verify and load a bundle. Raises BundleError only when no module is healthy, or when
         `executor="packed"` is asked for and the bundle's packed graph is missing or does not verify.
@@ -99,6 +101,7 @@ class Engine:
                 (up to the module timeout) rather than answer that none finished.
             breaker: (failures, window_s, open_s): a module that fails `failures` times within
                 `window_s` is out of rotation for `open_s`, then tried again (0 failures: off).
+            modules: serve only these module ids (a shard of the bundle; default: all).
         """
         bundle = load_bundle(
             bundle_dir,
@@ -109,6 +112,7 @@ class Engine:
             packed_cache_mb=packed_cache_mb,
             packed_threads=packed_threads,
             packed_compile=packed_compile,
+            modules=modules,
         )
         return cls(bundle, wait_for_first=wait_for_first, breaker=breaker)
 
@@ -176,6 +180,49 @@ class Engine:
             specialist=None if c is None else self._specialist_answer(c, probabilities, labels),
         )
 
+    def partial(self, x_raw: Any, ids: Sequence[int], *, deadline_ms: float | None = None) -> Partial:
+        """The sum of the outputs of the modules `ids` (N, K), for a gateway that combines shards.
+
+        Each id this engine cannot run (another shard's, quarantined, or its breaker open) is
+        failed as `unavailable`; the others run as in `predict`, failures and deadline included.
+        """
+        t0 = time.perf_counter()
+        PredictOptions(deadline_ms=deadline_ms)  # checks it
+        ids = list(ids)
+        if bad := [j for j in ids if type(j) is not int or not 0 <= j < self.num_modules]:
+            raise InvalidRequest(f"module ids {bad[:5]} are not modules of this bundle (0..{self.num_modules - 1})")
+        if len(set(ids)) != len(ids):
+            raise InvalidRequest("module ids must be distinct")
+        x = self.preprocess(x_raw)
+        if self.bundle.trunk is not None:
+            x = self._features(x)
+        rotation = set(self._planner.in_rotation())
+        here = [j for j in ids if j in rotation]
+        unavailable = [FailedModule(j, self._why_unavailable(j), "unavailable") for j in ids if j not in rotation]
+        here, trials = self.breakers.claim(here) if self.breakers.any_half_open else (here, [])
+        deadline_s = None if deadline_ms is None else max(0.0, deadline_ms / 1e3 - (time.perf_counter() - t0))
+        try:
+            out = self._runner.combine(here, x, cacheable=True, deadline_s=deadline_s) if here else None
+        finally:
+            if trials:
+                self.breakers.release(trials)
+        n, k = x.shape[0], self.manifest.num_classes
+        if out is None or not out.used:
+            total = np.zeros((n, k), np.float32)
+            used, failed, unfinished = [], list(out.failed) if out else [], list(out.unfinished) if out else []
+        else:
+            total = (out.mean * np.float32(len(out.used))).astype(np.float32, copy=False)
+            used, failed, unfinished = list(out.used), list(out.failed), list(out.unfinished)
+        return Partial(total, used, unavailable + failed, unfinished, (time.perf_counter() - t0) * 1e3)
+
+    def _why_unavailable(self, j: int) -> str:
+        state = self._stats.snapshot_one(j, self.breakers)
+        if state.status == "elsewhere":
+            return "not served here: another shard's module"
+        if state.status == "quarantined":
+            return f"quarantined: {state.reason}"
+        return f"out of rotation: its breaker is {state.breaker.replace('_', '-')}"
+
     def predict_specialist(
         self, x_raw: Any, cls: int | str, options: PredictOptions | None = None, /, **kwargs: Any
     ) -> Prediction:
@@ -187,50 +234,14 @@ class Engine:
         return self.predict(x_raw, replace(base, specialist=cls))
 
     def _specialist_index(self, cls: int | str) -> int:
-        """The class of a specialist query; InvalidRequest when the bundle cannot answer it."""
-        task = self.manifest.task
-        if not task.task.has_classes:
-            raise InvalidRequest(
-                f"specialists answer class questions (is it class c?), and bundle {self.manifest.name!r} is a "
-                f"{task.kind} model of {', '.join(task.target_names)}, with no classes; predict without a specialist"
-            )
-        c = self.class_index(cls)
-        if not self.manifest.specialists:
-            raise InvalidRequest(
-                f"bundle {self.manifest.name!r} has no specialist subsets; re-export its run with "
-                "`quorum export` to select them"
-            )
-        return c
+        return specialist_index(self.manifest, cls)
 
     def _specialist_answer(self, c: int, probabilities: np.ndarray, labels: np.ndarray) -> SpecialistAnswer:
-        spec = self.manifest.specialists[c]
-        return SpecialistAnswer(
-            class_index=c,
-            class_name=spec.class_name,
-            subset=list(spec.modules),
-            val_f1=spec.val_f1,
-            is_class=labels == c,
-            probability=probabilities[:, c],
-        )
+        return specialist_answer(self.manifest, c, probabilities, labels)
 
     def class_index(self, cls: int | str) -> int:
         """The index of class `cls`, given as an index or a name (case-insensitive)."""
-        task = self.manifest.task
-        if not task.task.has_classes:
-            raise InvalidRequest(f"bundle {self.manifest.name!r} is a {task.kind} model: it has no classes")
-        names = task.class_names
-        text = str(cls).strip()
-        if text.isascii() and text.lstrip("-").isdigit() and len(text) <= 18:
-            c = int(text)
-            if 0 <= c < len(names):
-                return c
-        else:
-            by_name = {n.casefold(): i for i, n in enumerate(names)}
-            if text.casefold() in by_name:
-                return by_name[text.casefold()]
-        valid = ", ".join(f"{i} ({n!r})" for i, n in enumerate(names))
-        shown = text if len(text) <= 40 else text[:40] + "…"
-        raise InvalidRequest(f"unknown class {shown!r}; give an index or a name: {valid}")
+        return class_index(self.manifest, cls)
 
     def may_wait(self, faults: FaultPlan | None = None) -> bool:
         """Whether a request can wait on module deadlines (isolated path, or faults injected),

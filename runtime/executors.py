@@ -22,7 +22,7 @@ import onnxruntime as ort
 
 from quorum.runtime.faults import FaultPlan, InjectedFault
 
-__all__ = ["FailureKind", "IsolatedExecutor", "ModuleRun", "RunKind", "default_workers", "fast_run"]
+__all__ = ["IsolatedExecutor", "ModuleRun", "RunKind", "default_workers", "fast_run"]
 
 
 STALL_S = 0.01  # a request whose drains all made no progress this long gets another drain
@@ -46,8 +46,7 @@ def fast_run(session: ort.InferenceSession) -> Callable[[list[str], dict[str, np
     return lambda outputs, feeds: binding.run(outputs, feeds, None)
 
 
-FailureKind = Literal["error", "timeout", "nonfinite"]
-# A run cut off by the request's deadline (shorter than the module timeout) did not fail.
+# A run's outcome; one cut off by the request's deadline (shorter than the module timeout) did not fail.
 RunKind = Literal["error", "timeout", "nonfinite", "deadline"]
 
 

@@ -11,8 +11,9 @@ import numpy as np
 
 from quorum.runtime.errors import InvalidRequest
 from quorum.runtime.manifest import Manifest
+from quorum.runtime.results import SpecialistAnswer
 
-__all__ = ["Answer", "Head"]
+__all__ = ["Answer", "Head", "class_index", "specialist_answer", "specialist_index"]
 
 Answer = tuple[np.ndarray, np.ndarray, np.ndarray, list[str]]  # values, probabilities, labels, class names
 
@@ -41,3 +42,52 @@ class Head:
             )
         values = values.astype(np.float32, copy=False)
         return values, np.empty((len(mean), 0), np.float32), np.empty(0, np.int64), []
+
+
+def class_index(manifest: Manifest, cls: int | str) -> int:
+    """The index of class `cls`, given as an index or a name (case-insensitive)."""
+    task = manifest.task
+    if not task.task.has_classes:
+        raise InvalidRequest(f"bundle {manifest.name!r} is a {task.kind} model: it has no classes")
+    names = task.class_names
+    text = str(cls).strip()
+    if text.isascii() and text.lstrip("-").isdigit() and len(text) <= 18:
+        c = int(text)
+        if 0 <= c < len(names):
+            return c
+    else:
+        by_name = {n.casefold(): i for i, n in enumerate(names)}
+        if text.casefold() in by_name:
+            return by_name[text.casefold()]
+    valid = ", ".join(f"{i} ({n!r})" for i, n in enumerate(names))
+    shown = text if len(text) <= 40 else text[:40] + "…"
+    raise InvalidRequest(f"unknown class {shown!r}; give an index or a name: {valid}")
+
+
+def specialist_index(manifest: Manifest, cls: int | str) -> int:
+    """The class of a specialist query; InvalidRequest when the bundle cannot answer it."""
+    task = manifest.task
+    if not task.task.has_classes:
+        raise InvalidRequest(
+            f"specialists answer class questions (is it class c?), and bundle {manifest.name!r} is a "
+            f"{task.kind} model of {', '.join(task.target_names)}, with no classes; predict without a specialist"
+        )
+    c = class_index(manifest, cls)
+    if not manifest.specialists:
+        raise InvalidRequest(
+            f"bundle {manifest.name!r} has no specialist subsets; re-export its run with `quorum export` to select them"
+        )
+    return c
+
+
+def specialist_answer(manifest: Manifest, c: int, probabilities: np.ndarray, labels: np.ndarray) -> SpecialistAnswer:
+    """Class c's one-vs-all answer from the subset's probabilities and labels."""
+    spec = manifest.specialists[c]
+    return SpecialistAnswer(
+        class_index=c,
+        class_name=spec.class_name,
+        subset=list(spec.modules),
+        val_f1=spec.val_f1,
+        is_class=labels == c,
+        probability=probabilities[:, c],
+    )

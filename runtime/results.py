@@ -3,20 +3,37 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
 
 import numpy as np
 
-from quorum.runtime.executors import FailureKind
+__all__ = ["FailedModule", "FailureKind", "Partial", "Prediction", "SpecialistAnswer"]
 
-__all__ = ["FailedModule", "FailureKind", "Prediction", "SpecialistAnswer"]
+# error (raised, misshapen), timeout, nonfinite: the module's run; unavailable: not served here (another
+# shard's, quarantined, or its breaker open); shard_*: a gateway lost the shard that holds it.
+FailureKind = Literal[
+    "error", "timeout", "nonfinite", "unavailable", "shard_unreachable", "shard_timeout", "shard_error"
+]
 
 
 @dataclass(frozen=True)
 class FailedModule:
     id: int
     reason: str
-    kind: FailureKind = "error"  # error (raised, misshapen), timeout, nonfinite
+    kind: FailureKind = "error"
     injected: bool = False  # put there by a fault plan (a rehearsal), not a real failure
+
+
+@dataclass
+class Partial:
+    """A shard's share of an answer: the sum of the outputs of the modules it ran (a gateway adds
+    the shards' sums and divides by the modules used)."""
+
+    sum: np.ndarray  # (N, K) float32: the sum over `used` of each module's outputs; zeros if none
+    used: list[int]
+    failed: list[FailedModule] = field(default_factory=list)
+    unfinished: list[int] = field(default_factory=list)  # cut off by the deadline (not failures)
+    latency_ms: float = 0.0
 
 
 @dataclass

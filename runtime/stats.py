@@ -12,12 +12,14 @@ import time
 from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 
 from quorum.runtime.breaker import Breakers, BreakerState
-from quorum.runtime.executors import ModuleRun
+
+if TYPE_CHECKING:
+    from quorum.runtime.executors import ModuleRun
 
 __all__ = ["ModuleState", "ModuleStats"]
 
@@ -30,8 +32,9 @@ class ModuleState:
 
     id: int
     file: str
-    status: Literal["healthy", "quarantined"]
-    reason: str | None = None  # why it is quarantined
+    # elsewhere: another shard serves it; unreachable: (a gateway's view) no shard that serves it answers
+    status: Literal["healthy", "quarantined", "elsewhere", "unreachable"]
+    reason: str | None = None  # why it is quarantined, or where it is
     calls: int = 0  # answers it was asked to take part in, on either path
     failures: int = 0  # runs that raised, timed out or returned non-finite values
     failure_kinds: dict[str, int] = field(default_factory=dict)  # failures by kind, or "injected"
@@ -41,6 +44,7 @@ class ModuleState:
     breaker: BreakerState = "closed"  # open: out of rotation after repeated failures, until open_for_s passes
     open_for_s: float | None = None
     breaker_trips: int = 0
+    shard: str | None = None  # a gateway's view: the shard that serves it
 
     @property
     def mean_ms(self) -> float | None:
@@ -89,6 +93,11 @@ class ModuleStats:
                     state.last_error = r.error
                     kind = "injected" if r.injected else r.kind or "error"
                     state.failure_kinds[kind] = state.failure_kinds.get(kind, 0) + 1
+
+    def snapshot_one(self, j: int, breakers: Breakers) -> ModuleState:
+        """Module j's state, with its breaker (its counters as of the last fold)."""
+        breaker, _ = breakers.state(j)
+        return replace(self._states[j], breaker=breaker)
 
     def snapshot(self, breakers: Breakers) -> list[ModuleState]:
         """Every module's state and counters, with its breaker, by id."""

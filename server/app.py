@@ -1,8 +1,10 @@
-"""The FastAPI applications: `create_app(settings, engine=None)`, no global state.
+"""The FastAPI applications, with no global state:
 
-With QUORUM_ADMIN_PORT set, the public app leaves out /admin/* and /metrics, and
-`create_admin_app(app)` serves them on their own port, over the same state (engine, metrics,
-reloads), so that a Service or a firewall can expose the public port alone.
+- `create_app(settings, engine=None)`: `quorum serve`, a bundle or a shard of one;
+- `create_gateway_app(settings, gateway=None)`: `quorum gateway`, the same public API over shards;
+- `create_admin_app(app)`: with QUORUM_ADMIN_PORT set, /admin/* and /metrics leave the public
+  app and are served on their own port, over the same state (engine, metrics, reloads), so
+  that a Service or a firewall can expose the public port alone.
 """
 
 from __future__ import annotations
@@ -10,48 +12,37 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Callable, Mapping
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from typing import Any
 
 from fastapi import FastAPI
 
 import quorum
-from quorum.runtime.engine import Engine
 from quorum.server.dataplane import DataPlane
 from quorum.server.deps import load_engine
 from quorum.server.errors import install_error_handlers
+from quorum.server.gateway import Gateway
 from quorum.server.limits import BodySizeLimit, InFlightLimit
-from quorum.server.metrics import Metrics, RequestMetrics
+from quorum.server.metrics import Metrics, RequestMetrics, ShardCollector
 from quorum.server.reload import Leases, install_sighup
-from quorum.server.routes import admin, health, kserve, predict
-from quorum.server.settings import MIN_TOKEN_LENGTH, Settings
+from quorum.server.routes import admin, health, kserve, predict, shard
+from quorum.server.settings import MIN_TOKEN_LENGTH, ApiSettings, GatewaySettings, Settings
 
-__all__ = ["create_admin_app", "create_app", "load_engine"]
+__all__ = ["create_admin_app", "create_app", "create_gateway_app", "load_engine"]
 
 log = logging.getLogger(__name__)
 
 
-def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
-    """Build the app. The engine is loaded in the lifespan handler unless one is given."""
-
-    @asynccontextmanager
-    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        if settings.admin_token is not None and not settings.admin_enabled:
-            log.warning(
-                "QUORUM_ADMIN_TOKEN is set but shorter than %d characters: the admin API stays off", MIN_TOKEN_LENGTH
-            )
-        owned = app.state.engine is None
-        if owned:
-            app.state.engine = load_engine(settings)
-        sighup = install_sighup(app)
-        yield
-        if sighup:
-            asyncio.get_running_loop().remove_signal_handler(signal.SIGHUP)
-        if owned:
-            app.state.engine.close()  # the isolated path's worker threads
-
+def _api_app(
+    settings: ApiSettings,
+    engine: Any,
+    lifespan: Callable[[FastAPI], AbstractAsyncContextManager[None]],
+    title: str,
+) -> FastAPI:
+    """The public API's state, routes and middleware, for a server and a gateway alike."""
     app = FastAPI(
-        title="Quorum",
+        title=title,
         version=quorum.__version__,
         summary="Budgeted predictions from a λ-ensemble that degrades gracefully.",
         lifespan=lifespan,
@@ -67,7 +58,6 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
     app.include_router(health.router)
     app.include_router(kserve.router)
     if settings.admin_port is None:
-        app.include_router(admin.router)
         app.include_router(health.metrics_router)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
     # Before the body is read: a burst beyond the limit costs a 503 each, not a buffered body each.
@@ -77,6 +67,60 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
         on_reject=lambda: app.state.metrics.rejected.labels("overload").inc(),
     )
     app.add_middleware(RequestMetrics, metrics=app.state.metrics)  # outermost: counts the 413s and 503s too
+    return app
+
+
+def _warn_about_the_token(settings: ApiSettings) -> None:
+    if settings.admin_token is not None and not settings.admin_enabled:
+        log.warning(
+            "QUORUM_ADMIN_TOKEN is set but shorter than %d characters: the admin API stays off", MIN_TOKEN_LENGTH
+        )
+
+
+def create_app(settings: Settings, engine: Any = None) -> FastAPI:
+    """The server of a bundle (or of its shard). The engine is loaded in the lifespan handler
+    unless one is given."""
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        _warn_about_the_token(settings)
+        owned = app.state.engine is None
+        if owned:
+            app.state.engine = load_engine(settings)
+        sighup = install_sighup(app)
+        yield
+        if sighup:
+            asyncio.get_running_loop().remove_signal_handler(signal.SIGHUP)
+        if owned:
+            app.state.engine.close()  # the isolated path's worker threads
+
+    app = _api_app(settings, engine, lifespan, "Quorum")
+    app.include_router(shard.router)
+    if settings.admin_port is None:
+        app.include_router(admin.router)
+    return app
+
+
+def create_gateway_app(settings: GatewaySettings, transports: Mapping[str, Any] | None = None) -> FastAPI:
+    """The public API over shards. The gateway connects to them in the lifespan handler and checks
+    their health every `settings.health_interval_s`; `transports`: how to reach a shard's URL other
+    than over TCP (tests)."""
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        _warn_about_the_token(settings)
+        app.state.engine = await Gateway.connect(
+            settings.shards,
+            shard_timeout_s=settings.shard_timeout_ms / 1e3,
+            wait_s=settings.connect_wait_s,
+            transports=transports,
+        )
+        app.state.engine.start_health_checks(settings.health_interval_s)
+        yield
+        await app.state.engine.aclose()
+
+    app = _api_app(settings, None, lifespan, "Quorum gateway")
+    app.state.metrics.registry.register(ShardCollector(lambda: app.state.engine))
     return app
 
 

@@ -8,6 +8,7 @@ of rules, and `DataPlane.infer` runs the engine and observes the answer. Only th
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Mapping
 from typing import Any
@@ -18,9 +19,10 @@ from starlette.concurrency import run_in_threadpool
 from quorum.runtime.engine import Engine
 from quorum.runtime.faults import FaultPlan
 from quorum.runtime.options import MAX_SEED, PredictOptions
-from quorum.runtime.results import Prediction
+from quorum.runtime.results import Partial, Prediction
 from quorum.server.auth import may_inject_faults
 from quorum.server.errors import ApiError
+from quorum.server.gateway import Gateway
 from quorum.server.metrics import Metrics
 from quorum.server.reload import Leases
 
@@ -142,7 +144,9 @@ class DataPlane:
 
     async def infer(self, engine: Engine, inputs: Any, options: PredictOptions) -> Prediction:
         with self._leases.hold(engine):
-            if engine.may_wait(options.faults):  # isolated path or faults: waits on module deadlines
+            if isinstance(engine, Gateway):  # asks its shards, concurrently, without blocking the loop
+                result = await engine.predict_async(inputs, options)
+            elif engine.may_wait(options.faults):  # isolated path or faults: waits on module deadlines
                 result = await run_in_threadpool(engine.predict, inputs, options)
             else:
                 # One bounded packed call (~0.05-3 ms): answered on the event loop, which saves a
@@ -150,6 +154,13 @@ class DataPlane:
                 result = engine.predict(inputs, options)
         self._metrics.observe_answer(result)
         return result
+
+    async def partial(self, engine: Engine, inputs: Any, ids: list[int], deadline_ms: float | None) -> Partial:
+        """A shard's share of a gateway's answer: the sum of the outputs of modules `ids`."""
+        with self._leases.hold(engine):
+            if engine.may_wait():
+                return await run_in_threadpool(functools.partial(engine.partial, inputs, ids, deadline_ms=deadline_ms))
+            return engine.partial(inputs, ids, deadline_ms=deadline_ms)
 
 
 # The seed's range, for the OpenAPI documentation of both protocols.

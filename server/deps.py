@@ -7,7 +7,8 @@ from typing import Annotated
 from fastapi import Depends, Request
 
 from quorum.runtime.engine import Engine
-from quorum.runtime.errors import NoModulesAvailable
+from quorum.runtime.errors import BundleError, NoModulesAvailable
+from quorum.runtime.manifest import Manifest
 from quorum.server.settings import Settings
 
 __all__ = ["EngineDep", "SettingsDep", "get_engine", "get_settings", "load_engine"]
@@ -21,7 +22,13 @@ def get_engine(request: Request) -> Engine:
 
 
 def load_engine(settings: Settings) -> Engine:
-    """The engine that `settings` describe."""
+    """The engine that `settings` describe: the whole bundle, or the shard of it they name."""
+    modules = None
+    if settings.modules is not None or settings.shard is not None:
+        try:
+            modules = settings.served_modules(len(Manifest.load(settings.bundle).modules))
+        except ValueError as e:
+            raise BundleError(str(e)) from None
     return Engine.load(
         settings.bundle,
         device=settings.device,
@@ -33,6 +40,7 @@ def load_engine(settings: Settings) -> Engine:
         packed_compile=settings.packed_compile,
         wait_for_first=settings.wait_for_first,
         breaker=(settings.breaker_failures, settings.breaker_window_s, settings.breaker_open_s),
+        modules=modules,
     )
 
 

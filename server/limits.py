@@ -16,10 +16,10 @@ __all__ = ["BodySizeLimit", "InFlightLimit", "is_inference"]
 
 
 def is_inference(scope: Scope) -> bool:
-    """POST /predict or POST /v2/models/{name}/infer."""
+    """POST /predict, POST /v2/models/{name}/infer or POST /shard/partial."""
     path: str = scope.get("path", "")
     return scope.get("method") == "POST" and (
-        path == "/predict" or (path.startswith("/v2/models/") and path.endswith("/infer"))
+        path in ("/predict", "/shard/partial") or (path.startswith("/v2/models/") and path.endswith("/infer"))
     )
 
 

@@ -6,10 +6,10 @@ import asyncio
 
 import uvicorn
 
-from quorum.server.app import create_admin_app, create_app, load_engine
-from quorum.server.settings import Settings
+from quorum.server.app import create_admin_app, create_app, create_gateway_app, load_engine
+from quorum.server.settings import GatewaySettings, Settings
 
-__all__ = ["serve"]
+__all__ = ["serve", "serve_gateway"]
 
 
 def serve(settings: Settings) -> None:
@@ -36,3 +36,11 @@ def serve(settings: Settings) -> None:
         await asyncio.gather(public.serve(), admin.serve())
 
     asyncio.run(both())
+
+
+def serve_gateway(settings: GatewaySettings) -> None:
+    """Serve the public API over `settings.shards` until interrupted."""
+    if not settings.shards:
+        raise ValueError("a gateway needs at least one shard: --shard URL (or QUORUM_SHARDS)")
+    app = create_gateway_app(settings)
+    uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator
+from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -27,7 +28,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from quorum.runtime.engine import Engine
 from quorum.runtime.results import Prediction
 
-__all__ = ["CONTENT_TYPE_LATEST", "Metrics", "RequestMetrics"]
+__all__ = ["CONTENT_TYPE_LATEST", "Metrics", "RequestMetrics", "ShardCollector"]
 
 OUTCOMES = ("ok", "error", "timeout", "nonfinite", "injected")
 METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS"})
@@ -93,6 +94,25 @@ class _ModuleCollector(Collector):
             ready.add_metric([module], 1.0 if m.status == "healthy" and m.breaker != "open" else 0.0)
         yield outcomes
         yield ready
+
+
+class ShardCollector(Collector):
+    """A gateway's shards: `quorum_shard_up{shard}`, 1 while it answers, and the modules it runs."""
+
+    def __init__(self, gateway: Callable[[], Any]):
+        self._gateway = gateway
+
+    def collect(self) -> Iterator[Metric]:
+        gateway = self._gateway()
+        if gateway is None:
+            return
+        up = GaugeMetricFamily("quorum_shard_up", "1 while the shard answers its health checks.", labels=["shard"])
+        modules = GaugeMetricFamily("quorum_shard_modules", "Modules the shard runs now.", labels=["shard"])
+        for shard in gateway.shards:
+            up.add_metric([shard.url], 1.0 if shard.up else 0.0)
+            modules.add_metric([shard.url], float(len(shard.in_rotation) if shard.up else 0))
+        yield up
+        yield modules
 
 
 class RequestMetrics:

@@ -7,6 +7,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from quorum.runtime.faults import FaultPlan
+from quorum.runtime.results import FailureKind
 
 __all__ = [
     "ClassPrediction",
@@ -43,7 +44,7 @@ class ClassPrediction(BaseModel):
 class FailedModuleOut(BaseModel):
     id: int
     reason: str
-    kind: Literal["error", "timeout", "nonfinite"] = Field(description="What went wrong, for counting.")
+    kind: FailureKind = Field(description="What went wrong, for counting (shard_*: a gateway lost its shard).")
 
 
 class FaultPlanBody(BaseModel):
@@ -173,7 +174,9 @@ class ModuleStatusOut(BaseModel):
 
     id: int
     file: str
-    status: Literal["healthy", "quarantined"]
+    status: Literal["healthy", "quarantined", "elsewhere", "unreachable"] = Field(
+        description="elsewhere: another shard serves it; unreachable: no shard that serves it answers (a gateway)."
+    )
     reason: str | None
     calls: int
     failures: int
@@ -183,6 +186,7 @@ class ModuleStatusOut(BaseModel):
     breaker: Literal["closed", "open", "half_open"] = Field(description="open: out of rotation after failures.")
     open_for_s: float | None = Field(description="Seconds until an open breaker lets the module be tried again.")
     breaker_trips: int = Field(description="Times the breaker has opened.")
+    shard: str | None = Field(None, description="A gateway's view: the shard that serves the module.")
 
 
 class ModulesResponse(BaseModel):
@@ -204,7 +208,7 @@ class ServiceInfo(BaseModel):
     test_error: float
     specialists: bool = Field(description="The bundle answers `?specialist=` queries.")
     providers: list[str]
-    executor: Literal["packed", "isolated"] = Field(
-        description="How modules run: one packed graph, or one session each."
+    executor: Literal["packed", "isolated", "gateway"] = Field(
+        description="How modules run: one packed graph, one session each, or on shards behind a gateway."
     )
     executor_note: str | None = Field(description="Why the packed graph is not used, when it is not.")

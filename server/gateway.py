@@ -1,0 +1,262 @@
+"""The gateway: the public API over shards, each a `quorum serve` of some of a bundle's modules.
+
+    gateway = await Gateway.connect(["http://10.0.0.1:8000", "http://10.0.0.2:8000"])
+    prediction = await gateway.predict_async(images, PredictOptions(budget=32))
+
+A request is planned as one server plans it (the anytime order or a specialist subset, less
+the modules their shards report out of rotation; `budget`, `drop`, `seed`), then each shard is
+asked, concurrently, for the sum of its planned modules' outputs; the sums are added and
+divided by the modules used, and the task's head answers. The modules of a shard that is down,
+refuses, resets, stalls past its timeout or answers garbage are failed (`shard_unreachable`,
+`shard_timeout`, `shard_error`) and the answer is degraded: a lost shard costs its modules. If
+no planned module answered, the next modules of the order on live shards answer instead, so
+that the gateway answers while one shard is up. A module on several shards (a replica) is
+asked of the first that is up. The gateway runs no module itself: no ONNX Runtime, no torch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import httpx2 as httpx
+import numpy as np
+
+from quorum.runtime.breaker import Breakers
+from quorum.runtime.errors import InvalidRequest, NoModulesAvailable
+from quorum.runtime.heads import Head, specialist_answer, specialist_index
+from quorum.runtime.manifest import Manifest
+from quorum.runtime.options import PredictOptions
+from quorum.runtime.plan import Planner
+from quorum.runtime.preprocess import Preprocessor, as_array
+from quorum.runtime.results import FailedModule, Partial, Prediction
+from quorum.runtime.stats import ModuleState
+from quorum.server.shards import Shard, ShardFailure
+
+__all__ = ["Gateway"]
+
+log = logging.getLogger(__name__)
+
+
+class Gateway:
+    """A bundle served by shards, with the attributes the server's routes read of an engine."""
+
+    executor = "gateway"
+    packed_note: str | None = None
+    providers: list[str] = []  # noqa: RUF012 (no modules run here)
+    faults = None  # fault plans are a shard's: send them there
+
+    def __init__(self, manifest: Manifest, shards: Sequence[Shard], *, shard_timeout_s: float = 2.0):
+        self.manifest = manifest
+        self.shards = list(shards)
+        self.shard_timeout_s = shard_timeout_s
+        self.num_modules = len(manifest.modules)
+        self.bundle_dir = f"{manifest.name} on {len(self.shards)} shards"
+        self.preprocess = Preprocessor(manifest.input)
+        self._head = Head(manifest)
+        self._digest: str | None = next((s.digest for s in self.shards if s.digest), None)
+        self._planner: Planner | None = None
+        self._planned_at: tuple[int, ...] = ()
+        self._task: asyncio.Task[None] | None = None
+
+    @classmethod
+    async def connect(
+        cls,
+        urls: Sequence[str],
+        *,
+        shard_timeout_s: float = 2.0,
+        wait_s: float = 60.0,
+        transports: Mapping[str, httpx.AsyncBaseTransport] | None = None,
+    ) -> Gateway:
+        """Reach the shards, read the bundle's manifest from the first that answers (waiting up to
+        `wait_s` for one), and check that every shard that answers serves that bundle. `transports`:
+        how to reach a URL other than over TCP (tests)."""
+        shards = [Shard(url, transport=(transports or {}).get(url)) for url in urls]
+        deadline = time.monotonic() + wait_s
+        while True:
+            await asyncio.gather(*(s.check(None) for s in shards))
+            up = [s for s in shards if s.up]
+            if up:
+                break
+            if time.monotonic() > deadline:
+                reasons = "; ".join(f"{s.url}: {s.last_error}" for s in shards)
+                raise NoModulesAvailable(f"no shard answers ({reasons})")
+            await asyncio.sleep(0.5)
+        manifest = Manifest.model_validate_json(await up[0].manifest())
+        gateway = cls(manifest, shards, shard_timeout_s=shard_timeout_s)
+        gateway._digest = up[0].digest
+        await gateway.check()  # a shard of another bundle is down from the start
+        return gateway
+
+    # ---------------------------------------------------------------- health
+
+    async def check(self) -> None:
+        """Every shard's health and modules, at once."""
+        await asyncio.gather(*(s.check(self._digest) for s in self.shards))
+
+    def start_health_checks(self, interval_s: float) -> None:
+        async def loop() -> None:
+            while True:
+                await asyncio.sleep(interval_s)
+                try:
+                    await self.check()
+                except Exception:  # pragma: no cover - a check never raises; keep checking anyway
+                    log.exception("shard health check failed")
+
+        self._task = asyncio.get_running_loop().create_task(loop())
+
+    async def aclose(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+        await asyncio.gather(*(s.close() for s in self.shards))
+
+    def close(self) -> None:
+        """The HTTP clients are closed by `aclose`, in the app's lifespan."""
+
+    # ---------------------------------------------------------------- what routes read
+
+    def _servers(self, j: int) -> list[Shard]:
+        """The shards that serve module j, the live ones that run it first."""
+        return [s for s in self.shards if s.up and j in s.in_rotation] + [
+            s for s in self.shards if not s.up and j in s.states
+        ]
+
+    def _plannable(self) -> frozenset[int]:
+        """Every module but those that live shards serve and keep out of rotation (quarantined, breaker
+        open): as one server plans. A module whose shards are all down stays planned, and fails."""
+        up = [s for s in self.shards if s.up]
+        running = {j for s in up for j in s.in_rotation}
+        held_back = {j for s in up for j in s.served if j not in running}
+        return frozenset(j for j in range(self.num_modules) if j not in held_back)
+
+    @property
+    def healthy_ids(self) -> frozenset[int]:
+        """Modules in rotation on a shard that is up."""
+        return frozenset(j for s in self.shards if s.up for j in s.in_rotation)
+
+    def in_rotation(self) -> list[int]:
+        healthy = self.healthy_ids
+        return [j for j in self.manifest.anytime_order if j in healthy]
+
+    @property
+    def modules(self) -> list[ModuleState]:
+        states = []
+        for e in self.manifest.modules:
+            holders = [s for s in self.shards if e.id in s.states]
+            live = next((s for s in holders if s.up), None)
+            if live is None:
+                where = holders[0].url if holders else None
+                why = f"shard {where} is down: {holders[0].last_error}" if holders else "no shard serves it"
+                states.append(ModuleState(e.id, e.file, "unreachable", reason=why, shard=where))
+                continue
+            _, status, breaker, calls, failures = live.states[e.id]
+            states.append(
+                ModuleState(
+                    e.id, e.file, status, calls=int(calls), failures=int(failures), breaker=breaker, shard=live.url
+                )  # type: ignore[arg-type]
+            )
+        return states
+
+    def may_wait(self, faults: object = None) -> bool:
+        return True
+
+    # ---------------------------------------------------------------- answering
+
+    def _plan(self) -> Planner:
+        """The planner over `_plannable()`, rebuilt when a shard's state changes."""
+        version = tuple(s.version for s in self.shards)
+        if self._planner is None or version != self._planned_at:
+            specialists = [s.modules for s in self.manifest.specialists]
+            plannable = self._plannable()
+            self._planner = Planner(self.manifest.anytime_order, specialists, plannable, Breakers(self.num_modules, 0))
+            self._planned_at = version
+        return self._planner
+
+    async def predict_async(self, x_raw: Any, options: PredictOptions) -> Prediction:
+        """The answer of the shards' modules (see the module docstring); InvalidRequest for a client's
+        mistake, NoModulesAvailable when no shard answers."""
+        t0 = time.perf_counter()
+        if options.faults is not None:
+            raise InvalidRequest("a gateway injects no faults: send fault plans to the shards")
+        c = None if options.specialist is None else specialist_index(self.manifest, options.specialist)
+        x = as_array(x_raw)
+        self.preprocess(x)  # a client's mistake is a 4xx here, once, not one from each shard
+        plan = self._plan().plan(c, options.budget, options.drop, options.seed)
+        deadline = None if options.deadline_ms is None else t0 + options.deadline_ms / 1e3
+        parts, failed = await self._ask(x, plan.selected, deadline)
+        used = [j for p in parts for j in p.used]
+        if not used and plan.selected:
+            # every planned module's shard failed: the next modules of the order on live shards answer
+            tried = set(plan.selected) | set(plan.dropped)
+            order = self.manifest.anytime_order if c is None else self.manifest.specialists[c].modules
+            spare = [j for j in order if j in self.healthy_ids and j not in tried][: len(plan.selected)]
+            more, more_failed = await self._ask(x, spare, deadline)
+            parts, failed = parts + more, failed + more_failed
+            used = [j for p in parts for j in p.used]
+        unfinished = [j for p in parts for j in p.unfinished]
+        failed += [f for p in parts for f in p.failed]
+        if not used:
+            if unfinished and not failed:
+                raise NoModulesAvailable(f"no module finished within deadline_ms={options.deadline_ms:g}")
+            raise NoModulesAvailable("no module answered: " + "; ".join(f"m{f.id}: {f.reason}" for f in failed[:5]))
+        total = np.sum([p.sum for p in parts if p.used], axis=0, dtype=np.float32)
+        values, probabilities, labels, names = self._head(total / np.float32(len(used)))
+        rank = {j: i for i, j in enumerate(plan.selected)}
+        used.sort(key=lambda j: rank.get(j, len(rank)))
+        return Prediction(
+            task=self.manifest.task.kind,
+            values=values,
+            probabilities=probabilities,
+            labels=labels,
+            class_names=names,
+            requested=plan.requested,
+            used=used,
+            dropped=list(plan.dropped),
+            failed=sorted(failed, key=lambda f: rank.get(f.id, len(rank))),
+            unfinished=unfinished,
+            degraded=len(used) < plan.requested,
+            latency_ms=(time.perf_counter() - t0) * 1e3,
+            specialist=None if c is None else specialist_answer(self.manifest, c, probabilities, labels),
+        )
+
+    async def _ask(
+        self, x: np.ndarray, ids: list[int], deadline: float | None
+    ) -> tuple[list[Partial], list[FailedModule]]:
+        """Each live shard's partial answer for its share of `ids`, at once; the modules no live shard
+        holds, and those of shards that fail, as failures."""
+        groups: dict[Shard, list[int]] = {}
+        failed: list[FailedModule] = []
+        for j in ids:
+            servers = self._servers(j)
+            if not servers:
+                failed.append(FailedModule(j, "no live shard serves it", "shard_unreachable"))
+            elif not servers[0].up:
+                failed.append(
+                    FailedModule(j, f"shard {servers[0].url} is down: {servers[0].last_error}", "shard_unreachable")
+                )
+            else:
+                groups.setdefault(servers[0], []).append(j)
+        if not groups:
+            return [], failed
+        remaining_ms = None if deadline is None else max(1.0, (deadline - time.perf_counter()) * 1e3)
+        timeout_s = (
+            self.shard_timeout_s if remaining_ms is None else min(self.shard_timeout_s, remaining_ms / 1e3 + 0.05)
+        )
+        width = self.manifest.num_classes
+        answers = await asyncio.gather(
+            *(shard.partial(x, group, width, remaining_ms, timeout_s) for shard, group in groups.items()),
+            return_exceptions=True,
+        )
+        parts = []
+        for (shard, group), answer in zip(groups.items(), answers, strict=True):
+            if isinstance(answer, ShardFailure):
+                failed += answer.failed(group)
+            elif isinstance(answer, BaseException):
+                log.exception("asking shard %s failed", shard.url, exc_info=answer)
+                failed += ShardFailure("shard_error", f"shard {shard.url}: {type(answer).__name__}").failed(group)
+            else:
+                parts.append(answer)
+        return parts, failed

@@ -1,0 +1,154 @@
+"""The gateway over shards, in process: shard apps reached through httpx's ASGI transport, and
+shards that are down, stall or answer garbage as transports that do so. (tests/test_shards.py
+runs real processes and kills them.)"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx2 as httpx
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+
+from quorum.runtime.engine import Engine
+from quorum.runtime.options import PredictOptions
+from quorum.server.app import create_app, create_gateway_app
+from quorum.server.gateway import Gateway
+from quorum.server.settings import GatewaySettings, Settings
+
+URLS = ["http://shard-1", "http://shard-2"]
+
+
+@pytest.fixture(scope="module")
+def whole(bundle_dir: Path) -> Iterator[Engine]:
+    engine = Engine.load(bundle_dir, device="cpu")
+    yield engine
+    engine.close()
+
+
+@pytest.fixture(scope="module")
+def shard_apps(bundle_dir: Path):
+    engines = [Engine.load(bundle_dir, device="cpu", modules=range(k * 20, (k + 1) * 20)) for k in range(2)]
+    apps = [create_app(Settings(bundle=bundle_dir), engine=e) for e in engines]
+    yield apps
+    for e in engines:
+        e.close()
+
+
+class Down(httpx.AsyncBaseTransport):
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        raise httpx.ConnectError("connection refused", request=request)
+
+
+class Stalled(httpx.AsyncBaseTransport):
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        await asyncio.sleep(30)
+        raise AssertionError("unreachable")
+
+
+class Garbage(httpx.AsyncBaseTransport):
+    """Answers health checks as the real shard does, and partial answers with nonsense."""
+
+    def __init__(self, app) -> None:
+        self.real = httpx.ASGITransport(app=app)
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        if request.url.path == "/shard/partial":
+            return httpx.Response(200, content=b"\x00" * 17, headers={"inference-header-content-length": "5"})
+        return await self.real.handle_async_request(request)
+
+
+def _transports(shard_apps, second: httpx.AsyncBaseTransport | None = None) -> dict:
+    return {URLS[0]: httpx.ASGITransport(app=shard_apps[0]), URLS[1]: second or httpx.ASGITransport(app=shard_apps[1])}
+
+
+def _predict(transports: dict, x: np.ndarray, **options) -> tuple[Gateway, object]:
+    async def run():
+        gateway = await Gateway.connect(URLS, transports=transports, shard_timeout_s=0.3, wait_s=0)
+        try:
+            return gateway, await gateway.predict_async(x, PredictOptions(**options))
+        finally:
+            await gateway.aclose()
+
+    return asyncio.run(run())
+
+
+@pytest.mark.parametrize(
+    "options",
+    [{"budget": 1}, {"budget": 8}, {}, {"budget": 30, "drop": 0.5, "seed": 3}, {"specialist": "Coat", "budget": 5}],
+)
+def test_with_every_shard_up_the_gateway_answers_as_one_server(shard_apps, whole: Engine, test_images, options):
+    x = test_images[0][:16]
+    _, got = _predict(_transports(shard_apps), x, **options)
+    want = whole.predict(x, PredictOptions(**options))
+    assert got.used == want.used and got.dropped == want.dropped and got.requested == want.requested
+    np.testing.assert_allclose(got.probabilities, want.probabilities, rtol=0, atol=1e-5)
+    assert not got.failed and got.degraded == want.degraded
+    if "specialist" in options:
+        np.testing.assert_array_equal(got.specialist.is_class, want.specialist.is_class)
+
+
+@pytest.mark.parametrize(("transport", "kind"), [(Down(), "shard_unreachable"), (Stalled(), "shard_timeout")])
+def test_a_lost_shard_costs_its_planned_modules_only(shard_apps, whole: Engine, test_images, transport, kind):
+    x = test_images[0][:4]
+    _, got = _predict(_transports(shard_apps, transport), x, budget=20)
+    planned = whole.predict(x, budget=20).used
+    lost = [j for j in planned if j >= 20]
+    assert lost and got.requested == 20 and got.degraded
+    assert sorted(f.id for f in got.failed) == sorted(lost) and {f.kind for f in got.failed} <= {
+        kind,
+        "shard_unreachable",
+    }
+    assert got.used == [j for j in planned if j < 20]
+    np.testing.assert_allclose(
+        got.probabilities,
+        whole.predict(x, PredictOptions()).probabilities * 0 + _mean_softmax(whole, x, got.used),
+        atol=1e-5,
+    )
+
+
+def _mean_softmax(engine: Engine, x: np.ndarray, ids: list[int]) -> np.ndarray:
+    from quorum.core.tasks import softmax
+
+    return softmax(engine.mean_logits(x, ids))
+
+
+def test_when_every_planned_module_is_lost_the_next_on_live_shards_answer(shard_apps, whole: Engine, test_images):
+    x = test_images[0][:4]
+    first = whole.predict(x, budget=1).used[0]
+    down = 1 if first >= 20 else 0
+    transports = _transports(shard_apps)
+    transports[URLS[down]] = Down()
+    _, got = _predict(transports, x, budget=1)
+    assert [f.id for f in got.failed] == [first] and len(got.used) == 1 and got.used[0] // 20 != down
+
+
+def test_a_garbage_answer_is_the_shards_error(shard_apps, test_images):
+    _, got = _predict(_transports(shard_apps, Garbage(shard_apps[1])), test_images[0][:2], budget=40)
+    assert {f.kind for f in got.failed} == {"shard_error"} and len(got.failed) == 20 and len(got.used) == 20
+
+
+def test_the_gateway_app_serves_the_public_api_and_reports_its_shards(shard_apps, test_images):
+    settings = GatewaySettings(shards=URLS, health_interval_s=0.05, shard_timeout_ms=300)
+    transports = _transports(shard_apps, Down())
+    with TestClient(create_gateway_app(settings, transports), raise_server_exceptions=False) as c:
+        images = test_images[0][:3].tolist()
+        r = c.post("/predict?budget=40", json={"inputs": images})
+        assert r.status_code == 200 and r.json()["degraded"] and len(r.json()["modules"]["used"]) == 20
+        assert {f["kind"] for f in r.json()["modules"]["failed"]} == {"shard_unreachable"}
+        assert c.post("/predict?budget=abc", json={"inputs": images}).status_code == 422
+        assert c.post("/predict", json={"inputs": [[0] * 783]}).status_code == 422  # checked once, at the gateway
+        v2 = {
+            "inputs": [{"name": "input", "shape": [3, 784], "datatype": "UINT8", "data": images}],
+            "parameters": {"budget": 4},
+        }
+        r = c.post("/v2/models/small/infer", json=v2)
+        assert r.status_code == 200 and r.json()["parameters"]["modules_used"] >= 1
+        assert c.get("/readyz").json()["healthy_modules"] == 20
+        mods = c.get("/modules").json()["modules"]
+        assert mods[0]["shard"] == URLS[0] and mods[0]["status"] == "healthy" and mods[25]["status"] == "unreachable"
+        assert 'quorum_shard_up{shard="http://shard-2"} 0.0' in c.get("/metrics").text
+        assert c.get("/").json()["executor"] == "gateway"
