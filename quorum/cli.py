@@ -196,6 +196,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--health-interval-s", type=float, default=None, help="time between health checks of every shard (default: 0.5)"
     )
+    p.add_argument(
+        "--coalesce-rows",
+        type=int,
+        default=None,
+        help="most inputs in one call to a shard that carries concurrent requests for the same modules together "
+        "(default: 256; 0: one call per request)",
+    )
 
     p = sub.add_parser(
         "pack",

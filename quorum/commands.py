@@ -111,6 +111,7 @@ def cmd_gateway(args: argparse.Namespace) -> int:
         "port": args.port,
         "shard_timeout_ms": args.shard_timeout_ms,
         "health_interval_s": args.health_interval_s,
+        "coalesce_rows": args.coalesce_rows,
     }
     serve_gateway(GatewaySettings(shards=args.shard, **{k: v for k, v in given.items() if v is not None}))
     return 0

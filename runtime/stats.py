@@ -26,6 +26,9 @@ __all__ = ["ModuleState", "ModuleStats"]
 _FOLD_EVERY = 1024  # pending packed calls folded into the counters at once
 
 
+ModuleStatus = Literal["healthy", "quarantined", "elsewhere", "unreachable"]
+
+
 @dataclass
 class ModuleState:
     """Health and counters of one module."""
@@ -33,7 +36,7 @@ class ModuleState:
     id: int
     file: str
     # elsewhere: another shard serves it; unreachable: (a gateway's view) no shard that serves it answers
-    status: Literal["healthy", "quarantined", "elsewhere", "unreachable"]
+    status: ModuleStatus
     reason: str | None = None  # why it is quarantined, or where it is
     calls: int = 0  # answers it was asked to take part in, on either path
     failures: int = 0  # runs that raised, timed out or returned non-finite values

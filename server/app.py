@@ -113,6 +113,7 @@ def create_gateway_app(settings: GatewaySettings, transports: Mapping[str, Any] 
             settings.shards,
             shard_timeout_s=settings.shard_timeout_ms / 1e3,
             wait_s=settings.connect_wait_s,
+            coalesce_rows=settings.coalesce_rows,
             transports=transports,
         )
         app.state.engine.start_health_checks(settings.health_interval_s)
@@ -124,12 +125,13 @@ def create_gateway_app(settings: GatewaySettings, transports: Mapping[str, Any] 
     return app
 
 
-def create_admin_app(app: FastAPI) -> FastAPI:
-    """/admin/* and /metrics over `app`'s state, for QUORUM_ADMIN_PORT."""
+def create_admin_app(app: FastAPI, *, admin_routes: bool = True) -> FastAPI:
+    """/admin/* (unless not `admin_routes`) and /metrics over `app`'s state, for QUORUM_ADMIN_PORT."""
     admin_app = FastAPI(title="Quorum admin", version=quorum.__version__)
     admin_app.state = app.state  # the same engine, metrics and reload lock: a reload here serves there
     install_error_handlers(admin_app)
-    admin_app.include_router(admin.router)
+    if admin_routes:
+        admin_app.include_router(admin.router)
     admin_app.include_router(health.metrics_router)
     admin_app.add_middleware(BodySizeLimit, max_bytes=app.state.settings.max_body_bytes)
     admin_app.add_middleware(RequestMetrics, metrics=app.state.metrics)

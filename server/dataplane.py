@@ -11,12 +11,11 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fastapi import Request
 from starlette.concurrency import run_in_threadpool
 
-from quorum.runtime.engine import Engine
 from quorum.runtime.faults import FaultPlan
 from quorum.runtime.options import MAX_SEED, PredictOptions
 from quorum.runtime.results import Partial, Prediction
@@ -25,6 +24,9 @@ from quorum.server.errors import ApiError
 from quorum.server.gateway import Gateway
 from quorum.server.metrics import Metrics
 from quorum.server.reload import Leases
+
+if TYPE_CHECKING:
+    from quorum.runtime.engine import Engine
 
 __all__ = ["OPTIONS", "DataPlane", "predict_options"]
 

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 from fastapi import Depends, Request
 
-from quorum.runtime.engine import Engine
 from quorum.runtime.errors import BundleError, NoModulesAvailable
 from quorum.runtime.manifest import Manifest
 from quorum.server.settings import Settings
+
+if TYPE_CHECKING:
+    from quorum.runtime.engine import Engine
 
 __all__ = ["EngineDep", "SettingsDep", "get_engine", "get_settings", "load_engine"]
 
@@ -29,6 +31,8 @@ def load_engine(settings: Settings) -> Engine:
             modules = settings.served_modules(len(Manifest.load(settings.bundle).modules))
         except ValueError as e:
             raise BundleError(str(e)) from None
+    from quorum.runtime.engine import Engine  # here: a gateway imports this module without ONNX Runtime
+
     return Engine.load(
         settings.bundle,
         device=settings.device,
@@ -57,5 +61,8 @@ async def _settings(request: Request) -> Settings:
     return get_settings(request)
 
 
-EngineDep = Annotated[Engine, Depends(_engine)]
+if TYPE_CHECKING:
+    EngineDep = Annotated[Engine, Depends(_engine)]
+else:  # a gateway serves these routes too, with no ONNX Runtime to import the engine's module from
+    EngineDep = Annotated[object, Depends(_engine)]
 SettingsDep = Annotated[Settings, Depends(_settings)]

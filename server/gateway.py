@@ -10,7 +10,9 @@ divided by the modules used, and the task's head answers. The modules of a shard
 refuses, resets, stalls past its timeout or answers garbage are failed (`shard_unreachable`,
 `shard_timeout`, `shard_error`) and the answer is degraded: a lost shard costs its modules. If
 no planned module answered, the next modules of the order on live shards answer instead, so
-that the gateway answers while one shard is up. A module on several shards (a replica) is
+that the gateway answers while one shard is up. A shard's 4xx (inputs that overflow every module
+it ran) costs the request those modules and leaves the shard in rotation; refused everywhere,
+the request is a 422. A module on several shards (a replica) is
 asked of the first that is up. The gateway runs no module itself: no ONNX Runtime, no torch.
 """
 
@@ -69,12 +71,13 @@ class Gateway:
         *,
         shard_timeout_s: float = 2.0,
         wait_s: float = 60.0,
+        coalesce_rows: int = 256,
         transports: Mapping[str, httpx.AsyncBaseTransport] | None = None,
     ) -> Gateway:
         """Reach the shards, read the bundle's manifest from the first that answers (waiting up to
         `wait_s` for one), and check that every shard that answers serves that bundle. `transports`:
         how to reach a URL other than over TCP (tests)."""
-        shards = [Shard(url, transport=(transports or {}).get(url)) for url in urls]
+        shards = [Shard(url, coalesce_rows=coalesce_rows, transport=(transports or {}).get(url)) for url in urls]
         deadline = time.monotonic() + wait_s
         while True:
             await asyncio.gather(*(s.check(None) for s in shards))
@@ -154,9 +157,7 @@ class Gateway:
                 continue
             _, status, breaker, calls, failures = live.states[e.id]
             states.append(
-                ModuleState(
-                    e.id, e.file, status, calls=int(calls), failures=int(failures), breaker=breaker, shard=live.url
-                )  # type: ignore[arg-type]
+                ModuleState(e.id, e.file, status, calls=calls, failures=failures, breaker=breaker, shard=live.url)
             )
         return states
 
@@ -186,24 +187,26 @@ class Gateway:
         self.preprocess(x)  # a client's mistake is a 4xx here, once, not one from each shard
         plan = self._plan().plan(c, options.budget, options.drop, options.seed)
         deadline = None if options.deadline_ms is None else t0 + options.deadline_ms / 1e3
-        parts, failed = await self._ask(x, plan.selected, deadline)
+        parts, failed, refused = await self._ask(x, plan.selected, deadline)
         used = [j for p in parts for j in p.used]
-        if not used and plan.selected:
+        if not used and plan.selected and not refused:
             # every planned module's shard failed: the next modules of the order on live shards answer
             tried = set(plan.selected) | set(plan.dropped)
             order = self.manifest.anytime_order if c is None else self.manifest.specialists[c].modules
             spare = [j for j in order if j in self.healthy_ids and j not in tried][: len(plan.selected)]
-            more, more_failed = await self._ask(x, spare, deadline)
+            more, more_failed, refused = await self._ask(x, spare, deadline)
             parts, failed = parts + more, failed + more_failed
             used = [j for p in parts for j in p.used]
         unfinished = [j for p in parts for j in p.unfinished]
         failed += [f for p in parts for f in p.failed]
         if not used:
+            if refused:
+                raise InvalidRequest(refused[0].reason)
             if unfinished and not failed:
                 raise NoModulesAvailable(f"no module finished within deadline_ms={options.deadline_ms:g}")
             raise NoModulesAvailable("no module answered: " + "; ".join(f"m{f.id}: {f.reason}" for f in failed[:5]))
-        total = np.sum([p.sum for p in parts if p.used], axis=0, dtype=np.float32)
-        values, probabilities, labels, names = self._head(total / np.float32(len(used)))
+        total = np.add.reduce([p.sum for p in parts if p.used], dtype=np.float32)
+        values, probabilities, labels, names = self._head(np.asarray(total / np.float32(len(used))))
         rank = {j: i for i, j in enumerate(plan.selected)}
         used.sort(key=lambda j: rank.get(j, len(rank)))
         return Prediction(
@@ -224,9 +227,9 @@ class Gateway:
 
     async def _ask(
         self, x: np.ndarray, ids: list[int], deadline: float | None
-    ) -> tuple[list[Partial], list[FailedModule]]:
+    ) -> tuple[list[Partial], list[FailedModule], list[ShardFailure]]:
         """Each live shard's partial answer for its share of `ids`, at once; the modules no live shard
-        holds, and those of shards that fail, as failures."""
+        holds, and those of shards that fail, as failures; and the shards' refusals of the inputs."""
         groups: dict[Shard, list[int]] = {}
         failed: list[FailedModule] = []
         for j in ids:
@@ -240,7 +243,7 @@ class Gateway:
             else:
                 groups.setdefault(servers[0], []).append(j)
         if not groups:
-            return [], failed
+            return [], failed, []
         remaining_ms = None if deadline is None else max(1.0, (deadline - time.perf_counter()) * 1e3)
         timeout_s = (
             self.shard_timeout_s if remaining_ms is None else min(self.shard_timeout_s, remaining_ms / 1e3 + 0.05)
@@ -250,13 +253,15 @@ class Gateway:
             *(shard.partial(x, group, width, remaining_ms, timeout_s) for shard, group in groups.items()),
             return_exceptions=True,
         )
-        parts = []
+        parts, refused = [], []
         for (shard, group), answer in zip(groups.items(), answers, strict=True):
             if isinstance(answer, ShardFailure):
                 failed += answer.failed(group)
+                if answer.refused:
+                    refused.append(answer)
             elif isinstance(answer, BaseException):
                 log.exception("asking shard %s failed", shard.url, exc_info=answer)
                 failed += ShardFailure("shard_error", f"shard {shard.url}: {type(answer).__name__}").failed(group)
             else:
                 parts.append(answer)
-        return parts, failed
+        return parts, failed, refused

@@ -18,15 +18,17 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from quorum.runtime.engine import Engine
 from quorum.runtime.results import Prediction
+
+if TYPE_CHECKING:
+    from quorum.runtime.engine import Engine
 
 __all__ = ["CONTENT_TYPE_LATEST", "Metrics", "RequestMetrics", "ShardCollector"]
 

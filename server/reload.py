@@ -17,13 +17,16 @@ import signal
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from fastapi import FastAPI
 from starlette.concurrency import run_in_threadpool
 
-from quorum.runtime.engine import Engine
 from quorum.runtime.errors import QuorumError
 from quorum.server.deps import load_engine
+
+if TYPE_CHECKING:
+    from quorum.runtime.engine import Engine
 
 __all__ = ["Leases", "ReloadRefused", "install_sighup", "swap_engine"]
 

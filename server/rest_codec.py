@@ -124,7 +124,7 @@ def _raw_inputs(body: bytes, shape_header: str | None, dtype_header: str | None)
         raise ApiError(422, f"X-Shape must hold positive sizes; got {shape_header!r}")
     name = (dtype_header or "float32").strip().lower()
     if name not in BINARY_DTYPES:
-        raise ApiError(422, f"X-Dtype must be one of {', '.join(BINARY_DTYPES)}; got {dtype_header[:40]!r}")
+        raise ApiError(422, f"X-Dtype must be one of {', '.join(BINARY_DTYPES)}; got {name[:40]!r}")
     dtype = BINARY_DTYPES[name]
     expected = math.prod(shape) * dtype.itemsize
     if len(body) != expected:

@@ -136,3 +136,10 @@ class GatewaySettings(ApiSettings):
     )
     health_interval_s: float = Field(0.5, gt=0, description="Time between two health checks of every shard.")
     connect_wait_s: float = Field(60.0, ge=0, description="Time to wait at start for a first shard to answer.")
+    coalesce_rows: int = Field(
+        256,
+        ge=0,
+        le=4096,
+        description="Most inputs in one call to a shard that coalesces concurrent requests for the same modules "
+        "(0: one call per request).",
+    )

@@ -111,9 +111,10 @@ def decode_partial(body: bytes, header_length: str | None, rows: int, width: int
     not one (a gateway counts that as the shard's failure)."""
     header, payload = _split(body, header_length)
     used, unfinished, failed = header.get("used"), header.get("unfinished", []), header.get("failed")
-    ok_ids = isinstance(used, list) and isinstance(unfinished, list) and all(type(j) is int for j in used + unfinished)
-    if not ok_ids or not isinstance(failed, list):
+    if not (isinstance(used, list) and isinstance(unfinished, list) and isinstance(failed, list)):
         raise ValueError("the answer's module lists are malformed")
+    if not all(type(j) is int for j in used + unfinished):
+        raise ValueError("the answer's module ids are not integers")
     failures = []
     for f in failed:
         if not isinstance(f, dict) or type(f.get("id")) is not int or f.get("kind") not in _KINDS:

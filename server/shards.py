@@ -1,8 +1,10 @@
 """A gateway's view of one shard: its health, the modules it serves, and partial answers over HTTP.
 
 A shard is down from its first failed request or health check (refused, reset, stalled past
-its timeout, answering garbage) until a health check finds it answering again; its modules
-are out of the gateway's plans meanwhile. Requests reuse keep-alive connections.
+its timeout, answering garbage or a 5xx) until a health check finds it answering again: a
+breaker that one health check closes. A 4xx is the request's, not the shard's: the shard
+stays up (inputs that overflow every module of a shard are refused there, and only there).
+Requests reuse keep-alive connections.
 """
 
 from __future__ import annotations
@@ -11,11 +13,14 @@ import asyncio
 import logging
 import time
 from dataclasses import dataclass
+from typing import get_args
 
 import httpx2 as httpx
 import numpy as np
 
+from quorum.runtime.breaker import BreakerState
 from quorum.runtime.results import FailedModule, FailureKind, Partial
+from quorum.runtime.stats import ModuleStatus
 from quorum.server import shard_codec
 
 __all__ = ["Shard", "ShardFailure"]
@@ -24,23 +29,75 @@ log = logging.getLogger(__name__)
 logging.getLogger("httpx2").setLevel(logging.WARNING)  # one INFO line per request to a shard is noise
 
 
+REFUSED = frozenset({400, 413, 422})  # what a shard answers to inputs it will not run
+
+
+def _error(r: httpx.Response) -> str:
+    try:
+        return str(r.json()["error"])[:300]
+    except (ValueError, KeyError, TypeError):
+        return r.text[:300]
+
+
+ModuleRow = tuple[int, ModuleStatus, BreakerState, int, int]
+_STATUSES: frozenset[str] = frozenset(get_args(ModuleStatus))
+_BREAKERS: frozenset[str] = frozenset(get_args(BreakerState))
+
+
+def _module_row(row: object) -> ModuleRow:
+    """One module's state as a shard's /shard/info lists it; ValueError if it is not one."""
+    if not (isinstance(row, list) and len(row) == 5 and all(type(row[i]) is int for i in (0, 3, 4))):
+        raise ValueError(f"a malformed module state: {str(row)[:100]}")
+    if row[1] not in _STATUSES or row[2] not in _BREAKERS:
+        raise ValueError(f"a malformed module state: {str(row)[:100]}")
+    return row[0], row[1], row[2], row[3], row[4]
+
+
 @dataclass
 class ShardFailure(Exception):
     """A shard gave no usable answer: its modules of the request failed with this kind and reason."""
 
     kind: FailureKind
     reason: str
+    refused: bool = False  # the shard refused these inputs (a 4xx): the request's fault, not the shard's
 
     def failed(self, ids: list[int]) -> list[FailedModule]:
         return [FailedModule(j, self.reason, self.kind) for j in ids]
 
 
+class _Batch:
+    """Requests that wait to go to a shard together: their inputs, and the answer they share."""
+
+    def __init__(self) -> None:
+        self.inputs: list[np.ndarray] = []
+        self.rows = 0
+        self.done: asyncio.Future[Partial | ShardFailure | None] = asyncio.get_running_loop().create_future()
+
+    def add(self, x: np.ndarray) -> int:
+        """Add inputs x; the row of the sums where their answer begins."""
+        self.inputs.append(x)
+        self.rows += len(x)
+        return self.rows - len(x)
+
+
 class Shard:
     """One shard's URL, state and HTTP client; used from the gateway's event loop only."""
 
-    def __init__(self, url: str, *, health_timeout_s: float = 1.0, transport: httpx.AsyncBaseTransport | None = None):
-        """`transport`: how to reach the shard (default: HTTP over TCP; tests pass an app's own)."""
+    def __init__(
+        self,
+        url: str,
+        *,
+        health_timeout_s: float = 1.0,
+        coalesce_rows: int = 256,
+        transport: httpx.AsyncBaseTransport | None = None,
+    ):
+        """`coalesce_rows`: the most inputs in one coalesced call (0: no coalescing); `transport`:
+        how to reach the shard (default: HTTP over TCP; tests pass an app's own)."""
         self.url = url.rstrip("/")
+        self.coalesce_rows = coalesce_rows
+        self._in_flight: set[tuple[object, ...]] = set()  # keys with a call on its way
+        self._waiting: dict[tuple[object, ...], _Batch] = {}  # key -> the requests for the next call
+        self._tasks: set[asyncio.Task[None]] = set()
         self.client = httpx.AsyncClient(
             base_url=self.url,
             limits=httpx.Limits(max_connections=64, max_keepalive_connections=32),
@@ -52,7 +109,7 @@ class Shard:
         self.digest: str | None = None
         self.served: list[int] = []  # module ids it loads
         self.in_rotation: set[int] = set()  # of those, the ones it runs now (healthy, breaker not open)
-        self.states: dict[int, list[object]] = {}  # id -> [id, status, breaker, calls, failures]
+        self.states: dict[int, ModuleRow] = {}  # id -> (id, status, breaker, calls, failures)
         self.changed_at = time.monotonic()  # when `up` last changed
         self.last_error: str | None = None
         self.version = 0  # changes whenever `up` or the modules in rotation may have changed
@@ -77,7 +134,7 @@ class Shard:
                 self._set_up(False, f"serves another bundle (digest {str(info.get('digest'))[:12]}…)")
                 return
             self.digest = info["digest"]
-            self.states = {int(s[0]): s for s in info["modules"]}
+            self.states = {row[0]: row for row in map(_module_row, info["modules"])}
             self.served = sorted(self.states)
             in_rotation = {int(j) for j in info["in_rotation"]}
             if in_rotation != self.in_rotation:
@@ -96,7 +153,78 @@ class Shard:
         self, x: np.ndarray, ids: list[int], width: int, deadline_ms: float | None, timeout_s: float
     ) -> Partial:
         """The shard's partial answer for modules `ids` on raw inputs x; ShardFailure, and the shard
-        marked down, when it gives none."""
+        marked down, when it gives none.
+
+        Requests without a deadline for the same modules are coalesced (unless `coalesce_rows` is
+        0): while one call for them is in flight, the others wait and go together in the next
+        call, up to `coalesce_rows` inputs, and each gets its rows of the sums. A coalesced call
+        that a shard refuses, or in which a module returns non-finite values, is sent again one
+        request at a time, so that no request's inputs change another's answer."""
+        key = (tuple(ids), x.shape[1:], x.dtype.str)
+        if deadline_ms is not None or len(x) >= self.coalesce_rows:
+            return await self._call(x, ids, width, deadline_ms, timeout_s)
+        if key not in self._in_flight:
+            self._in_flight.add(key)
+            try:
+                return await self._call(x, ids, width, None, timeout_s)
+            finally:
+                self._next_call(key, ids, width, timeout_s)
+        batch = self._waiting.get(key)
+        if batch is None:
+            batch = self._waiting[key] = _Batch()
+        elif batch.rows + len(x) > self.coalesce_rows:  # the next call is full: this one goes alone
+            return await self._call(x, ids, width, None, timeout_s)
+        offset = batch.add(x)
+        try:  # within timeout_s of this request's arrival; cancelled, it leaves the call to the others
+            answer = await asyncio.wait_for(asyncio.shield(batch.done), timeout_s)
+        except TimeoutError:
+            raise ShardFailure(
+                "shard_timeout", f"shard {self.url}: no answer within {timeout_s * 1e3:.0f} ms"
+            ) from None
+        if isinstance(answer, ShardFailure):
+            raise answer
+        if answer is None:  # sent again alone
+            return await self._call(x, ids, width, None, timeout_s)
+        return Partial(
+            answer.sum[offset : offset + len(x)], answer.used, answer.failed, answer.unfinished, answer.latency_ms
+        )
+
+    def _next_call(self, key: tuple[object, ...], ids: list[int], width: int, timeout_s: float) -> None:
+        """The call for `key` is done: send the requests that waited for it, or free the key."""
+        batch = self._waiting.pop(key, None)
+        if batch is None:
+            self._in_flight.discard(key)
+            return
+        task = asyncio.get_running_loop().create_task(self._send(key, batch, ids, width, timeout_s))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _send(self, key: tuple[object, ...], batch: _Batch, ids: list[int], width: int, timeout_s: float) -> None:
+        try:
+            x = batch.inputs[0] if len(batch.inputs) == 1 else np.concatenate(batch.inputs)
+            answer: Partial | ShardFailure | None
+            try:
+                if not self.up:  # the call they waited for found it down
+                    raise ShardFailure("shard_unreachable", f"shard {self.url} is down: {self.last_error}")
+                answer = await self._call(x, ids, width, None, timeout_s)
+            except ShardFailure as e:
+                answer = e
+            if len(batch.inputs) > 1 and (
+                (isinstance(answer, ShardFailure) and answer.refused)
+                or (isinstance(answer, Partial) and any(f.kind == "nonfinite" for f in answer.failed))
+            ):
+                answer = None  # one request's inputs may be the cause: each goes again alone
+            batch.done.set_result(answer)
+        except BaseException as e:  # the waiters must hear of it
+            if not batch.done.done():
+                batch.done.set_result(ShardFailure("shard_error", f"shard {self.url}: {type(e).__name__}"))
+            raise
+        finally:
+            self._next_call(key, ids, width, timeout_s)
+
+    async def _call(
+        self, x: np.ndarray, ids: list[int], width: int, deadline_ms: float | None, timeout_s: float
+    ) -> Partial:
         body, headers = shard_codec.encode_request(x, ids, deadline_ms)
         try:
             # the whole exchange within timeout_s: httpx's own timeouts bound each read, not a trickle
@@ -107,6 +235,8 @@ class Shard:
             ) from None
         except httpx.TransportError as e:
             raise self._down("shard_unreachable", f"{type(e).__name__}: {str(e)[:200]}") from None
+        if r.status_code in REFUSED:  # the shard is fine: it stays up
+            raise ShardFailure("shard_error", f"shard {self.url} refused the inputs: {_error(r)}", refused=True)
         if r.status_code != 200:
             raise self._down("shard_error", f"HTTP {r.status_code}: {r.text[:200]}")
         try:
@@ -121,4 +251,6 @@ class Shard:
         return ShardFailure(kind, f"shard {self.url}: {reason}")
 
     async def close(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
         await self.client.aclose()

@@ -6,10 +6,8 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -22,25 +20,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from tests.processes import QUORUM, request, start_quorum
+
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 ROOT = Path(__file__).parents[1]
-QUORUM = [sys.executable, "-m", "quorum"]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _request(url: str, body: bytes | None = None) -> tuple[int, dict]:
-    req = urllib.request.Request(url, data=body, headers={"Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(req, timeout=30) as r:
-            return r.status, json.loads(r.read())
-    except urllib.error.HTTPError as e:
-        return e.code, json.loads(e.read())
 
 
 def _run(*args: str) -> subprocess.CompletedProcess[str]:
@@ -51,24 +35,7 @@ def _run(*args: str) -> subprocess.CompletedProcess[str]:
 
 def _serve(bundle: Path, **env: str) -> tuple[subprocess.Popen[str], str]:
     """`quorum serve BUNDLE` on a free loopback port, once it is ready; settings from `env`."""
-    port = _free_port()
-    env = {**os.environ, "QUORUM_LOG_LEVEL": "warning", **env}
-    proc = subprocess.Popen([*QUORUM, "serve", str(bundle), "--host", "127.0.0.1", "--port", str(port)],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)  # fmt: skip
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while True:
-        if proc.poll() is not None:
-            pytest.fail(f"quorum serve exited with {proc.returncode}:\n{proc.stdout.read() if proc.stdout else ''}")
-        try:
-            if _request(f"{base}/readyz")[0] == 200:
-                return proc, base
-        except (urllib.error.URLError, ConnectionError):
-            pass
-        if time.monotonic() > deadline:
-            proc.kill()
-            pytest.fail("quorum serve did not become ready in 120 s")
-        time.sleep(0.2)
+    return start_quorum("serve", bundle, **env)
 
 
 @pytest.fixture(scope="module")
@@ -87,7 +54,7 @@ def server(tmp_path_factory: pytest.TempPathFactory, data_dir: Path):
 def test_predict_budget_32_over_http(server, test_images):
     base, _, _ = server
     x, y = test_images
-    status, body = _request(f"{base}/predict?budget=32", json.dumps({"inputs": x[:100].tolist()}).encode())
+    status, body = request(f"{base}/predict?budget=32", json.dumps({"inputs": x[:100].tolist()}).encode())
     assert status == 200, body
     assert len(body["modules"]["used"]) == 32 and body["modules"]["requested"] == 32 and not body["degraded"]
     probs = np.array([p["probabilities"] for p in body["predictions"]])
@@ -99,19 +66,19 @@ def test_predict_budget_32_over_http(server, test_images):
 def test_a_client_with_only_numpy_onnxruntime_and_the_manifest_reproduces_the_server(server, test_images):
     base, bundle, tmp = server
     x, _ = test_images
-    request = {"inputs": x[100:108].tolist()}
-    status, body = _request(f"{base}/predict?budget=32&drop=0.3&seed=5", json.dumps(request).encode())
+    payload = {"inputs": x[100:108].tolist()}
+    status, body = request(f"{base}/predict?budget=32&drop=0.3&seed=5", json.dumps(payload).encode())
     assert status == 200
     used = body["modules"]["used"]
     assert len(used) == 32 and not set(used) & set(body["modules"]["dropped"])
-    mine = np.array(_offline_client(bundle, request, used, tmp)["probabilities"])
+    mine = np.array(_offline_client(bundle, payload, used, tmp)["probabilities"])
     served = np.array([p["probabilities"] for p in body["predictions"]])
     assert np.abs(mine - served).max() <= 1e-5
 
 
-def _offline_client(bundle: Path, request: dict, used: list[int], tmp: Path) -> dict:
+def _offline_client(bundle: Path, payload: dict, used: list[int], tmp: Path) -> dict:
     """What examples/offline_client.py (numpy, onnxruntime and the manifest only) answers."""
-    (tmp / "request.json").write_text(json.dumps(request))
+    (tmp / "request.json").write_text(json.dumps(payload))
     client = ROOT / "examples" / "offline_client.py"
     assert "quorum" not in "".join(line for line in client.read_text().splitlines() if "import" in line)
     out = subprocess.run(
@@ -125,9 +92,9 @@ def _offline_client(bundle: Path, request: dict, used: list[int], tmp: Path) -> 
 
 def test_bad_request_over_http_is_a_4xx_with_a_message(server):
     base, _, _ = server
-    status, body = _request(f"{base}/predict?budget=32", b'{"inputs": [[1, 2, 3]]}')
+    status, body = request(f"{base}/predict?budget=32", b'{"inputs": [[1, 2, 3]]}')
     assert status == 422 and "784" in body["error"]
-    status, body = _request(f"{base}/predict", b"{")
+    status, body = request(f"{base}/predict", b"{")
     assert status == 400 and "JSON" in body["error"]
 
 
@@ -155,7 +122,7 @@ def test_kserve_v2_protocol_with_tritonclient(server, test_images):
     assert meta["inputs"][0]["name"] == "input" and meta["inputs"][0]["shape"] == [-1, 784]
 
     x = test_images[0][:8]
-    status, want = _request(f"{base}/predict?budget=32", json.dumps({"inputs": x.tolist()}).encode())
+    status, want = request(f"{base}/predict?budget=32", json.dumps({"inputs": x.tolist()}).encode())
     assert status == 200
     for binary in (True, False):  # Triton's binary tensor extension, and plain JSON data
         tensor = httpclient.InferInput("input", list(x.shape), "FP32")
@@ -190,7 +157,7 @@ def _sending(url: str, body: bytes, clients: int) -> Iterator[list[int]]:
 
     def send() -> None:
         while not stop.is_set():
-            statuses.append(_request(url, body)[0])
+            statuses.append(request(url, body)[0])
 
     threads = [threading.Thread(target=send) for _ in range(clients)]
     for t in threads:
@@ -241,7 +208,7 @@ def test_sighup_reloads_the_configured_bundle_and_a_bad_one_changes_nothing(serv
     def sighup_and_settle() -> None:
         proc.send_signal(signal.SIGHUP)
         time.sleep(2.0)  # the reload is loaded and verified off the event loop
-        assert proc.poll() is None and _request(f"{base}/modules")[1]["healthy"] == 64
+        assert proc.poll() is None and request(f"{base}/modules")[1]["healthy"] == 64
 
     manifest = json.loads((served / "manifest.json").read_text())
     victim = served / manifest["modules"][manifest["anytime_order"][0]]["file"]
@@ -321,12 +288,12 @@ def test_every_convolutional_architecture_trains_exports_and_serves_from_the_cli
     proc, base = _serve(bundle)
     try:
         x = test_images[0][:8].reshape(-1, 1, 28, 28)
-        status, body = _request(f"{base}/predict?budget=2", json.dumps({"inputs": x.tolist()}).encode())
+        status, body = request(f"{base}/predict?budget=2", json.dumps({"inputs": x.tolist()}).encode())
         assert status == 200 and len(body["modules"]["used"]) == 2 and len(body["predictions"]) == 8
         mine = _offline_client(bundle, {"inputs": x.tolist()}, body["modules"]["used"], tmp_path)["probabilities"]
         served = [p["probabilities"] for p in body["predictions"]]
         assert np.abs(np.array(mine) - np.array(served)).max() <= 1e-5  # a TreeNet's trunk included
-        status, body = _request(f"{base}/predict?budget=2", json.dumps({"inputs": x.reshape(8, 784).tolist()}).encode())
+        status, body = request(f"{base}/predict?budget=2", json.dumps({"inputs": x.reshape(8, 784).tolist()}).encode())
         assert status == 422 and "(N, 1, 28, 28)" in body["error"]
     finally:
         proc.terminate()
@@ -353,7 +320,7 @@ def test_regression_and_count_targets_train_export_and_serve_from_the_cli(datase
     raw = data.test.x.numpy()[:5] * std + mean
     proc, base = _serve(bundle)
     try:
-        status, body = _request(f"{base}/predict?budget=4", json.dumps({"inputs": raw.tolist()}).encode())
+        status, body = request(f"{base}/predict?budget=4", json.dumps({"inputs": raw.tolist()}).encode())
         assert status == 200 and body["task"] == kind and len(body["modules"]["used"]) == 4, body
         names = manifest["task"]["target_names"]
         values = np.array([[p["values"][n] for n in names] for p in body["predictions"]])

@@ -142,3 +142,43 @@ def test_the_serving_side_never_imports_torch_at_module_level() -> None:
                 mods = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module or ""]
                 heavy += [f"{name}: {m}" for m in mods if m.split(".")[0] in ("torch", "torchvision", "onnx")]
     assert not heavy, heavy
+
+
+def _import_time_names(module: str, path: Path) -> set[str]:
+    """Every module name `module` imports when it is imported: not in functions, not under `if TYPE_CHECKING:`."""
+    out, todo = set(), list(ast.iter_child_nodes(ast.parse(path.read_text())))
+    while todo:
+        node = todo.pop()
+        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.Lambda):
+            continue
+        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+            todo.extend(node.orelse)
+            continue
+        if isinstance(node, ast.Import):
+            out.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            base = node.module if not node.level else ".".join([*module.split(".")[: -node.level], node.module])
+            out.add(base)
+            out.update(f"{base}.{a.name}" for a in node.names)
+        todo.extend(ast.iter_child_nodes(node))
+    return out
+
+
+def test_the_gateway_loads_neither_onnxruntime_nor_torch() -> None:
+    """What `quorum gateway` imports, followed through the package: no ONNX Runtime, no torch."""
+    modules = _modules()
+    seen, todo, heavy = set(), ["quorum.server.main", "quorum.server.gateway"], []
+    while todo:
+        name = todo.pop()
+        if name in seen:
+            continue
+        seen.add(name)
+        parts = name.split(".")
+        todo += [".".join(parts[:i]) for i in range(1, len(parts)) if ".".join(parts[:i]) in modules]  # packages
+        for target in _import_time_names(name, modules[name]):
+            if target.split(".")[0] in ("onnxruntime", "torch", "torchvision", "onnx"):
+                heavy.append(f"{name} imports {target}")
+            elif target in modules:
+                todo.append(target)
+    assert "quorum.server.shards" in seen and "quorum.runtime.plan" in seen
+    assert not heavy, heavy

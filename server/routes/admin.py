@@ -4,16 +4,19 @@ token (`quorum.server.auth`): 404 when none is configured, 401 without it, 403 w
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from fastapi import APIRouter, Depends, Request
 
-from quorum.runtime.engine import Engine
 from quorum.runtime.errors import QuorumError
 from quorum.server.auth import require_admin
 from quorum.server.deps import get_engine, get_settings
 from quorum.server.errors import ApiError
 from quorum.server.reload import ReloadRefused, swap_engine
 from quorum.server.schemas import FaultPlanBody, ReloadBody, ReloadResult
+
+if TYPE_CHECKING:
+    from quorum.runtime.engine import Engine
 
 __all__ = ["router"]
 

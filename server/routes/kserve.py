@@ -11,19 +11,21 @@ read by the data plane's one parser; `kserve_codec` decodes the tensors and enco
 from __future__ import annotations
 
 from functools import partial
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
 from starlette.concurrency import run_in_threadpool
 
-from quorum.runtime.engine import Engine
 from quorum.server import kserve_codec
 from quorum.server.dataplane import predict_options
 from quorum.server.deps import get_engine, get_settings
 from quorum.server.errors import ApiError
 from quorum.server.rest_codec import OFF_LOOP_BYTES
+
+if TYPE_CHECKING:
+    from quorum.runtime.engine import Engine
 
 __all__ = ["router"]
 

@@ -10,15 +10,18 @@ from __future__ import annotations
 
 import hashlib
 from functools import partial
+from typing import TYPE_CHECKING
 
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
 from starlette.concurrency import run_in_threadpool
 
-from quorum.runtime.engine import Engine
 from quorum.server import shard_codec
 from quorum.server.deps import get_engine, get_settings
 from quorum.server.rest_codec import OFF_LOOP_BYTES
+
+if TYPE_CHECKING:
+    from quorum.runtime.engine import Engine
 
 __all__ = ["manifest_digest", "router"]
 

@@ -14,7 +14,9 @@ import pytest
 from fastapi.testclient import TestClient
 
 from quorum.runtime.engine import Engine
+from quorum.runtime.errors import InvalidRequest
 from quorum.runtime.options import PredictOptions
+from quorum.server import shard_codec
 from quorum.server.app import create_app, create_gateway_app
 from quorum.server.gateway import Gateway
 from quorum.server.settings import GatewaySettings, Settings
@@ -61,6 +63,15 @@ class Garbage(httpx.AsyncBaseTransport):
         return await self.real.handle_async_request(request)
 
 
+class Refusing(Garbage):
+    """Answers health checks as the real shard does, and refuses every partial request's inputs."""
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        if request.url.path == "/shard/partial":
+            return httpx.Response(422, json={"error": "every module overflowed on these inputs"})
+        return await self.real.handle_async_request(request)
+
+
 def _transports(shard_apps, second: httpx.AsyncBaseTransport | None = None) -> dict:
     return {URLS[0]: httpx.ASGITransport(app=shard_apps[0]), URLS[1]: second or httpx.ASGITransport(app=shard_apps[1])}
 
@@ -103,11 +114,7 @@ def test_a_lost_shard_costs_its_planned_modules_only(shard_apps, whole: Engine, 
         "shard_unreachable",
     }
     assert got.used == [j for j in planned if j < 20]
-    np.testing.assert_allclose(
-        got.probabilities,
-        whole.predict(x, PredictOptions()).probabilities * 0 + _mean_softmax(whole, x, got.used),
-        atol=1e-5,
-    )
+    np.testing.assert_allclose(got.probabilities, _mean_softmax(whole, x, got.used), rtol=0, atol=1e-5)
 
 
 def _mean_softmax(engine: Engine, x: np.ndarray, ids: list[int]) -> np.ndarray:
@@ -129,6 +136,60 @@ def test_when_every_planned_module_is_lost_the_next_on_live_shards_answer(shard_
 def test_a_garbage_answer_is_the_shards_error(shard_apps, test_images):
     _, got = _predict(_transports(shard_apps, Garbage(shard_apps[1])), test_images[0][:2], budget=40)
     assert {f.kind for f in got.failed} == {"shard_error"} and len(got.failed) == 20 and len(got.used) == 20
+
+
+def test_a_shard_that_refuses_the_inputs_stays_up_and_refused_everywhere_is_a_422(shard_apps, test_images):
+    x = test_images[0][:2]
+    gateway, got = _predict(_transports(shard_apps, Refusing(shard_apps[1])), x, budget=40)
+    assert {f.kind for f in got.failed} == {"shard_error"} and len(got.failed) == 20 and len(got.used) == 20
+    assert "overflowed" in got.failed[0].reason and all(s.up for s in gateway.shards)  # the request's fault
+    with pytest.raises(InvalidRequest, match="overflowed"):
+        _predict({url: Refusing(app) for url, app in zip(URLS, shard_apps, strict=True)}, x, budget=40)
+
+
+class Counting(Garbage):
+    """The real shard, each partial request 50 ms late; counts the calls and their inputs."""
+
+    def __init__(self, app, refuse_batches: bool = False) -> None:
+        super().__init__(app)
+        self.rows: list[int] = []
+        self.refuse_batches = refuse_batches
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        if request.url.path == "/shard/partial":
+            body = await request.aread()
+            inputs, _, _ = shard_codec.decode_request(body, request.headers[shard_codec.HEADER_LENGTH], 10**6)
+            self.rows.append(len(inputs))
+            await asyncio.sleep(0.05)
+            if self.refuse_batches and len(inputs) > 1:
+                return httpx.Response(422, json={"error": "refused: as if one input overflowed every module"})
+        return await self.real.handle_async_request(request)
+
+
+@pytest.mark.parametrize("refuse_batches", [False, True])
+def test_concurrent_requests_for_the_same_modules_share_a_call_and_get_their_own_answers(
+    shard_apps, whole: Engine, test_images, refuse_batches: bool
+):
+    x = test_images[0][:8]
+    transports = {url: Counting(app, refuse_batches) for url, app in zip(URLS, shard_apps, strict=True)}
+
+    async def run():
+        gateway = await Gateway.connect(URLS, transports=transports, wait_s=0)
+        try:
+            return await asyncio.gather(
+                *(gateway.predict_async(x[i : i + 1], PredictOptions(budget=40)) for i in range(8))
+            )
+        finally:
+            await gateway.aclose()
+
+    answers = asyncio.run(run())
+    for i, got in enumerate(answers):
+        want = whole.predict(x[i : i + 1], budget=40)
+        assert not got.degraded and got.used == want.used
+        np.testing.assert_allclose(got.probabilities, want.probabilities, rtol=0, atol=1e-5)
+    for t in transports.values():
+        assert sum(t.rows) == 8 + (7 if refuse_batches else 0)  # a refused batch goes again, one by one
+        assert t.rows[:2] == [1, 7]  # the first alone, the seven that waited for it together
 
 
 def test_the_gateway_app_serves_the_public_api_and_reports_its_shards(shard_apps, test_images):
