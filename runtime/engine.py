@@ -26,7 +26,7 @@ from quorum.runtime.bundle import Executor, LoadedBundle, load_bundle
 from quorum.runtime.errors import InvalidRequest, NoModulesAvailable
 from quorum.runtime.execute import Runner
 from quorum.runtime.faults import FaultPlan
-from quorum.runtime.heads import Head, class_index, specialist_answer, specialist_index
+from quorum.runtime.heads import Head, class_index, nothing_answered, specialist_index
 from quorum.runtime.offline import module_logits
 from quorum.runtime.options import DEFAULT, PredictOptions
 from quorum.runtime.plan import Planner
@@ -160,25 +160,8 @@ class Engine:
             if plan.trials:
                 self._planner.release(plan)
         if not out.used:
-            if out.unfinished and not out.failed:
-                raise NoModulesAvailable(f"no module finished within deadline_ms={options.deadline_ms:g}")
-            raise NoModulesAvailable("no module answered: " + "; ".join(f"m{f.id}: {f.reason}" for f in out.failed[:5]))
-        values, probabilities, labels, names = self._head(out.mean)
-        return Prediction(
-            task=self.manifest.task.kind,
-            values=values,
-            probabilities=probabilities,
-            labels=labels,
-            class_names=names,
-            requested=plan.requested,
-            used=list(out.used),
-            dropped=list(plan.dropped),
-            failed=out.failed,
-            unfinished=out.unfinished,
-            degraded=len(out.used) < plan.requested,
-            latency_ms=(time.perf_counter() - t0) * 1e3,
-            specialist=None if c is None else self._specialist_answer(c, probabilities, labels),
-        )
+            raise nothing_answered(out.failed, out.unfinished, options.deadline_ms)
+        return self._head.predict(out.mean, plan, list(out.used), out.failed, out.unfinished, t0, c)
 
     def partial(self, x_raw: Any, ids: Sequence[int], *, deadline_ms: float | None = None) -> Partial:
         """The sum of the outputs of the modules `ids` (N, K), for a gateway that combines shards.
@@ -235,9 +218,6 @@ class Engine:
 
     def _specialist_index(self, cls: int | str) -> int:
         return specialist_index(self.manifest, cls)
-
-    def _specialist_answer(self, c: int, probabilities: np.ndarray, labels: np.ndarray) -> SpecialistAnswer:
-        return specialist_answer(self.manifest, c, probabilities, labels)
 
     def class_index(self, cls: int | str) -> int:
         """The index of class `cls`, given as an index or a name (case-insensitive)."""

@@ -7,13 +7,19 @@ the training data that the answer overflows float32 is the caller's mistake.
 
 from __future__ import annotations
 
+import time
+from typing import TYPE_CHECKING
+
 import numpy as np
 
-from quorum.runtime.errors import InvalidRequest
+from quorum.runtime.errors import InvalidRequest, NoModulesAvailable
 from quorum.runtime.manifest import Manifest
-from quorum.runtime.results import SpecialistAnswer
+from quorum.runtime.results import FailedModule, Prediction, SpecialistAnswer
 
-__all__ = ["Answer", "Head", "class_index", "specialist_answer", "specialist_index"]
+if TYPE_CHECKING:
+    from quorum.runtime.plan import RequestPlan
+
+__all__ = ["Answer", "Head", "class_index", "nothing_answered", "specialist_answer", "specialist_index"]
 
 Answer = tuple[np.ndarray, np.ndarray, np.ndarray, list[str]]  # values, probabilities, labels, class names
 
@@ -22,6 +28,7 @@ class Head:
     """The answer of one bundle's task from mean module outputs (N, K)."""
 
     def __init__(self, manifest: Manifest):
+        self._manifest = manifest
         self.task = manifest.task.task
         self._class_names = list(manifest.task.class_names)
         out, width = manifest.output, manifest.num_classes
@@ -42,6 +49,46 @@ class Head:
             )
         values = values.astype(np.float32, copy=False)
         return values, np.empty((len(mean), 0), np.float32), np.empty(0, np.int64), []
+
+    def predict(
+        self,
+        mean: np.ndarray,
+        plan: RequestPlan,
+        used: list[int],
+        failed: list[FailedModule],
+        unfinished: list[int],
+        t0: float,
+        specialist: int | None,
+    ) -> Prediction:
+        """The Prediction of a request planned as `plan`, from the mean outputs of the modules `used`
+        (an engine's, or a gateway's from its shards' sums); `t0`: when it arrived (perf_counter)."""
+        values, probabilities, labels, names = self(mean)
+        return Prediction(
+            task=self._manifest.task.kind,
+            values=values,
+            probabilities=probabilities,
+            labels=labels,
+            class_names=names,
+            requested=plan.requested,
+            used=used,
+            dropped=list(plan.dropped),
+            failed=failed,
+            unfinished=unfinished,
+            degraded=len(used) < plan.requested,
+            latency_ms=(time.perf_counter() - t0) * 1e3,
+            specialist=None
+            if specialist is None
+            else specialist_answer(self._manifest, specialist, probabilities, labels),
+        )
+
+
+def nothing_answered(
+    failed: list[FailedModule], unfinished: list[int], deadline_ms: float | None
+) -> NoModulesAvailable:
+    """The error of a request that no module answered: the deadline's, or the failures' first reasons."""
+    if unfinished and not failed:
+        return NoModulesAvailable(f"no module finished within deadline_ms={deadline_ms:g}")
+    return NoModulesAvailable("no module answered: " + "; ".join(f"m{f.id}: {f.reason}" for f in failed[:5]))
 
 
 def class_index(manifest: Manifest, cls: int | str) -> int:

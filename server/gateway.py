@@ -29,7 +29,7 @@ import numpy as np
 
 from quorum.runtime.breaker import Breakers
 from quorum.runtime.errors import InvalidRequest, NoModulesAvailable
-from quorum.runtime.heads import Head, specialist_answer, specialist_index
+from quorum.runtime.heads import Head, nothing_answered, specialist_index
 from quorum.runtime.manifest import Manifest
 from quorum.runtime.options import PredictOptions
 from quorum.runtime.plan import Planner
@@ -202,28 +202,12 @@ class Gateway:
         if not used:
             if refused:
                 raise InvalidRequest(refused[0].reason)
-            if unfinished and not failed:
-                raise NoModulesAvailable(f"no module finished within deadline_ms={options.deadline_ms:g}")
-            raise NoModulesAvailable("no module answered: " + "; ".join(f"m{f.id}: {f.reason}" for f in failed[:5]))
+            raise nothing_answered(failed, unfinished, options.deadline_ms)
         total = np.add.reduce([p.sum for p in parts if p.used], dtype=np.float32)
-        values, probabilities, labels, names = self._head(np.asarray(total / np.float32(len(used))))
         rank = {j: i for i, j in enumerate(plan.selected)}
         used.sort(key=lambda j: rank.get(j, len(rank)))
-        return Prediction(
-            task=self.manifest.task.kind,
-            values=values,
-            probabilities=probabilities,
-            labels=labels,
-            class_names=names,
-            requested=plan.requested,
-            used=used,
-            dropped=list(plan.dropped),
-            failed=sorted(failed, key=lambda f: rank.get(f.id, len(rank))),
-            unfinished=unfinished,
-            degraded=len(used) < plan.requested,
-            latency_ms=(time.perf_counter() - t0) * 1e3,
-            specialist=None if c is None else specialist_answer(self.manifest, c, probabilities, labels),
-        )
+        failed.sort(key=lambda f: rank.get(f.id, len(rank)))
+        return self._head.predict(np.asarray(total / np.float32(len(used))), plan, used, failed, unfinished, t0, c)
 
     async def _ask(
         self, x: np.ndarray, ids: list[int], deadline: float | None
