@@ -4,7 +4,8 @@
     python bench/shard_load.py --bundle bundles/demo
 
 Starts, on loopback ports, one `quorum serve BUNDLE` and, apart from it, `quorum serve BUNDLE
---shard i/4` for i = 1..4 with a `quorum gateway` over them. Then wrk loads each with
+--shard i/4` for i = 1..4 with two `quorum gateway`s over them: one as it ships, one that sends
+every request to the shards on its own (`--coalesce-rows 0`). Then wrk loads each with
 --connections connections for --seconds, POST /predict with one real Fashion-MNIST test image,
 at each budget, in alternating rounds; each figure is the median over rounds. Every process
 shares this machine's cores: on one host the gateway buys nothing but costs a hop and a fan-out,
@@ -46,12 +47,11 @@ def main() -> int:
     procs = [start_server(args.bundle, single_port, env)]
     shards = start_shards(args.bundle, args.shards, env)
     procs += [proc for proc, _ in shards]
-    gateway_port = free_port()
-    procs.append(start_gateway([port for _, port in shards], gateway_port))
-    urls = {
-        "one server": f"http://127.0.0.1:{single_port}",
-        f"gateway + {args.shards} shards": f"http://127.0.0.1:{gateway_port}",
-    }
+    urls = {"one server": f"http://127.0.0.1:{single_port}"}
+    for name, options in ((f"gateway + {args.shards} shards", []), ("without coalescing", ["--coalesce-rows", "0"])):
+        port = free_port()
+        procs.append(start_gateway([p for _, p in shards], port, *options))
+        urls[name] = f"http://127.0.0.1:{port}"
     samples: dict[tuple[str, int], list[dict]] = {(name, b): [] for b in budgets for name in urls}
     print(f"wrk -t2 -c{args.connections} -d{args.seconds}s, {args.rounds} alternating rounds, bundle {args.bundle}\n")
     try:

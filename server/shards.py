@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from dataclasses import dataclass
 from typing import get_args
@@ -95,6 +96,7 @@ class Shard:
         how to reach the shard (default: HTTP over TCP; tests pass an app's own)."""
         self.url = url.rstrip("/")
         self.coalesce_rows = coalesce_rows
+        self.max_elements = 262_144  # the most numbers one partial request may hold, as the shard says
         self._in_flight: set[tuple[object, ...]] = set()  # keys with a call on its way
         self._waiting: dict[tuple[object, ...], _Batch] = {}  # key -> the requests for the next call
         self._tasks: set[asyncio.Task[None]] = set()
@@ -136,6 +138,7 @@ class Shard:
             self.digest = info["digest"]
             self.states = {row[0]: row for row in map(_module_row, info["modules"])}
             self.served = sorted(self.states)
+            self.max_elements = int(info.get("max_elements", self.max_elements))
             in_rotation = {int(j) for j in info["in_rotation"]}
             if in_rotation != self.in_rotation:
                 self.in_rotation, self.version = in_rotation, self.version + 1
@@ -157,11 +160,13 @@ class Shard:
 
         Requests without a deadline for the same modules are coalesced (unless `coalesce_rows` is
         0): while one call for them is in flight, the others wait and go together in the next
-        call, up to `coalesce_rows` inputs, and each gets its rows of the sums. A coalesced call
+        call, up to `coalesce_rows` inputs (and the numbers the shard takes in one request), and
+        each gets its rows of the sums. A coalesced call
         that a shard refuses, or in which a module returns non-finite values, is sent again one
         request at a time, so that no request's inputs change another's answer."""
         key = (tuple(ids), x.shape[1:], x.dtype.str)
-        if deadline_ms is not None or len(x) >= self.coalesce_rows:
+        most = min(self.coalesce_rows, self.max_elements // max(1, math.prod(x.shape[1:])))  # rows in one call
+        if deadline_ms is not None or len(x) >= most:
             return await self._call(x, ids, width, deadline_ms, timeout_s)
         if key not in self._in_flight:
             self._in_flight.add(key)
@@ -172,7 +177,7 @@ class Shard:
         batch = self._waiting.get(key)
         if batch is None:
             batch = self._waiting[key] = _Batch()
-        elif batch.rows + len(x) > self.coalesce_rows:  # the next call is full: this one goes alone
+        elif batch.rows + len(x) > most:  # the next call is full: this one goes alone
             return await self._call(x, ids, width, None, timeout_s)
         offset = batch.add(x)
         try:  # within timeout_s of this request's arrival; cancelled, it leaves the call to the others

@@ -35,7 +35,8 @@ def manifest_digest(engine: Engine) -> str:
 
 @router.get("/info")
 async def info(request: Request) -> dict[str, object]:
-    """The bundle's digest and, per module served here: [id, status, breaker, calls, failures]."""
+    """The bundle's digest; per module served here, [id, status, breaker, calls, failures]; and the
+    most numbers a partial request may hold."""
     engine = get_engine(request)
     served = [m for m in engine.modules if m.status != "elsewhere"]
     return {
@@ -43,6 +44,7 @@ async def info(request: Request) -> dict[str, object]:
         "digest": manifest_digest(engine),
         "modules": [[m.id, m.status, m.breaker, m.calls, m.failures] for m in served],
         "in_rotation": engine.in_rotation(),
+        "max_elements": get_settings(request).max_elements,
     }
 
 
