@@ -12,8 +12,9 @@ refuses, resets, stalls past its timeout or answers garbage are failed (`shard_u
 no planned module answered, the next modules of the order on live shards answer instead, so
 that the gateway answers while one shard is up. A shard's 4xx (inputs that overflow every module
 it ran) costs the request those modules and leaves the shard in rotation; refused everywhere,
-the request is a 422. A module on several shards (a replica) is
-asked of the first that is up. The gateway runs no module itself: no ONNX Runtime, no torch.
+the request is a 422. A module on several shards (a replica) is asked of the first that is up,
+and of the next within the same request if that one fails. The gateway runs no module itself: no
+ONNX Runtime, no torch.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Mapping, Sequence
+from dataclasses import replace
 from typing import Any
 
 import httpx2 as httpx
@@ -127,6 +129,10 @@ class Gateway:
             s for s in self.shards if not s.up and j in s.states
         ]
 
+    def _replica_up(self, j: int) -> bool:
+        servers = self._servers(j)
+        return bool(servers) and servers[0].up
+
     def _plannable(self) -> frozenset[int]:
         """Every module but those that live shards serve and keep out of rotation (quarantined, breaker
         open): as one server plans. A module whose shards are all down stays planned, and fails."""
@@ -188,6 +194,12 @@ class Gateway:
         plan = self._plan().plan(c, options.budget, options.drop, options.seed)
         deadline = None if options.deadline_ms is None else t0 + options.deadline_ms / 1e3
         parts, failed, refused = await self._ask(x, plan.selected, deadline)
+        turned_away = {j for r in refused for j in r.ids}
+        if again := [f.id for f in failed if f.id not in turned_away and self._replica_up(f.id)]:
+            # their shard failed and is down now: a replica on another live shard answers for them
+            more, more_failed, more_refused = await self._ask(x, again, deadline)
+            parts, refused = parts + more, refused + more_refused
+            failed = [f for f in failed if f.id not in set(again)] + more_failed
         used = [j for p in parts for j in p.used]
         if not used and plan.selected and not refused:
             # every planned module's shard failed: the next modules of the order on live shards answer
@@ -242,7 +254,7 @@ class Gateway:
             if isinstance(answer, ShardFailure):
                 failed += answer.failed(group)
                 if answer.refused:
-                    refused.append(answer)
+                    refused.append(replace(answer, ids=group))
             elif isinstance(answer, BaseException):
                 log.exception("asking shard %s failed", shard.url, exc_info=answer)
                 failed += ShardFailure("shard_error", f"shard {shard.url}: {type(answer).__name__}").failed(group)

@@ -13,7 +13,7 @@ import asyncio
 import logging
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import get_args
 
 import httpx2 as httpx
@@ -61,6 +61,7 @@ class ShardFailure(Exception):
     kind: FailureKind
     reason: str
     refused: bool = False  # the shard refused these inputs (a 4xx): the request's fault, not the shard's
+    ids: list[int] = field(default_factory=list)  # the modules it cost, where that is known
 
     def failed(self, ids: list[int]) -> list[FailedModule]:
         return [FailedModule(j, self.reason, self.kind) for j in ids]

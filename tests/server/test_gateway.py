@@ -51,6 +51,16 @@ class Stalled(httpx.AsyncBaseTransport):
         raise AssertionError("unreachable")
 
 
+class Switch(httpx.AsyncBaseTransport):
+    """Another transport, which a test may swap for a third."""
+
+    def __init__(self, to: httpx.AsyncBaseTransport) -> None:
+        self.to = to
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        return await self.to.handle_async_request(request)
+
+
 class Garbage(httpx.AsyncBaseTransport):
     """Answers health checks as the real shard does, and partial answers with nonsense."""
 
@@ -131,6 +141,32 @@ def test_when_every_planned_module_is_lost_the_next_on_live_shards_answer(shard_
     transports[URLS[down]] = Down()
     _, got = _predict(transports, x, budget=1)
     assert [f.id for f in got.failed] == [first] and len(got.used) == 1 and got.used[0] // 20 != down
+
+
+def test_a_replica_answers_for_a_shard_that_fails_within_the_same_request(
+    shard_apps, bundle_dir: Path, whole: Engine, test_images
+):
+    x = test_images[0][:4]
+    replica = Engine.load(bundle_dir, device="cpu", modules=range(20, 40))
+    try:
+        urls = [*URLS, "http://replica"]
+        second = Switch(httpx.ASGITransport(app=shard_apps[1]))
+        transports = _transports(shard_apps, second)
+        transports[urls[2]] = httpx.ASGITransport(app=create_app(Settings(bundle=bundle_dir), engine=replica))
+
+        async def run():
+            gateway = await Gateway.connect(urls, transports=transports, wait_s=0)
+            try:
+                second.to = Down()  # it fails after the gateway found it up
+                return gateway, await gateway.predict_async(x, PredictOptions(budget=40))
+            finally:
+                await gateway.aclose()
+
+        gateway, got = asyncio.run(run())
+    finally:
+        replica.close()
+    assert not gateway.shards[1].up and not got.failed and not got.degraded and len(got.used) == 40
+    np.testing.assert_allclose(got.probabilities, whole.predict(x, budget=40).probabilities, rtol=0, atol=1e-5)
 
 
 def test_a_garbage_answer_is_the_shards_error(shard_apps, test_images):
