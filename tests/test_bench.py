@@ -3,6 +3,7 @@ benchmarks, and a test that times them would only measure this machine's noise).
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -62,3 +63,23 @@ def test_chaos_load_loses_nothing_and_flags_every_degraded_answer(bundle_dir: Pa
 def test_memory_bench_measures_the_largest_bodies_and_sees_the_limits_hold(bundle_dir: Path):
     out = _run("bench/memory.py", "--bundle", str(bundle_dir), "--concurrency", "2")
     assert "peak_rss_burst_mib" in out and out.rstrip().endswith("PASS"), out[-2000:]
+
+
+def test_distributed_bench_counts_bk_floats_against_every_parameter_for_ddp(data_dir: Path):
+    out = _run("bench/distributed.py", "--only", "mlp", "--steps", "2", "--warmup", "1", "--rounds", "1")
+    rows = {tuple(line.split()[:2]): line.split() for line in out.splitlines() if line.startswith("  ")}
+    # 256-M-4-H at B = 100: 1,000 floats a step against 256 x (784·4 + 4 + 4·10 + 10) parameters
+    assert rows[("module-parallel", "2")][2] == "1,000" and rows[("ddp", "2")][2] == "816,640"
+    assert "DDP sends 817x the floats of module-parallel per step" in out
+    assert out.strip().splitlines()[-1].split()[0] == "64"  # the model reaches 64 nodes
+
+
+def test_shard_chaos_loses_nothing_and_the_outage_answers_are_the_sub_ensembles(bundle_dir: Path, data_dir: Path):
+    out = _run("bench/shard_chaos.py", "--bundle", str(bundle_dir), "--shards", "3", "--clients", "4",
+               "--phase-s", "1.5", "--shard-timeout-ms", "500", "--health-interval-s", "0.2")  # fmt: skip
+    rows = [line.split("|")[1:-1] for line in out.splitlines() if line.startswith("| ") and "---" not in line]
+    phases = {r[0].strip(): r for r in rows if r[0].strip() in ("all up", "2 killed", "3 stopped")}
+    assert all(int(r[3]) == 0 and int(r[4]) == 0 for r in phases.values())  # no 5xx, nothing lost
+    assert int(phases["2 killed"][5]) > 0 and int(phases["3 stopped"][5]) > 0  # the outages degraded answers
+    served, offline = (float(v) for v in re.findall(r"served (\d\.\d+), the same modules offline (\d\.\d+)", out)[0])
+    assert served == offline

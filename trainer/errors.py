@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from quorum.core.errors import DataError, QuorumError
 
-__all__ = ["ConfigError", "DataError", "RunDirError", "TrainerError"]
+__all__ = ["ConfigError", "DataError", "PeerLost", "RunDirError", "TrainerError"]
 
 
 class TrainerError(QuorumError):
@@ -17,3 +17,7 @@ class ConfigError(TrainerError, ValueError):
 
 class RunDirError(TrainerError):
     """The run directory is in a state that the requested action cannot use."""
+
+
+class PeerLost(TrainerError):
+    """Module-parallel training: a collective failed because another rank died or stopped answering."""

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import logging
 import math
-import statistics
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -32,19 +31,25 @@ from tqdm.auto import tqdm
 from quorum.trainer.checkpoint import append_jsonl, atomic_torch_save, load_checkpoint, read_jsonl, write_jsonl
 from quorum.trainer.config import TrainConfig
 from quorum.trainer.data import Splits, augment, load_dataset
-from quorum.trainer.diagnostics import check_dominance, oracle_accuracy
 from quorum.trainer.errors import ConfigError, RunDirError, TrainerError
-from quorum.trainer.evaluate import evaluate_outputs, module_logits
+from quorum.trainer.evaluate import EvalResult, module_logits
 from quorum.trainer.loss import mcl_loss, modular_loss
 from quorum.trainer.models import Ensemble, create, takes_images
+from quorum.trainer.records import epoch_record, log_epoch
 
 __all__ = [
     "TrainResult",
     "autocast_dtype",
     "build_model",
+    "check_finite",
+    "commit_epoch",
+    "initial_model",
     "load_data",
     "loss_for_epoch",
+    "make_optimizer",
+    "prepare_run_dir",
     "resolve_device",
+    "run_metadata",
     "settle_staged_best",
     "train",
     "train_epoch",
@@ -72,8 +77,31 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def build_model(cfg: TrainConfig, in_shape: tuple[int, ...], num_classes: int) -> Ensemble:
-    return create(cfg.arch, num_modules=cfg.modules, in_shape=in_shape, num_classes=num_classes, **cfg.arch_params())
+def build_model(
+    cfg: TrainConfig, in_shape: tuple[int, ...], num_classes: int, num_modules: int | None = None
+) -> Ensemble:
+    """The run's architecture with `num_modules` modules (default: the run's M), freshly initialized."""
+    M = cfg.modules if num_modules is None else num_modules
+    return create(cfg.arch, num_modules=M, in_shape=in_shape, num_classes=num_classes, **cfg.arch_params())
+
+
+def initial_model(cfg: TrainConfig, data: Splits, in_shape: tuple[int, ...]) -> Ensemble:
+    """The run's ensemble before training, on the CPU: the same weights for every λ of a seed, and on every rank."""
+    torch.manual_seed(cfg.seed)
+    model = build_model(cfg, in_shape, data.num_outputs)
+    if (eta0 := cfg.task.initial_eta(data.train.y)) is not None:  # e.g. counts: exp(eta) far off diverges at once
+        bias = model.get_parameter("b2")  # the MLP's output biases (M, D); non-class targets train MLPs only
+        with torch.no_grad():
+            bias.copy_(eta0.expand_as(bias))
+    return model
+
+
+def make_optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.SGD:
+    """SGD over `model`'s parameters (the whole ensemble, or one rank's block of it)."""
+    # The loss's gradients carry 1/M (eq. 8) and the default rate M: weight decay as for one module alone.
+    return torch.optim.SGD(
+        model.parameters(), lr=cfg.learning_rate, momentum=cfg.momentum, weight_decay=cfg.weight_decay / cfg.modules
+    )
 
 
 def load_data(cfg: TrainConfig, data_dir: str | None = None) -> tuple[Splits, tuple[int, ...]]:
@@ -127,13 +155,17 @@ def train_epoch(
     autocast: torch.dtype | None = None,
     scaler: torch.amp.GradScaler | None = None,
     log_every: int = 50,
+    sync_grads: Callable[[], None] | None = None,
+    reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> float:
     """One pass over (x, y) in minibatches shuffled by `generator`; the mean training loss.
 
     The loss is accumulated on the device and read only every `log_every` steps, for the
     progress bar, and at the end: no per-batch host sync. `augment_batches` applies the CIFAR
     flip-and-crop to each batch; `autocast` runs the forward pass in that dtype (CUDA), with
-    `scaler` for fp16.
+    `scaler` for fp16. Module-parallel training (trainer/distributed.py) passes `sync_grads`,
+    run between backward and step (a TreeNet trunk's gradient), and `reduce`, which sums this
+    rank's share of the loss over the ranks (at the same steps on every rank).
     """
     model.train()
     n = len(y)
@@ -153,30 +185,38 @@ def train_epoch(
             scaler.update()
         else:
             loss.backward()
+            if sync_grads is not None:
+                sync_grads()
             opt.step()
         loss_sum += loss.detach() * idx.numel()
         if (i + 1) % log_every == 0 or i + 1 == steps:
+            total = loss_sum if reduce is None else reduce(loss_sum)  # a collective: every rank, same steps
             bar.update((i + 1) - bar.n)
             if progress:
-                bar.set_postfix(loss=f"{float(loss_sum) / min(n, (i + 1) * batch_size):.4f}")
+                bar.set_postfix(loss=f"{float(total) / min(n, (i + 1) * batch_size):.4f}")
     bar.close()
-    return float(loss_sum) / n
+    return float(total) / n
 
 
-def _prepare_run_dir(cfg: TrainConfig, out_dir: Path, resume: bool) -> dict[str, Any] | None:
-    """Check the run directory against the request; return the resume state, if any."""
+def prepare_run_dir(cfg: TrainConfig, out_dir: Path, resume: bool) -> dict[str, Any] | None:
+    """Check the run directory against the request; return the resume state, if any, having
+    dropped the metrics of epochs that no checkpoint committed."""
     config_path, last_path = out_dir / "config.json", out_dir / LAST
+    state = None
     if not resume:
         if config_path.exists():
             raise RunDirError(f"{out_dir} already holds a run; pass --resume to continue it, or choose another --out")
         out_dir.mkdir(parents=True, exist_ok=True)
         cfg.save(config_path)
-        return None
-    if not config_path.exists():
-        raise RunDirError(f"--resume: {out_dir} holds no run (no config.json); drop --resume to start one")
-    cfg.save(config_path)  # records extended --epochs
-    state = load_checkpoint(last_path) if last_path.exists() else None  # None: killed before its first epoch
-    settle_staged_best(out_dir, state)
+    else:
+        if not config_path.exists():
+            raise RunDirError(f"--resume: {out_dir} holds no run (no config.json); drop --resume to start one")
+        cfg.save(config_path)  # records extended --epochs
+        state = load_checkpoint(last_path) if last_path.exists() else None  # None: killed before its first epoch
+        settle_staged_best(out_dir, state)
+    # Lines past the checkpoint belong to an epoch whose checkpoint never landed.
+    metrics_path = out_dir / "metrics.jsonl"
+    write_jsonl([r for r in read_jsonl(metrics_path) if r["epoch"] <= (state["epoch"] if state else 0)], metrics_path)
     return state
 
 
@@ -193,28 +233,87 @@ def settle_staged_best(out_dir: Path, state: dict[str, Any] | None) -> None:
         staged.unlink()
 
 
+def run_metadata(cfg: TrainConfig, data: Splits, in_shape: tuple[int, ...]) -> dict[str, Any]:
+    """What every checkpoint carries besides weights: enough to load and export the run."""
+    return {
+        "config": cfg.to_dict(),
+        "norm": asdict(data.norm),
+        "class_names": list(data.class_names),
+        "in_shape": list(in_shape),
+        "task": data.task,
+        "target_names": list(data.target_names),
+        "target_shift": list(data.target_shift),
+        "target_scale": list(data.target_scale),
+    }
+
+
+def check_finite(train_loss: float, epoch: int, cfg: TrainConfig, best_epoch: int) -> None:
+    """Stop a diverged run, saying what to change."""
+    if not math.isfinite(train_loss):
+        kept_note = f" best.pt still holds epoch {best_epoch}." if best_epoch else ""
+        raise TrainerError(
+            f"training diverged in epoch {epoch + 1} (loss {train_loss}); start a new run with a lower --lr "
+            f"(this one used {cfg.learning_rate:g}).{kept_note}"
+        )
+
+
+def commit_epoch(
+    out_dir: Path,
+    meta: dict[str, Any],
+    record: dict[str, Any],
+    ev: EvalResult,
+    model_state: dict[str, Any],
+    opt_state: dict[str, Any],
+    *,
+    improved: bool,
+    best_epoch: int,
+    best_val: float,
+) -> None:
+    """Write an epoch's files in the commit order of the module docstring: staged best (if
+    `improved`), metrics line, last.pt (the commit point), then the staged best promoted."""
+    epoch = record["epoch"]
+    if improved:
+        atomic_torch_save(  # staged: it becomes best.pt once last.pt has committed the epoch
+            {
+                **meta,
+                "model": model_state,
+                "epoch": epoch,
+                "val_error": ev.ensemble_error,
+                "module_val_errors": ev.module_errors.tolist(),
+            },
+            out_dir / BEST_NEXT,
+        )
+    append_jsonl(record, out_dir / "metrics.jsonl")
+    atomic_torch_save(  # the commit point of the epoch
+        {
+            **meta,
+            "model": model_state,
+            "optimizer": opt_state,
+            "epoch": epoch,
+            "best_epoch": best_epoch,
+            "best_val_error": best_val,
+        },
+        out_dir / LAST,
+    )
+    if improved:
+        (out_dir / BEST_NEXT).replace(out_dir / BEST)
+
+
 def train(cfg: TrainConfig, out_dir: str | Path, *, resume: bool = False, progress: bool = True) -> TrainResult:
-    """Train (or resume) the run in `out_dir`. See the module docstring."""
+    """Train (or resume) the run in `out_dir` in this process. See the module docstring; under
+    torchrun, `quorum.trainer.distributed.train_distributed` trains the same run over several."""
     out_dir = Path(out_dir)
     device = resolve_device(cfg.device)
     autocast = autocast_dtype(cfg, device)  # refuses fp16 on the CPU before anything is written
-    state = _prepare_run_dir(cfg, out_dir, resume)
+    state = prepare_run_dir(cfg, out_dir, resume)
     data, in_shape = load_data(cfg)
 
-    torch.manual_seed(cfg.seed)  # the same init for every lambda of a seed
-    model = build_model(cfg, in_shape, data.num_outputs).to(device)
-    if (eta0 := cfg.task.initial_eta(data.train.y)) is not None:  # e.g. counts: exp(eta) far off diverges at once
-        bias = model.get_parameter("b2")  # the MLP's output biases (M, D); non-class targets train MLPs only
-        with torch.no_grad():
-            bias.copy_(eta0.expand_as(bias))
+    model = initial_model(cfg, data, in_shape).to(device)
     if len(in_shape) == 3:
         # Grouped convolutions run several times faster channels-last, on cuDNN and on the CPU
         # alike (docs/RESULTS.md, "Channels-last").
         model = model.to(memory_format=torch.channels_last)
-    # The loss's gradients carry 1/M (eq. 8) and the default rate M: weight decay as for one module alone.
-    opt = torch.optim.SGD(
-        model.parameters(), lr=cfg.learning_rate, momentum=cfg.momentum, weight_decay=cfg.weight_decay / cfg.modules
-    )
+    opt = make_optimizer(cfg, model)
     scaler = torch.amp.GradScaler("cuda") if autocast == torch.float16 else None
 
     start_epoch, best_epoch, best_val = 0, 0, math.inf
@@ -229,23 +328,10 @@ def train(cfg: TrainConfig, out_dir: str | Path, *, resume: bool = False, progre
             best_epoch,
             best_val,
         )
-    metrics_path = out_dir / "metrics.jsonl"
-    # Lines past the checkpoint belong to an epoch whose checkpoint never landed.
-    kept = [r for r in read_jsonl(metrics_path) if r["epoch"] <= start_epoch]
-    write_jsonl(kept, metrics_path)
 
     x_train, y_train = data.train.x.to(device, non_blocking=True), data.train.y.to(device, non_blocking=True)
     x_val, y_val = data.val.x.to(device, non_blocking=True), data.val.y.to(device, non_blocking=True)
-    meta = {
-        "config": cfg.to_dict(),
-        "norm": asdict(data.norm),
-        "class_names": list(data.class_names),
-        "in_shape": list(in_shape),
-        "task": data.task,
-        "target_names": list(data.target_names),
-        "target_shift": list(data.target_shift),
-        "target_scale": list(data.target_scale),
-    }
+    meta = run_metadata(cfg, data, in_shape)
 
     stopped_early = False
     epochs = tqdm(
@@ -275,80 +361,26 @@ def train(cfg: TrainConfig, out_dir: str | Path, *, resume: bool = False, progre
             scaler=scaler,
             log_every=cfg.log_every,
         )
-        if not math.isfinite(train_loss):
-            kept_note = f" best.pt still holds epoch {best_epoch}." if best_epoch else ""
-            raise TrainerError(
-                f"training diverged in epoch {epoch + 1} (loss {train_loss}); start a new run with a lower --lr "
-                f"(this one used {cfg.learning_rate:g}).{kept_note}"
-            )
+        check_finite(train_loss, epoch, cfg, best_epoch)
 
-        val_logits = module_logits(model, x_val)
-        ev = evaluate_outputs(val_logits, y_val, cfg.task, data.target_scale)
-        classes = cfg.task.has_classes
-        module_errors = ev.module_errors.tolist()  # (M,)
-        record: dict[str, Any] = {
-            "epoch": epoch + 1,
-            "train_loss": train_loss,
-            "val_error": ev.ensemble_error,
-            "val_nll": ev.ensemble_nll,
-            "val_module_error_mean": float(ev.module_errors.mean()),
-            "val_module_error_min": float(ev.module_errors.min()),
-            "val_module_error_max": float(ev.module_errors.max()),
-            "val_module_error_median": round(statistics.median(module_errors), 5),
-            "val_module_errors": [round(x, 5) for x in module_errors],
-            # Lee et al.: some module is right
-            **({"val_oracle_accuracy": oracle_accuracy(val_logits, y_val)} if classes else {}),
-            "lr": cfg.learning_rate,
-            "seconds": round(time.perf_counter() - t0, 3),
-        }
-        # The dominance rule's thresholds are error rates: classification only.
-        dominance = check_dominance(epoch + 1, module_errors, ev.ensemble_error, cfg.dominance_epoch if classes else 0)
-        if dominance is not None:
-            record["dominance"] = dominance.to_dict()
-            (log.warning if dominance.warning else log.info)(dominance.message(cfg.lam))
-        # What best.pt keeps: the lowest validation error; for MCL, which trains the oracle
-        # (some module right, Lee et al.), the lowest oracle error.
-        score = 1.0 - record["val_oracle_accuracy"] if cfg.loss == "mcl" else ev.ensemble_error
+        val_logits = module_logits(model, x_val)  # (N, M, K)
+        record, ev, score = epoch_record(cfg, epoch, train_loss, val_logits, y_val, data.target_scale, t0)
         improved = score < best_val
         if improved:
             best_val, best_epoch = score, epoch + 1
-            atomic_torch_save(  # staged: it becomes best.pt once last.pt has committed the epoch
-                {
-                    **meta,
-                    "model": model.state_dict(),
-                    "epoch": epoch + 1,
-                    "val_error": ev.ensemble_error,
-                    "module_val_errors": ev.module_errors.tolist(),
-                },
-                out_dir / BEST_NEXT,
-            )
-        append_jsonl(record, metrics_path)
-        atomic_torch_save(  # the commit point of the epoch
-            {
-                **meta,
-                "model": model.state_dict(),
-                "optimizer": opt.state_dict(),
-                "epoch": epoch + 1,
-                "best_epoch": best_epoch,
-                "best_val_error": best_val,
-            },
-            out_dir / LAST,
-        )
-        if improved:
-            (out_dir / BEST_NEXT).replace(out_dir / BEST)
+        commit_epoch(
+            out_dir, meta, record, ev, model.state_dict(), opt.state_dict(),
+            improved=improved, best_epoch=best_epoch, best_val=best_val,
+        )  # fmt: skip
         epochs.set_postfix(
             loss=f"{train_loss:.4f}", val_err=f"{ev.ensemble_error:.4f}", best=f"{best_val:.4f}@{best_epoch}"
         )
         if not progress:
-            log.info(
-                "epoch %d/%d: loss %.4f, val error %.4f (modules %.3f-%.3f, mean %.3f), %.1f s",
-                epoch + 1, cfg.epochs, train_loss, ev.ensemble_error, record["val_module_error_min"],
-                record["val_module_error_max"], record["val_module_error_mean"], record["seconds"],
-            )  # fmt: skip
+            log_epoch(cfg, record)
         if cfg.patience is not None and epoch + 1 - best_epoch >= cfg.patience:
             stopped_early = True
             log.info("no better validation error for %d epochs: stopping early", cfg.patience)
             break
 
-    done = read_jsonl(metrics_path)
+    done = read_jsonl(out_dir / "metrics.jsonl")
     return TrainResult(out_dir, len(done), best_epoch, best_val, stopped_early)

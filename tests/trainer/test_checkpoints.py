@@ -120,6 +120,7 @@ def test_a_damaged_line_before_the_last_is_an_error(tmp_path: Path):
         read_jsonl(path)
 
 
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol:UserWarning")  # the hostile file's own pickle
 def test_a_checkpoint_that_holds_code_is_refused(tmp_path: Path):
     class Payload:
         def __reduce__(self):
