@@ -47,7 +47,7 @@ typecheck: $(STAMP)
 	$(BIN)/mypy
 
 pytest: setup
-	$(BIN)/pytest
+	$(BIN)/pytest --durations=15
 
 test-fast: setup
 	$(BIN)/pytest -m "not slow"
