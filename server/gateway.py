@@ -64,6 +64,8 @@ class Gateway:
         self._digest: str | None = next((s.digest for s in self.shards if s.digest), None)
         self._planner: Planner | None = None
         self._planned_at: tuple[int, ...] = ()
+        self._routes: dict[int, list[Shard]] = {}
+        self._routed_at: tuple[int, ...] | None = None
         self._task: asyncio.Task[None] | None = None
 
     @classmethod
@@ -125,9 +127,15 @@ class Gateway:
 
     def _servers(self, j: int) -> list[Shard]:
         """The shards that serve module j, the live ones that run it first."""
-        return [s for s in self.shards if s.up and j in s.in_rotation] + [
-            s for s in self.shards if not s.up and j in s.states
-        ]
+        version = tuple(s.version for s in self.shards)
+        if version != self._routed_at:  # rebuilt only when a shard goes down or up, or its modules change
+            self._routes = {
+                m: [s for s in self.shards if s.up and m in s.in_rotation]
+                + [s for s in self.shards if not s.up and m in s.states]
+                for m in range(self.num_modules)
+            }
+            self._routed_at = version
+        return self._routes[j]
 
     def _replica_up(self, j: int) -> bool:
         servers = self._servers(j)

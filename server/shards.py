@@ -115,7 +115,7 @@ class Shard:
         self.states: dict[int, ModuleRow] = {}  # id -> (id, status, breaker, calls, failures)
         self.changed_at = time.monotonic()  # when `up` last changed
         self.last_error: str | None = None
-        self.version = 0  # changes whenever `up` or the modules in rotation may have changed
+        self.version = 0  # changes whenever `up`, the modules served or those in rotation change
 
     def _set_up(self, up: bool, why: str | None = None) -> None:
         if up != self.up:
@@ -137,12 +137,12 @@ class Shard:
                 self._set_up(False, f"serves another bundle (digest {str(info.get('digest'))[:12]}…)")
                 return
             self.digest = info["digest"]
-            self.states = {row[0]: row for row in map(_module_row, info["modules"])}
-            self.served = sorted(self.states)
-            self.max_elements = int(info.get("max_elements", self.max_elements))
+            states = {row[0]: row for row in map(_module_row, info["modules"])}
             in_rotation = {int(j) for j in info["in_rotation"]}
-            if in_rotation != self.in_rotation:
-                self.in_rotation, self.version = in_rotation, self.version + 1
+            if in_rotation != self.in_rotation or states.keys() != self.states.keys():
+                self.version += 1
+            self.states, self.served, self.in_rotation = states, sorted(states), in_rotation
+            self.max_elements = int(info.get("max_elements", self.max_elements))
         except (httpx.HTTPError, TimeoutError, ValueError, KeyError, TypeError) as e:
             self._set_up(False, f"health check: {type(e).__name__}: {str(e)[:200]}")
             return
