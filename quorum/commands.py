@@ -84,21 +84,18 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _given(args: argparse.Namespace, names: tuple[str, ...]) -> dict[str, Any]:
+    """The options among `names` given on the command line: the others keep their settings' defaults
+    (or QUORUM_* environment variables)."""
+    return {name: getattr(args, name) for name in names if getattr(args, name) is not None}
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from quorum.server.main import serve
     from quorum.server.settings import Settings
 
-    given = {
-        "host": args.host,
-        "port": args.port,
-        "device": args.device,
-        "executor": args.executor,
-        "module_timeout_ms": args.module_timeout_ms,
-        "modules": args.modules,
-        "shard": args.shard,
-    }
-    overrides = {k: v for k, v in given.items() if v is not None}
-    serve(Settings(bundle=args.bundle, **overrides))
+    names = ("host", "port", "device", "executor", "module_timeout_ms", "modules", "shard")
+    serve(Settings(bundle=args.bundle, **_given(args, names)))
     return 0
 
 
@@ -106,14 +103,8 @@ def cmd_gateway(args: argparse.Namespace) -> int:
     from quorum.server.main import serve_gateway
     from quorum.server.settings import GatewaySettings
 
-    given = {
-        "host": args.host,
-        "port": args.port,
-        "shard_timeout_ms": args.shard_timeout_ms,
-        "health_interval_s": args.health_interval_s,
-        "coalesce_rows": args.coalesce_rows,
-    }
-    serve_gateway(GatewaySettings(shards=args.shard, **{k: v for k, v in given.items() if v is not None}))
+    names = ("host", "port", "shard_timeout_ms", "health_interval_s", "coalesce_rows")
+    serve_gateway(GatewaySettings(shards=args.shard, **_given(args, names)))
     return 0
 
 

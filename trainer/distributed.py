@@ -32,7 +32,6 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from tqdm.auto import tqdm
 
 from quorum.trainer.blocks import block_of, join_optimizer_states, join_states, module_rows, slice_optimizer_state
 from quorum.trainer.config import TrainConfig
@@ -46,6 +45,8 @@ from quorum.trainer.train import (
     build_model,
     check_finite,
     commit_epoch,
+    epoch_bar,
+    epoch_generator,
     initial_model,
     load_data,
     make_optimizer,
@@ -216,17 +217,10 @@ def _train(
     meta = run_metadata(cfg, data, in_shape)
 
     stopped_early, epochs_done = False, start_epoch
-    epochs = tqdm(
-        range(start_epoch, cfg.epochs),
-        desc=f"{cfg.name} lam={cfg.lam} x{launch.world_size}",
-        unit="epoch",
-        disable=not progress,
-        initial=start_epoch,
-        total=cfg.epochs,
-    )
+    epochs = epoch_bar(cfg, start_epoch, progress, f" x{launch.world_size}")
     for epoch in epochs:
         t0 = time.perf_counter()
-        gen = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)  # the same batches on every rank
+        gen = epoch_generator(cfg, epoch)  # the same batches on every rank
         train_loss = train_epoch(
             model,
             opt,

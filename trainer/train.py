@@ -43,6 +43,8 @@ __all__ = [
     "build_model",
     "check_finite",
     "commit_epoch",
+    "epoch_bar",
+    "epoch_generator",
     "initial_model",
     "load_data",
     "loss_for_epoch",
@@ -299,6 +301,24 @@ def commit_epoch(
         (out_dir / BEST_NEXT).replace(out_dir / BEST)
 
 
+def epoch_generator(cfg: TrainConfig, epoch: int) -> torch.Generator:
+    """The shuffle of 0-based `epoch`, from (seed, epoch) alone: a resumed run, and every rank of a
+    module-parallel one, sees the same batches."""
+    return torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)
+
+
+def epoch_bar(cfg: TrainConfig, start_epoch: int, progress: bool, note: str = "") -> tqdm[int]:
+    """The epochs left to train, as a progress bar (off unless `progress`)."""
+    return tqdm(
+        range(start_epoch, cfg.epochs),
+        desc=f"{cfg.name} lam={cfg.lam}{note}",
+        unit="epoch",
+        disable=not progress,
+        initial=start_epoch,
+        total=cfg.epochs,
+    )
+
+
 def train(cfg: TrainConfig, out_dir: str | Path, *, resume: bool = False, progress: bool = True) -> TrainResult:
     """Train (or resume) the run in `out_dir` in this process. See the module docstring; under
     torchrun, `quorum.trainer.distributed.train_distributed` trains the same run over several."""
@@ -334,18 +354,10 @@ def train(cfg: TrainConfig, out_dir: str | Path, *, resume: bool = False, progre
     meta = run_metadata(cfg, data, in_shape)
 
     stopped_early = False
-    epochs = tqdm(
-        range(start_epoch, cfg.epochs),
-        desc=f"{cfg.name} lam={cfg.lam}",
-        unit="epoch",
-        disable=not progress,
-        initial=start_epoch,
-        total=cfg.epochs,
-    )
+    epochs = epoch_bar(cfg, start_epoch, progress)
     for epoch in epochs:
         t0 = time.perf_counter()
-        # Shuffle from (seed, epoch) alone, so a resumed run sees the same batches.
-        gen = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)
+        gen = epoch_generator(cfg, epoch)
         train_loss = train_epoch(
             model,
             opt,
