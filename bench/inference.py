@@ -19,8 +19,12 @@ Then the request path alone, the two interleaved without the other variants (who
 pools and sessions would crowd the caches of both):
 
   hand      what a user would write by hand: numpy normalization, the floor graph, numpy softmax
-  predict   the engine's `predict` on the packed executor; `predict/hand` is the price of the
-            engine's checks, planning, fault handling and counters
+            (at the bundle's temperature for b modules, where it has one)
+  plain     the engine's `predict` on the packed executor without the modules' disagreement
+            (`disagreement=False`): the price of the engine's checks, planning, fault handling
+            and counters
+  predict   the same with it (the default): the difference is what mutual information and vote
+            share cost
 
 Last, the packed graph at batch 64 with 1 and 2 intra-op threads, with and without spinning.
 """
@@ -99,6 +103,8 @@ def main() -> None:
 
     engines = {name: Engine.load(args.bundle, device="cpu", executor=name) for name in ("packed", "isolated")}
     packed_engine, isolated_engine = engines["packed"], engines["isolated"]
+    # the same without the modules' disagreement in its answers: what the uncertainty costs
+    plain_engine = Engine.load(args.bundle, device="cpu", executor="packed", disagreement=False)
     m = packed_engine.manifest
     order = m.anytime_order
     sessions = {
@@ -168,8 +174,11 @@ def main() -> None:
                 f"{t['predict_packed']:>14.1f} {t['predict_isolated']:>16.1f}"
             )
 
-    print("\nthe request path: predict (packed) against the hand-written path, interleaved alone (µs per call)")
-    print(f"{'batch':>5} {'budget':>6} {'hand':>7} {'predict':>8} {'predict/hand':>12}")
+    print(
+        "\nthe request path: predict (packed) against the hand-written path, interleaved alone (µs per call); "
+        "plain = predict without the modules' disagreement (mutual information, vote share)"
+    )
+    print(f"{'batch':>5} {'budget':>6} {'hand':>7} {'plain':>8} {'predict':>8} {'plain/hand':>10} {'predict/hand':>12}")
     request_path = []
     for n in args.batches:
         raw = images[:n]
@@ -179,8 +188,10 @@ def main() -> None:
                 fused_graph([protos[j] for j in ids], name_in, name_out), session_options(), providers=CPU
             )
 
-            def hand(fused=fused, raw=raw) -> np.ndarray:
-                z = fused.run([name_out], {name_in: (raw.astype(np.float32) * scale - mean) / std})[0]
+            temperature = np.float32(packed_engine.temperature(b))
+
+            def hand(fused=fused, raw=raw, temperature=temperature) -> np.ndarray:
+                z = fused.run([name_out], {name_in: (raw.astype(np.float32) * scale - mean) / std})[0] / temperature
                 e = np.exp(z - z.max(axis=-1, keepdims=True))
                 return e / e.sum(axis=-1, keepdims=True)
 
@@ -189,21 +200,31 @@ def main() -> None:
             hand()
             calls = max(3, int(args.target_ms / 1e3 / max(time.perf_counter() - once, 1e-6) / 2))
             t = median_us(
-                {"hand": hand, "predict": lambda b=b, raw=raw: packed_engine.predict(raw, budget=b)},
+                {
+                    "hand": hand,
+                    "plain": lambda b=b, raw=raw: plain_engine.predict(raw, budget=b),
+                    "predict": lambda b=b, raw=raw: packed_engine.predict(raw, budget=b),
+                },
                 3 * args.rounds,
                 calls,
             )
             ratio = round(t["predict"] / t["hand"], 2)
+            plain_ratio = round(t["plain"] / t["hand"], 2)
             request_path.append(
                 {
                     "batch": n,
                     "budget": b,
                     "hand": round(t["hand"], 1),
+                    "plain": round(t["plain"], 1),
                     "predict": round(t["predict"], 1),
+                    "plain_over_hand": plain_ratio,
                     "predict_over_hand": ratio,
                 }
             )
-            print(f"{n:>5} {b:>6} {t['hand']:>7.1f} {t['predict']:>8.1f} {ratio:>12.2f}")
+            print(
+                f"{n:>5} {b:>6} {t['hand']:>7.1f} {t['plain']:>8.1f} {t['predict']:>8.1f} {plain_ratio:>10.2f} "
+                f"{ratio:>12.2f}"
+            )
 
     print("\npacked graph: intra-op threads and spinning (µs per call)")
     sessions_by_threads = {}
@@ -229,7 +250,7 @@ def main() -> None:
         Path(args.json).write_text(
             json.dumps({"inference": rows, "request_path": request_path, "threads": threads}, indent=2) + "\n"
         )
-    for e in engines.values():
+    for e in (*engines.values(), plain_engine):
         e.close()
 
 

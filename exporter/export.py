@@ -22,6 +22,7 @@ import torch
 from tqdm.auto import tqdm
 
 from quorum.core.tasks import Task
+from quorum.exporter.confidence import fit_confidence
 from quorum.exporter.errors import ExportError
 from quorum.exporter.graphs import INPUT_NAME, OUTPUT_NAME, cpu_session, serialize
 from quorum.exporter.onnx_graphs import export_graph, export_template, with_weights
@@ -108,6 +109,9 @@ def export_run(
         ]
     )
     log.info("anytime order and %d specialists chosen in %.1f s", len(specialists), time.perf_counter() - t0)
+    t0 = time.perf_counter()
+    confidence = fit_confidence(val_logits.cpu().numpy(), data.val.y.cpu().numpy(), order) if task.has_classes else None
+    log.info("temperatures and adaptive thresholds fitted in %.1f s", time.perf_counter() - t0)
     x_parity = data.val.x[:parity_samples]
 
     M = cfg.modules
@@ -191,6 +195,7 @@ def export_run(
             specialist_criterion=SPECIALIST_CRITERION if specialists else None,
             packed=packed,
             trunk=trunk_entry,
+            confidence=confidence,
             metrics=EnsembleMetrics(
                 val_error=val.ensemble_error,
                 test_error=test.ensemble_error,

@@ -1,4 +1,4 @@
-"""The `quorum` command's arguments: train | export | pack | serve | demo | sweep | robustness |
+"""The `quorum` command's arguments: train | export | pack | serve | demo | sweep | robustness | calibration | ood |
 specialists | report. `quorum.commands` holds what each does."""
 
 from __future__ import annotations
@@ -289,6 +289,35 @@ def build_parser() -> argparse.ArgumentParser:
         "(worst trial); OP = >= > <= <",
     )
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+    p = sub.add_parser(
+        "calibration",
+        help="how well a bundle's probabilities are calibrated per budget, and adaptive against fixed budgets",
+        description="On the Fashion-MNIST test split: ECE and NLL at budgets 1, 2, 4, ..., M of the anytime order, "
+        "before and after the bundle's temperatures; then budget=auto at each fitted tolerance against fixed "
+        "budgets at the same mean number of modules. With --plot, a PNG of reliability diagrams and the "
+        "accuracy-against-modules curve. --write fits temperatures and thresholds on the run's validation split "
+        "and stores them in the manifest (for bundles exported before they existed). Needs no torch.",
+        epilog="Example: quorum calibration bundles/demo --write --plot reports/calibration.png",
+    )
+    p.add_argument("bundle", metavar="BUNDLE", help="bundle directory written by `quorum export`")
+    p.add_argument("--write", action="store_true", help="(re)fit on the validation split and store in the manifest")
+    p.add_argument("--plot", metavar="PNG", help="write reliability diagrams and the adaptive curve here")
+    p.add_argument("--limit", type=int, help="only the first N test images (quick looks)")
+    p.add_argument("--data-dir", help="Fashion-MNIST folder (default: $QUORUM_DATA_DIR or Debian's)")
+
+    p = sub.add_parser(
+        "ood",
+        help="how well each uncertainty signal tells test images from inputs the ensemble never saw",
+        description="AUROC of entropy, mutual information, vote share and top probability for the Fashion-MNIST "
+        "test split against scikit-learn's 8x8 digits scaled to 28x28, inverted test images and noised test "
+        "images, at several budgets of the anytime order. Needs no torch (scikit-learn for the digits).",
+        epilog="Example: quorum ood bundles/demo --budgets 8,256",
+    )
+    p.add_argument("bundle", metavar="BUNDLE", help="bundle directory written by `quorum export`")
+    p.add_argument("--budgets", help="comma-separated budgets (default: 1, 8, 32 and M)")
+    p.add_argument("--limit", type=int, help="only the first N test images (quick looks)")
+    p.add_argument("--data-dir", help="Fashion-MNIST folder (default: $QUORUM_DATA_DIR or Debian's)")
 
     p = sub.add_parser(
         "specialists",

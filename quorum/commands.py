@@ -182,6 +182,30 @@ def cmd_robustness(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_calibration(args: argparse.Namespace) -> int:
+    from quorum.experiments.confidence import calibration_report
+
+    report = calibration_report(args.bundle, write=args.write, plot=args.plot, data_dir=args.data_dir, limit=args.limit)
+    print(report.table())
+    if args.write:
+        print(f"wrote temperatures and adaptive thresholds to {args.bundle}/manifest.json")
+    if args.plot:
+        print(f"wrote {args.plot}")
+    return 0
+
+
+def cmd_ood(args: argparse.Namespace) -> int:
+    from quorum.experiments.confidence import format_ood, ood_report
+
+    try:
+        budgets = [int(b) for b in args.budgets.split(",")] if args.budgets else None
+    except ValueError:
+        print(f"quorum ood: --budgets must be comma-separated integers, got {args.budgets!r}", file=sys.stderr)
+        return 2
+    print(format_ood(ood_report(args.bundle, budgets=budgets, data_dir=args.data_dir, limit=args.limit)))
+    return 0
+
+
 def cmd_specialists(args: argparse.Namespace) -> int:
     from quorum.experiments.specialists import SpecialistsConfig, run_specialists
 
@@ -214,6 +238,8 @@ HANDLERS = {
     "demo": cmd_demo,
     "sweep": cmd_sweep,
     "robustness": cmd_robustness,
+    "calibration": cmd_calibration,
+    "ood": cmd_ood,
     "specialists": cmd_specialists,
     "report": cmd_report,
 }

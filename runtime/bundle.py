@@ -23,7 +23,7 @@ import onnxruntime as ort
 from quorum.runtime.errors import BundleError
 from quorum.runtime.executors import IsolatedExecutor
 from quorum.runtime.manifest import PARITY_ATOL, PARITY_RTOL, Manifest, ModuleEntry, probe_input
-from quorum.runtime.packed import PackedExecutor
+from quorum.runtime.packed import PackedExecutor, expose_hidden
 from quorum.runtime.providers import CUDA, requested_providers, session_options
 from quorum.runtime.stats import ModuleState
 
@@ -228,8 +228,11 @@ def _load_packed(
         raise _Quarantine("the bundle has no packed graph (`quorum pack BUNDLE` adds one to a bundle of MLP modules)")
     data = _verified(bundle_dir, entry.file, entry.sha256)
     try:
+        data, initializers = expose_hidden(data)  # verified bytes, one output added: the members' hidden units
         session = ort.InferenceSession(data, opts, providers=providers)
         packed = PackedExecutor(session, manifest.input.name, entry.index_input, manifest.output.name)
+        if {"W2t", "B2"} <= initializers.keys():
+            packed.expose_members(initializers["W2t"], initializers["B2"])
         # The module files are the unit of verification: the packed graph must answer for
         # every healthy module what its file answers.
         for j, expected in probe_logits.items():
@@ -258,7 +261,7 @@ def _load_core(
     if entry is None or entry.core_file is None or not entry.weights or cache_bytes <= 0:
         return
     try:
-        data = _verified(bundle_dir, entry.core_file, entry.core_sha256)
+        data, _ = expose_hidden(_verified(bundle_dir, entry.core_file, entry.core_sha256))
         core = ort.InferenceSession(data, opts, providers=providers)
         index = np.arange(len(manifest.modules), dtype=np.int64)
         logits, *weights = packed.session.run(

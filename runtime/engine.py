@@ -23,10 +23,12 @@ import numpy as np
 
 from quorum.runtime.breaker import Breakers
 from quorum.runtime.bundle import Executor, LoadedBundle, load_bundle
+from quorum.runtime.confidence import DEFAULT_TOLERANCE, MemberSums, tempered_softmax
 from quorum.runtime.errors import InvalidRequest, NoModulesAvailable
 from quorum.runtime.execute import Runner
 from quorum.runtime.faults import FaultPlan
 from quorum.runtime.heads import Head, class_index, nothing_answered, specialist_index
+from quorum.runtime.manifest import AdaptiveRule
 from quorum.runtime.offline import module_logits
 from quorum.runtime.options import DEFAULT, PredictOptions
 from quorum.runtime.plan import Planner
@@ -46,7 +48,12 @@ class Engine:
     """
 
     def __init__(
-        self, bundle: LoadedBundle, *, wait_for_first: bool = False, breaker: tuple[int, float, float] = (5, 30.0, 30.0)
+        self,
+        bundle: LoadedBundle,
+        *,
+        wait_for_first: bool = False,
+        breaker: tuple[int, float, float] = (5, 30.0, 30.0),
+        disagreement: bool = True,
     ):
         self.bundle = bundle
         self.manifest = m = bundle.manifest
@@ -62,7 +69,13 @@ class Engine:
         self._stats = ModuleStats(bundle.states)
         self._planner = Planner(m.anytime_order, [s.modules for s in m.specialists], self.healthy_ids, self.breakers)
         self._runner = Runner(
-            bundle.packed, bundle.isolated, self._stats, self.breakers, m.num_classes, wait_for_first=wait_for_first
+            bundle.packed,
+            bundle.isolated,
+            self._stats,
+            self.breakers,
+            m.num_classes,
+            wait_for_first=wait_for_first,
+            members=disagreement and m.task.task.has_classes,
         )
 
     @classmethod
@@ -80,6 +93,7 @@ class Engine:
         wait_for_first: bool = False,
         breaker: tuple[int, float, float] = (5, 30.0, 30.0),
         modules: Collection[int] | None = None,
+        disagreement: bool = True,
     ) -> Engine:
         """Verify and load a bundle. Raises BundleError only when no module is healthy, or when
         `executor="packed"` is asked for and the bundle's packed graph is missing or does not verify.
@@ -102,6 +116,9 @@ class Engine:
             breaker: (failures, window_s, open_s): a module that fails `failures` times within
                 `window_s` is out of rotation for `open_s`, then tried again (0 failures: off).
             modules: serve only these module ids (a shard of the bundle; default: all).
+            disagreement: answers carry the modules' mutual information and vote share, which
+                need each module's logits (on the packed path, a second output and a small
+                product: docs/RESULTS.md measures the cost); off, only the entropy.
         """
         bundle = load_bundle(
             bundle_dir,
@@ -114,7 +131,7 @@ class Engine:
             packed_compile=packed_compile,
             modules=modules,
         )
-        return cls(bundle, wait_for_first=wait_for_first, breaker=breaker)
+        return cls(bundle, wait_for_first=wait_for_first, breaker=breaker, disagreement=disagreement)
 
     # ---------------------------------------------------------------- serving
 
@@ -135,12 +152,15 @@ class Engine:
             options = DEFAULT
         t0 = time.perf_counter()
         c = None if options.specialist is None else self._specialist_index(options.specialist)
+        rule = self._adaptive_rule(options) if options.adaptive else None
         x = self.preprocess(x_raw)
         if self.bundle.trunk is not None:
             x = self._features(x)
         faults = (
             None if self.faults is None and options.faults is None else FaultPlan.merge(self.faults, options.faults)
         )
+        if rule is not None:
+            return self._predict_adaptive(x, options, rule, faults, t0)
         plan = self._planner.plan(c, options.budget, options.drop, options.seed, faults)
         deadline_s = None
         if options.deadline_ms is not None:
@@ -161,7 +181,82 @@ class Engine:
                 self._planner.release(plan)
         if not out.used:
             raise nothing_answered(out.failed, out.unfinished, options.deadline_ms)
-        return self._head.predict(out.mean, plan, list(out.used), out.failed, out.unfinished, t0, c)
+        return self._head.predict(out.mean, plan, list(out.used), out.failed, out.unfinished, t0, c, out.members)
+
+    def _adaptive_rule(self, options: PredictOptions) -> AdaptiveRule:
+        """The exit thresholds of `options.tolerance`: the largest tolerance fitted within it."""
+        conf = self.manifest.confidence
+        if conf is None:
+            raise InvalidRequest(
+                f"bundle {self.manifest.name!r} has no adaptive thresholds; fit them with "
+                "`quorum calibration BUNDLE --write` (or re-export it), or give a budget"
+            )
+        tolerance = DEFAULT_TOLERANCE if options.tolerance is None else options.tolerance
+        fitting = [r for r in conf.rules if r.tolerance <= tolerance + 1e-12]
+        return fitting[-1] if fitting else conf.rules[0]
+
+    def _predict_adaptive(
+        self, x: np.ndarray, options: PredictOptions, rule: AdaptiveRule, faults: FaultPlan | None, t0: float
+    ) -> Prediction:
+        """budget=auto: the plan's modules in the manifest's stages; after each stage, the inputs
+        whose calibrated top probability reaches the stage's threshold leave, and the next stage
+        runs on the rest only. Under `deadline_ms`, a stage starts only while time is left."""
+        conf = self.manifest.confidence
+        assert conf is not None
+        plan = self._planner.plan(None, options.max_budget, options.drop, options.seed, faults)
+        order = plan.selected
+        stages = [s for s in conf.stages if s < len(order)] + [len(order)]
+        n, k = x.shape[0], self.manifest.num_classes
+        total = np.zeros((n, k), np.float32)
+        counts = np.zeros(n, np.int64)
+        sums: MemberSums | None = MemberSums.zeros(n, k)
+        active = np.arange(n)
+        used: list[int] = []
+        failed: list[FailedModule] = []
+        unfinished: list[int] = []
+        done = 0
+        try:
+            for s, end in enumerate(stages):
+                chunk, done = order[done:end], end
+                deadline_s = None
+                if options.deadline_ms is not None:
+                    deadline_s = options.deadline_ms / 1e3 - (time.perf_counter() - t0)
+                    if deadline_s <= 0 and used:
+                        unfinished += order[order.index(chunk[0]) :]
+                        break
+                    deadline_s = max(0.0, deadline_s)
+                xs = x if len(active) == n else x[active]
+                out = self._runner.combine(chunk, xs, cacheable=plan.cacheable, deadline_s=deadline_s, faults=faults)
+                failed += out.failed
+                unfinished += out.unfinished
+                if out.used:
+                    used += out.used
+                    total[active] += out.mean * np.float32(len(out.used))
+                    counts[active] += len(out.used)
+                    if sums is not None and out.members is not None:
+                        sums.add(out.members, active)
+                    else:
+                        sums = None
+                if out.unfinished:  # the deadline cut this stage short: no later stage starts
+                    unfinished += order[done:]
+                    break
+                if s == len(stages) - 1 or not used:
+                    continue
+                z = total[active] / counts[active, None]
+                top = tempered_softmax(z, self._head.temperatures[counts[active]]).max(axis=1)
+                active = active[top < rule.thresholds[s]]
+                if not len(active):
+                    break
+        finally:
+            if plan.trials:
+                self._planner.release(plan)
+        if not used:
+            raise nothing_answered(failed, unfinished, options.deadline_ms)
+        mean = total / np.maximum(counts, 1)[:, None]
+        result = self._head.predict(mean, plan, used, failed, unfinished, t0, None, sums, counts)
+        # fewer modules than the order holds is the point here; degraded means some did not answer
+        result.degraded = bool(failed or unfinished) or len(order) < plan.requested
+        return result
 
     def partial(self, x_raw: Any, ids: Sequence[int], *, deadline_ms: float | None = None) -> Partial:
         """The sum of the outputs of the modules `ids` (N, K), for a gateway that combines shards.
@@ -247,6 +342,10 @@ class Engine:
     def modules(self) -> list[ModuleState]:
         """A snapshot of every module's state and counters, by id."""
         return self._stats.snapshot(self.breakers)
+
+    def temperature(self, modules: int) -> float:
+        """The temperature answers of `modules` modules are calibrated with (1: none fitted)."""
+        return float(self._head.temperatures[min(max(modules, 0), self.num_modules)])
 
     @property
     def num_modules(self) -> int:

@@ -17,6 +17,7 @@ from typing import NamedTuple
 import numpy as np
 
 from quorum.runtime.breaker import Breakers
+from quorum.runtime.confidence import MemberSums
 from quorum.runtime.errors import InvalidRequest
 from quorum.runtime.executors import IsolatedExecutor, ModuleRun
 from quorum.runtime.faults import FaultPlan
@@ -46,6 +47,7 @@ class Combined(NamedTuple):
     used: list[int]
     failed: list[FailedModule]
     unfinished: list[int]  # cut off by the request's deadline (not failures)
+    members: MemberSums | None = None  # what the uncertainty needs of the used modules (None: not known)
 
 
 class Runner:
@@ -60,6 +62,7 @@ class Runner:
         num_outputs: int,
         *,
         wait_for_first: bool = False,
+        members: bool = True,
     ):
         self.packed = packed
         self.isolated = isolated
@@ -67,6 +70,7 @@ class Runner:
         self._breakers = breakers
         self._width = num_outputs
         self.wait_for_first = wait_for_first  # under a deadline, wait for the first module past it
+        self.members = members  # sum what the disagreement needs of the modules used
 
     def combine(
         self,
@@ -83,12 +87,12 @@ class Runner:
         `key`: their bytes, where the caller keeps them)."""
         if self.packed is not None and faults is None:
             if deadline_s is None:
-                mean = self._run_packed(ids, x, cacheable, index, key)
-                if mean is not None:
-                    return Combined(mean, ids, [], [])
+                answer = self._run_packed(ids, x, cacheable, index, key)
+                if answer is not None:
+                    return Combined(answer[0], ids, [], [], answer[1])
             elif (anytime := self._run_packed_anytime(ids, x, cacheable, deadline_s)) is not None:
-                mean, done = anytime
-                return Combined(mean, ids[:done], [], ids[done:])
+                mean, done, members = anytime
+                return Combined(mean, ids[:done], [], ids[done:], members)
         runs = self.isolated.run(ids, x, deadline_s=deadline_s, wait_first=self.wait_for_first, faults=faults)
         unfinished = [r.id for r in runs if r.kind == "deadline"]
         runs = self._checked([r for r in runs if r.kind != "deadline"], x.shape[0])
@@ -99,8 +103,11 @@ class Runner:
             if r.error is not None
         ]
         answers = [r.logits for r in runs if r.error is None and r.logits is not None]
-        mean = np.mean(np.stack(answers), axis=0) if answers else np.empty((x.shape[0], 0), np.float32)
-        return Combined(mean, used, failed, unfinished)
+        if not answers:
+            return Combined(np.empty((x.shape[0], 0), np.float32), used, failed, unfinished)
+        stacked = np.stack(answers)  # (b, N, K)
+        sums = MemberSums.of(stacked) if self.members else None
+        return Combined(np.mean(stacked, axis=0), used, failed, unfinished, sums)
 
     def _run_packed(
         self,
@@ -109,13 +116,17 @@ class Runner:
         cacheable: bool = False,
         index: np.ndarray | None = None,
         key: bytes | None = None,
-    ) -> np.ndarray | None:
-        """Mean logits of `ids` from the packed graph, or None when its answer is not usable."""
+    ) -> tuple[np.ndarray, MemberSums | None] | None:
+        """Mean logits of `ids` from the packed graph and the members' sums (None where the graph
+        cannot give them), or None when its answer is not usable."""
         assert self.packed is not None
         if index is None:
             index = np.array(ids, dtype=np.int64)
         try:
-            mean = self.packed.run(index, x, cacheable=cacheable, key=key)
+            if self.members:
+                mean, members = self.packed.run_members(index, x, cacheable=cacheable, key=key)
+            else:
+                mean, members = self.packed.run(index, x, cacheable=cacheable, key=key), None
             ok = mean.shape == (x.shape[0], self._width) and _finite(mean)
         except Exception as e:
             log.warning("packed graph failed (%s: %s); running the modules one by one", type(e).__name__, e)
@@ -123,37 +134,42 @@ class Runner:
         self._stats.packed_call(index)
         if ok and self._breakers.any_half_open:
             self._breakers.succeeded(ids)
-        return mean if ok else None
+        if not ok:
+            return None
+        return mean, None if members is None else MemberSums.of(members)
 
     def _run_packed_anytime(
         self, ids: list[int], x: np.ndarray, cacheable: bool, deadline_s: float
-    ) -> tuple[np.ndarray, int] | None:
+    ) -> tuple[np.ndarray, int, MemberSums | None] | None:
         """Anytime prediction on the packed path: the plan's modules in chunks of 1, 1, 2, 4, …
         (each one packed call), until the next chunk, timed by the last, would pass the deadline.
 
-        Returns the mean logits of the first `done` modules and `done`, or None when the packed
-        graph's answer is unusable. `done` is 0 when not even the first module finished in time
+        Returns the mean logits of the first `done` modules, `done` and their members' sums, or None
+        when the packed graph's answer is unusable. `done` is 0 when not even the first module finished in time
         (and the runner does not wait for the first).
         """
         t0 = time.perf_counter()
         total, done, size, per_module = None, 0, 1, 0.0
+        sums: MemberSums | None = None
         while done < len(ids):
             chunk = ids[done : done + size]
             if done and time.perf_counter() - t0 + per_module * len(chunk) > deadline_s:
                 break
             start = time.perf_counter()
-            mean = self._run_packed(chunk, x, cacheable)
-            if mean is None:
+            answer = self._run_packed(chunk, x, cacheable)
+            if answer is None:
                 return None
+            mean, members = answer
             now = time.perf_counter()
             if not done and now - t0 > deadline_s and not self.wait_for_first:
-                return np.empty((x.shape[0], 0), np.float32), 0
+                return np.empty((x.shape[0], 0), np.float32), 0, None
             per_module = (now - start) / len(chunk)
             total = mean * len(chunk) if total is None else total + mean * len(chunk)
+            sums = members if not done else None if sums is None or members is None else sums.plus(members)
             done += len(chunk)
             size = done  # chunks double the modules done so far
         assert total is not None
-        return total / done, done
+        return total / done, done, sums
 
     def _checked(self, runs: list[ModuleRun], n: int) -> list[ModuleRun]:
         """Turn a wrong shape or non-finite logits into an error, count every run, and tell the

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from quorum.runtime.confidence import MemberSums, Uncertainty, temperature_at, uncertainty
 from quorum.runtime.errors import InvalidRequest, NoModulesAvailable
 from quorum.runtime.manifest import Manifest
 from quorum.runtime.results import FailedModule, Prediction, SpecialistAnswer
@@ -34,9 +35,20 @@ class Head:
         out, width = manifest.output, manifest.num_classes
         self._scale = np.asarray(out.target_scale or [1.0] * width, np.float32)[None]  # (1, D)
         self._shift = np.asarray(out.target_shift or [0.0] * width, np.float32)[None]
+        conf = manifest.confidence
+        # the temperature of b modules, b = 1..M (index b); 1 where the bundle has none fitted
+        self.temperatures = np.ones(len(manifest.modules) + 1, np.float32)  # index b: of b modules; 0: none
+        if conf is not None:
+            b = np.arange(1, len(manifest.modules) + 1)
+            self.temperatures[1:] = temperature_at(conf.stages, conf.temperatures, b)
+        self.calibrated = conf is not None
 
-    def __call__(self, mean: np.ndarray) -> Answer:
-        """The answer from mean module outputs (N, K), which this may overwrite."""
+    def __call__(self, mean: np.ndarray, modules: int | np.ndarray = 0) -> Answer:
+        """The answer from mean module outputs (N, K) of `modules` modules (one count, or one per
+        input; 0: uncalibrated), which this may overwrite."""
+        if self.calibrated and self.task.has_classes:
+            t = self.temperatures[modules]
+            mean = mean / (t[:, None] if isinstance(t, np.ndarray) else t)
         values = self.task.combine(mean, self._scale, self._shift)
         if self.task.has_classes:
             labels = values.argmax(axis=1)
@@ -59,10 +71,19 @@ class Head:
         unfinished: list[int],
         t0: float,
         specialist: int | None,
+        members: MemberSums | None = None,
+        per_input: np.ndarray | None = None,
     ) -> Prediction:
         """The Prediction of a request planned as `plan`, from the mean outputs of the modules `used`
-        (an engine's, or a gateway's from its shards' sums); `t0`: when it arrived (perf_counter)."""
-        values, probabilities, labels, names = self(mean)
+        (an engine's, or a gateway's from its shards' sums); `t0`: when it arrived (perf_counter).
+        `members`: the used modules' sums for the disagreement; `per_input`: modules per input
+        (budget=auto), else all of `used`."""
+        counts = per_input if per_input is not None else len(used)
+        values, probabilities, labels, names = self(mean, counts)
+        spread: Uncertainty | None = None
+        if self.task.has_classes:
+            used_by = counts if isinstance(counts, np.ndarray) else np.full(len(labels), counts)
+            spread = uncertainty(probabilities, labels, members, used_by)
         return Prediction(
             task=self._manifest.task.kind,
             values=values,
@@ -79,6 +100,8 @@ class Head:
             specialist=None
             if specialist is None
             else specialist_answer(self._manifest, specialist, probabilities, labels),
+            per_input=per_input,
+            uncertainty=spread,
         )
 
 

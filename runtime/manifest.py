@@ -38,6 +38,8 @@ __all__ = [
     "PARITY_RTOL",
     "READABLE_VERSIONS",
     "SCHEMA_VERSION",
+    "AdaptiveRule",
+    "ConfidenceEntry",
     "EnsembleMetrics",
     "InputSpec",
     "Manifest",
@@ -52,8 +54,8 @@ __all__ = [
 ]
 
 FORMAT: Literal["quorum-bundle"] = "quorum-bundle"
-SCHEMA_VERSION = 3  # 2 added `trunk`, 3 `training.checkpoint` and `training.exported_epoch`
-READABLE_VERSIONS = (1, 2, 3)
+SCHEMA_VERSION = 4  # 2 added `trunk`, 3 `training.checkpoint` and `training.exported_epoch`, 4 `confidence`
+READABLE_VERSIONS = (1, 2, 3, 4)
 MANIFEST_FILE = "manifest.json"
 
 # Parity of a module graph with its reference (torch at export, the module file for the
@@ -243,6 +245,38 @@ class EnsembleMetrics(_Strict):
     test_nll: float
 
 
+class AdaptiveRule(_Strict):
+    """Exit thresholds for one tolerance: an input leaves after stage s once its calibrated top
+    probability reaches thresholds[s] (the last stage lets every input leave)."""
+
+    tolerance: float = Field(ge=0, le=1, description="Accuracy given up against the whole order, on validation.")
+    thresholds: list[float] = Field(description="One per stage but the last; 2 (above any probability): never.")
+    val_accuracy: float = Field(ge=0, le=1)
+    val_mean_modules: float = Field(ge=0, description="Modules per input on average, on the validation split.")
+
+
+class ConfidenceEntry(_Strict):
+    """Calibration and adaptive budgets, fitted on the validation split along the anytime order."""
+
+    stages: list[int] = Field(min_length=1, description="Prefix lengths of the anytime order: 1, 2, 4, ..., M.")
+    temperatures: list[float] = Field(description="Per stage length; other lengths interpolate log T in log b.")
+    signal: str = Field(description="The exit rule's confidence signal.")
+    rules: list[AdaptiveRule] = Field(min_length=1, description="By increasing tolerance.")
+    val_accuracy: float = Field(ge=0, le=1, description="The whole order's, for comparison with the rules'.")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ConfidenceEntry:
+        if self.stages != sorted(set(self.stages)) or self.stages[0] < 1:
+            raise ValueError("confidence.stages must be increasing prefix lengths >= 1")
+        if len(self.temperatures) != len(self.stages) or not all(0 < t < math.inf for t in self.temperatures):
+            raise ValueError("confidence.temperatures: one positive temperature per stage")
+        if [r.tolerance for r in self.rules] != sorted(r.tolerance for r in self.rules):
+            raise ValueError("confidence.rules must be listed by increasing tolerance")
+        if any(len(r.thresholds) != len(self.stages) - 1 for r in self.rules):
+            raise ValueError("confidence.rules: one threshold per stage but the last")
+        return self
+
+
 class Manifest(_Strict):
     format: Literal["quorum-bundle"] = FORMAT
     version: int = SCHEMA_VERSION
@@ -266,6 +300,9 @@ class Manifest(_Strict):
         None, description="Shared layers run before the modules (TreeNets); the module graphs take their output."
     )
     metrics: EnsembleMetrics
+    confidence: ConfidenceEntry | None = Field(
+        None, description="Temperatures and adaptive-budget thresholds (classification; schema version 4)."
+    )
 
     @model_validator(mode="after")
     def _consistent(self) -> Manifest:
@@ -282,6 +319,8 @@ class Manifest(_Strict):
         scales = (self.output.target_scale, self.output.target_shift)
         if task.standardizes_targets and any(v is None or len(v) != self.num_classes for v in scales):
             raise ValueError("output.target_scale and target_shift need one entry per output")
+        if self.confidence is not None and (not task.has_classes or self.confidence.stages[-1] != len(ids)):
+            raise ValueError("confidence is for classifiers, with stages that end at the number of modules")
         if self.specialists and not task.has_classes:
             raise ValueError("specialist subsets answer one-vs-all class questions: classification only")
         if self.specialists:

@@ -27,6 +27,9 @@ class PredictOptions:
     deadline_ms: float | None = None  # anytime prediction: the modules of the plan that finish within this time
     specialist: int | str | None = None  # answer "is it this class?" from that class's specialist subset
     faults: FaultPlan | None = None  # injected faults for this request, on top of the engine's own
+    adaptive: bool = False  # budget=auto: per input, stop at the first stage of the order confident enough
+    tolerance: float | None = None  # adaptive: accuracy the client gives up against the whole ensemble
+    max_budget: int | None = None  # adaptive: modules an input may use at most (default all)
 
     def __post_init__(self) -> None:
         if self.budget is not None and type(self.budget) is not int:  # its range, 1..M, is the plan's to check
@@ -40,6 +43,20 @@ class PredictOptions:
             isinstance(deadline, bool) or not isinstance(deadline, int | float) or not 0 < deadline < math.inf
         ):
             raise InvalidRequest(f"deadline_ms={deadline!r} must be a positive number of milliseconds")
+        if self.tolerance is not None and (
+            isinstance(self.tolerance, bool)
+            or not isinstance(self.tolerance, int | float)
+            or not 0 <= self.tolerance <= 1
+        ):
+            raise InvalidRequest(f"tolerance={self.tolerance!r} must be an accuracy in [0, 1], e.g. 0.001")
+        if self.max_budget is not None and type(self.max_budget) is not int:
+            raise InvalidRequest(f"max_budget={self.max_budget!r} must be a whole number of modules")
+        if not self.adaptive and (self.tolerance is not None or self.max_budget is not None):
+            raise InvalidRequest("tolerance and max_budget go with budget=auto")
+        if self.adaptive and self.budget is not None:
+            raise InvalidRequest("budget=auto chooses the modules per input; give max_budget to cap them, not a budget")
+        if self.adaptive and self.specialist is not None:
+            raise InvalidRequest("specialist subsets have no adaptive stages: give a budget, not budget=auto")
         if self.specialist is not None and (
             isinstance(self.specialist, bool) or not isinstance(self.specialist, int | str)
         ):

@@ -27,13 +27,30 @@ import onnxruntime as ort
 
 from quorum.runtime.executors import fast_run
 
-__all__ = ["COMPILE_AFTER", "PackedExecutor"]
+__all__ = ["COMPILE_AFTER", "HIDDEN", "PackedExecutor", "expose_hidden"]
 
 log = logging.getLogger(__name__)
 
 COMPILE_AFTER = 2  # cached calls of a subset before it is compiled (the first cached call is its second use)
 
 _Runner = Any  # fast_run's callable: (outputs, feeds) -> list of arrays
+
+HIDDEN = "hidden"  # the packed and core graphs' hidden units (N, b·H): the members' logits follow from them
+
+
+def expose_hidden(model: bytes) -> tuple[bytes, dict[str, np.ndarray]]:
+    """The graph `model` with its hidden units as a second output (when it has them), and its
+    initializers by name: the members' second layers (`W2t` (M, H, K), `B2` (M, K)) are among
+    the packed graph's. Without the hidden units, answers carry no disagreement."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    proto = onnx.load_from_string(model)
+    graph = proto.graph
+    if any(HIDDEN in n.output for n in graph.node) and HIDDEN not in [o.name for o in graph.output]:
+        graph.output.insert(1, helper.make_tensor_value_info(HIDDEN, TensorProto.FLOAT, None))
+    weights = {i.name: numpy_helper.to_array(i) for i in graph.initializer if i.name in ("W2t", "B2")}
+    return proto.SerializeToString(), weights
 
 
 class _Entry:
@@ -71,6 +88,8 @@ class PackedExecutor:
         self._lock = threading.Lock()
         self.hits = self.misses = self.compiled = 0
         self._core_model: bytes | None = None  # the core graph, to compile subsets from
+        self._hidden = HIDDEN in [o.name for o in session.get_outputs()]
+        self._layer2: tuple[np.ndarray, np.ndarray] | None = None  # W2t (M, H, K), B2 (M, K): members' logits
         self._compile: tuple[ort.SessionOptions, list[str]] | None = None
         self._compiler: ThreadPoolExecutor | None = None
 
@@ -86,6 +105,8 @@ class PackedExecutor:
         """Cache gathered weights (up to `cache_bytes`) and run `core` on them; with `core_model`
         (the core's bytes) and `compile_options` (session options, providers), compile hot subsets."""
         self.core, self._weights, self.cache_bytes = core, list(weight_names), cache_bytes
+        if HIDDEN not in [o.name for o in core.get_outputs()]:  # cached subsets could not give members' logits
+            self._hidden, self._layer2 = False, None
         self._run_core = fast_run(core)
         if core_model is not None and compile_options is not None:
             try:
@@ -105,30 +126,56 @@ class PackedExecutor:
         `key`: the ids' int64 bytes, if the caller keeps them.
         """
         index = ids if isinstance(ids, np.ndarray) else np.array(ids, dtype=np.int64)
+        out: np.ndarray = self._call(index, x, cacheable, key, [self._output])[0]
+        return out
+
+    def run_members(
+        self, ids: Sequence[int] | np.ndarray, x: np.ndarray, *, cacheable: bool = False, key: bytes | None = None
+    ) -> tuple[np.ndarray, np.ndarray | None]:
+        """`run`, and each module's logits (b, N, K) from the graph's hidden units (None when the
+        graph does not expose them): the same call, plus one small batched product."""
+        index = ids if isinstance(ids, np.ndarray) else np.array(ids, dtype=np.int64)
+        if self._layer2 is None:
+            return self._call(index, x, cacheable, key, [self._output])[0], None
+        mean, hidden = self._call(index, x, cacheable, key, [self._output, HIDDEN])
+        w2t, b2 = self._layer2
+        b = len(index)
+        h = hidden.reshape(hidden.shape[0], b, -1).transpose(1, 0, 2)  # (b, N, H)
+        members = np.matmul(h, w2t[index]) + b2[index][:, None, :]  # (b, N, K)
+        return mean, members
+
+    def expose_members(self, w2t: np.ndarray, b2: np.ndarray) -> None:
+        """Give `run_members` the members' second layers; only for graphs that output their hidden units."""
+        if self._hidden:
+            self._layer2 = (w2t.astype(np.float32), b2.astype(np.float32))
+
+    def _call(
+        self, index: np.ndarray, x: np.ndarray, cacheable: bool, key: bytes | None, outputs: list[str]
+    ) -> list[np.ndarray]:
         if not (cacheable and self.cache_bytes):
-            out: np.ndarray = self._run([self._output], {self._input: x, self._index: index})[0]
-            return out
+            result: list[np.ndarray] = self._run(outputs, {self._input: x, self._index: index})
+            return result
         entry = self._cache.get(key if key is not None else index.tobytes())
         if entry is not None:
             entry.last = next(self._clock)
             self.hits += 1
             if (compiled := entry.compiled) is not None:
-                out = compiled([self._output], {self._input: x})[0]
-                return out
+                result = compiled(outputs, {self._input: x})
+                return result
             weights = entry.weights
             if weights is None:  # compiled since the line above: the swap sets `compiled` first
                 assert entry.compiled is not None
-                out = entry.compiled([self._output], {self._input: x})[0]
-                return out
+                result = entry.compiled(outputs, {self._input: x})
+                return result
             entry.uses += 1
             if entry.uses >= COMPILE_AFTER and self._compiler is not None and not entry.compiling:
                 self._submit_compile(index.tobytes(), entry)
-            out = self._run_core([self._output], {self._input: x, **weights})[0]
-            return out
-        logits, *gathered = self._run([self._output, *self._weights], {self._input: x, self._index: index})
-        self._keep(index.tobytes(), _Entry(dict(zip(self._weights, gathered, strict=True)), next(self._clock)))
-        result: np.ndarray = logits
-        return result
+            result = self._run_core(outputs, {self._input: x, **weights})
+            return result
+        first, *gathered = self._run([*outputs, *self._weights], {self._input: x, self._index: index})
+        n = len(outputs)
+        self._keep(index.tobytes(), _Entry(dict(zip(self._weights, gathered[n - 1 :], strict=True)), next(self._clock)))
+        return [first, *gathered[: n - 1]]
 
     def _keep(self, key: bytes, entry: _Entry) -> None:
         with self._lock:

@@ -7,6 +7,8 @@ from typing import Literal
 
 import numpy as np
 
+from quorum.runtime.confidence import Uncertainty
+
 __all__ = ["FailedModule", "FailureKind", "Partial", "Prediction", "SpecialistAnswer"]
 
 # error (raised, misshapen), timeout, nonfinite: the module's run; unavailable: not served here (another
@@ -70,3 +72,5 @@ class Prediction:
     degraded: bool = False  # fewer modules answered than were requested
     latency_ms: float = 0.0
     specialist: SpecialistAnswer | None = None
+    per_input: np.ndarray | None = None  # (N,) budget=auto: modules each input used, the first of `used`
+    uncertainty: Uncertainty | None = None  # classification: entropy, mutual information, vote share per input

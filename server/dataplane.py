@@ -31,7 +31,9 @@ if TYPE_CHECKING:
 __all__ = ["OPTIONS", "DataPlane", "predict_options"]
 
 # Every option a request may carry, in either protocol; fail, nan and delay_ms inject faults.
-OPTIONS = frozenset({"budget", "deadline_ms", "delay_ms", "drop", "fail", "nan", "seed", "specialist"})
+OPTIONS = frozenset(
+    {"budget", "deadline_ms", "delay_ms", "drop", "fail", "max_budget", "nan", "seed", "specialist", "tolerance"}
+)
 _MAX_DIGITS = 19  # an integer option longer than this is out of every range anyway
 _MAX_IDS = 4096  # module ids one fault option may name
 
@@ -58,8 +60,13 @@ def predict_options(raw: Mapping[str, Any], request: Request, *, kind: str = "qu
     specialist = raw.get("specialist")
     if specialist is not None and (isinstance(specialist, bool) or not isinstance(specialist, int | str)):
         raise ApiError(422, f"{kind} specialist={specialist!r} must be a class index or name")
+    budget = raw.get("budget")
+    adaptive = isinstance(budget, str) and budget.strip().lower() == "auto"
     return PredictOptions(
-        budget=_integer(raw.get("budget"), "budget", kind, text),
+        budget=None if adaptive else _integer(budget, "budget", kind, text),
+        adaptive=adaptive,
+        tolerance=_number(raw.get("tolerance"), "tolerance", kind, text),
+        max_budget=_integer(raw.get("max_budget"), "max_budget", kind, text),
         drop=_drop(raw.get("drop"), kind, text),
         seed=seed,
         deadline_ms=_number(raw.get("deadline_ms"), "deadline_ms", kind, text),
@@ -84,7 +91,8 @@ def _integer(value: Any, name: str, kind: str, text: bool) -> int | None:
         digits = stripped[1:] if stripped[:1] in "+-" else stripped
         if digits.isascii() and digits.isdigit() and len(digits) <= _MAX_DIGITS:
             return int(stripped)
-    raise ApiError(422, f"{kind} {name}={_shown(value)} is not an integer")
+    auto = ' or "auto"' if name == "budget" else ""
+    raise ApiError(422, f"{kind} {name}={_shown(value)} is not an integer{auto}")
 
 
 def _number(value: Any, name: str, kind: str, text: bool) -> float | None:

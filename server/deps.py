@@ -43,6 +43,7 @@ def load_engine(settings: Settings) -> Engine:
         packed_threads=settings.packed_threads,
         packed_compile=settings.packed_compile,
         wait_for_first=settings.wait_for_first,
+        disagreement=settings.disagreement,
         breaker=(settings.breaker_failures, settings.breaker_window_s, settings.breaker_open_s),
         modules=modules,
     )

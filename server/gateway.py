@@ -196,6 +196,8 @@ class Gateway:
         t0 = time.perf_counter()
         if options.faults is not None:
             raise InvalidRequest("a gateway injects no faults: send fault plans to the shards")
+        if options.adaptive:
+            raise InvalidRequest("budget=auto is answered by a server over the whole bundle; a gateway takes a budget")
         c = None if options.specialist is None else specialist_index(self.manifest, options.specialist)
         x = as_array(x_raw)
         self.preprocess(x)  # a client's mistake is a 4xx here, once, not one from each shard

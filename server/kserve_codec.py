@@ -49,7 +49,12 @@ INFER_REQUEST_SCHEMA: dict[str, Any] = {
             "type": "object",
             "additionalProperties": False,
             "properties": {
-                "budget": {"type": "integer", "minimum": 1, "description": "Modules to evaluate, in anytime order."},
+                "budget": {
+                    "anyOf": [{"type": "integer", "minimum": 1}, {"type": "string", "enum": ["auto"]}],
+                    "description": "Modules to evaluate, in anytime order; auto: per input, until confident.",
+                },
+                "tolerance": {**_NUMBER, "minimum": 0, "maximum": 1, "description": "budget=auto's accuracy given up."},
+                "max_budget": {"type": "integer", "minimum": 1, "description": "budget=auto's most modules."},
                 "deadline_ms": {**_NUMBER, "exclusiveMinimum": 0},
                 "drop": {**_NUMBER, "minimum": 0, "description": "A fraction in [0, 1) or a count of modules."},
                 "seed": SEED_SCHEMA,
@@ -107,6 +112,7 @@ def outputs_of(task: Task, num_outputs: int) -> list[dict[str, Any]]:
         return [
             {"name": "probabilities", "datatype": "FP32", "shape": [-1, num_outputs]},
             {"name": "label", "datatype": "INT64", "shape": [-1]},
+            *({"name": name, "datatype": kind, "shape": [-1]} for name, kind in _PER_INPUT),
         ]
     return [{"name": "value", "datatype": "FP32", "shape": [-1, num_outputs]}]
 
@@ -148,10 +154,27 @@ def _outputs(pred: Prediction, task: Task) -> list[dict[str, Any]]:
         n, d = pred.values.shape
         return [{"name": "value", "datatype": "FP32", "shape": [n, d], "data": pred.values.ravel().tolist()}]
     n, k = pred.probabilities.shape
+    spread = pred.uncertainty
+    assert spread is not None  # every classification answer has one
+    per_input = {
+        "modules_used": pred.per_input.tolist() if pred.per_input is not None else [len(pred.used)] * n,
+        "entropy": spread.entropy.tolist(),
+        "mutual_information": spread.mutual_information.tolist() if spread.mutual_information is not None else None,
+        "vote_share": spread.vote_share.tolist() if spread.vote_share is not None else None,
+    }
     return [
         {"name": "probabilities", "datatype": "FP32", "shape": [n, k], "data": pred.probabilities.ravel().tolist()},
         {"name": "label", "datatype": "INT64", "shape": [n], "data": pred.labels.tolist()},
+        *(
+            {"name": name, "datatype": kind, "shape": [n], "data": per_input[name]}
+            for name, kind in _PER_INPUT
+            if per_input[name] is not None
+        ),
     ]
+
+
+# per input, beside the label: modules its answer used, and its uncertainty
+_PER_INPUT = (("modules_used", "INT64"), ("entropy", "FP32"), ("mutual_information", "FP32"), ("vote_share", "FP32"))
 
 
 def _report(pred: Prediction) -> dict[str, Any]:

@@ -40,6 +40,7 @@ from quorum.server.schemas import (
     SpecialistAnswer,
     SpecialistInfo,
     SpecialistResponse,
+    UncertaintyOut,
     ValuePrediction,
 )
 
@@ -184,11 +185,30 @@ def encode(
             degraded=result.degraded,
             latency_ms=latency,
         )
+    n = len(result.labels)
+    per_input = result.per_input.tolist() if result.per_input is not None else [len(result.used)] * n
+    spread = result.uncertainty
+    assert spread is not None  # every classification answer has one
+    mi = spread.mutual_information.tolist() if spread.mutual_information is not None else [None] * n
+    votes = spread.vote_share.tolist() if spread.vote_share is not None else [None] * n
     return PredictResponse(
         predictions=[
-            ClassPrediction(label=label, class_name=name, probabilities=p)
-            for label, name, p in zip(
-                result.labels.tolist(), result.class_names, result.probabilities.tolist(), strict=True
+            ClassPrediction(
+                label=label,
+                class_name=name,
+                probabilities=p,
+                modules_used=b,
+                uncertainty=UncertaintyOut(entropy=h, mutual_information=i, vote_share=v),
+            )
+            for label, name, p, b, h, i, v in zip(
+                result.labels.tolist(),
+                result.class_names,
+                result.probabilities.tolist(),
+                per_input,
+                spread.entropy.tolist(),
+                mi,
+                votes,
+                strict=True,
             )
         ],
         modules=modules,

@@ -35,10 +35,26 @@ class PredictRequest(BaseModel):
     )
 
 
+class UncertaintyOut(BaseModel):
+    """How far to trust one answer, from the modules it used."""
+
+    entropy: float = Field(description="Of the (calibrated) probabilities, in nats.")
+    mutual_information: float | None = Field(
+        description="Nats: the modules' disagreement (0 when they agree); null when the members are not known."
+    )
+    vote_share: float | None = Field(
+        description="Share of the modules used whose own most probable class is the label."
+    )
+
+
 class ClassPrediction(BaseModel):
     label: int
     class_name: str
-    probabilities: list[float]
+    probabilities: list[float] = Field(
+        description="Calibrated for the number of modules used, where the bundle has temperatures."
+    )
+    modules_used: int = Field(description="Modules this input's answer combines (budget=auto: its own; else all used).")
+    uncertainty: UncertaintyOut
 
 
 class FailedModuleOut(BaseModel):

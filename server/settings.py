@@ -78,6 +78,10 @@ class Settings(ApiSettings):
     packed_compile: bool = Field(
         True, description="Compile cached subsets into sessions with constant weights (in the background)."
     )
+    disagreement: bool = Field(
+        True,
+        description="Answers carry the modules' disagreement (mutual information, vote share); off saves its cost.",
+    )
     wait_for_first: bool = Field(
         False, description="Under deadline_ms, wait past the deadline for the first module rather than answer 503."
     )

@@ -101,6 +101,7 @@ def write_mlp_bundle(
     packed: bool = True,
 ) -> Path:
     """A Fashion-MNIST bundle of `modules` MLP modules in `out` (see the module docstring)."""
+    from quorum.exporter.confidence import fit_confidence
     from quorum.exporter.graphs import cpu_session
     from quorum.exporter.packed import write_packed
 
@@ -180,6 +181,7 @@ def write_mlp_bundle(
         packed_entry = write_packed(
             out, [onnx.load_from_string(g) for g in graphs], "input", "logits", probe, logits(x_val[:256])
         )
+    order = [int(j) for j in np.argsort(module_errors, kind="stable")]
     Manifest(
         name=out.name,
         created=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
@@ -201,12 +203,13 @@ def write_mlp_bundle(
             command="tests/bundles.py: random ReLU features, output layers fitted by ridge regression",
         ),
         modules=entries,
-        anytime_order=[int(j) for j in np.argsort(module_errors, kind="stable")],
+        anytime_order=order,
         anytime_criterion="module validation error",
         specialists=specialists,
         specialist_criterion="the modules with the highest one-vs-all F1 alone",
         packed=packed_entry,
         metrics=EnsembleMetrics(val_error=val_error, test_error=test_error, val_nll=val_nll, test_nll=test_nll),
+        confidence=fit_confidence(val.transpose(1, 0, 2), y_val, order),
     ).dump(out)
     return out
 

@@ -22,8 +22,23 @@ _QUERY_DOCS: list[dict[str, Any]] = [
         "name": "budget",
         "in": "query",
         "required": False,
+        "schema": {"anyOf": [{"type": "integer", "minimum": 1}, {"type": "string", "enum": ["auto"]}]},
+        "description": "Evaluate the first `budget` available modules of the anytime order (default: all); "
+        "`auto`: per input, stop at the first stage of the order that is confident enough.",
+    },
+    {
+        "name": "tolerance",
+        "in": "query",
+        "required": False,
+        "schema": {"type": "number", "minimum": 0, "maximum": 1},
+        "description": "budget=auto: the accuracy given up against the whole ensemble (default 0.001).",
+    },
+    {
+        "name": "max_budget",
+        "in": "query",
+        "required": False,
         "schema": {"type": "integer", "minimum": 1},
-        "description": "Evaluate the first `budget` available modules of the anytime order (default: all).",
+        "description": "budget=auto: the most modules an input may use (default: all).",
     },
     {
         "name": "deadline_ms",

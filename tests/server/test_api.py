@@ -355,3 +355,44 @@ def test_v2_health_and_metadata(client: TestClient, images):
     )
     assert r.status_code == 200, r.text
     assert r.json()["outputs"][0]["shape"] == [1, 10] and r.json()["parameters"]["modules_used"] == 40
+
+
+# ---------------------------------------------------------------- budget=auto and uncertainty
+
+
+def test_budget_auto_reports_the_modules_and_the_uncertainty_of_each_input(client: TestClient, images):
+    r = client.post("/predict?budget=auto&tolerance=0.01&max_budget=32", json={"inputs": images})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    used = [p["modules_used"] for p in body["predictions"]]
+    assert all(1 <= b <= 32 for b in used) and len(body["modules"]["used"]) == max(used)
+    for p in body["predictions"]:
+        u = p["uncertainty"]
+        assert u["entropy"] >= 0 and u["mutual_information"] >= 0 and 0 < u["vote_share"] <= 1
+
+
+@pytest.mark.parametrize(
+    "query",
+    [
+        "budget=automatic",
+        "budget=auto&tolerance=-1",
+        "tolerance=0.01",
+        "budget=auto&specialist=1",
+    ],
+)
+def test_malformed_adaptive_requests_are_4xx(client: TestClient, images, query):
+    r = client.post(f"/predict?{query}", json={"inputs": images[:1]})
+    assert 400 <= r.status_code < 500 and "error" in r.json()
+
+
+def test_v2_takes_budget_auto_in_parameters_and_answers_per_input_outputs(client: TestClient, images):
+    x = np.asarray(images[:3], np.float32)
+    body = {
+        "parameters": {"budget": "auto", "tolerance": 0.005},
+        "inputs": [{"name": "input", "shape": list(x.shape), "datatype": "FP32", "data": x.ravel().tolist()}],
+    }
+    r = client.post("/v2/models/small/infer", json=body)
+    assert r.status_code == 200, r.text
+    outputs = {o["name"]: o for o in r.json()["outputs"]}
+    assert {"modules_used", "entropy", "mutual_information", "vote_share"} <= outputs.keys()
+    assert outputs["modules_used"]["shape"] == [3]

@@ -1,0 +1,277 @@
+"""How sure an answer is: temperatures that calibrate it, the modules' disagreement, and the exit
+rule of adaptive budgets. Pure numpy: the exporter fits on the validation split, the runtime
+applies, `quorum calibration` and `quorum ood` report.
+
+- Calibration: a temperature T_b per number of modules combined, fitted at the stage lengths
+  on the validation prefixes of the anytime order and interpolated between them. Dividing the
+  mean logits by T changes no label.
+- Uncertainty, from the modules actually used: the entropy of the served (calibrated)
+  distribution; the mutual information between label and module, H(mean_j p_j) - mean_j H(p_j),
+  the part of the uncertainty that is the modules' disagreement; and the share of the modules
+  whose own argmax is the served label.
+- Adaptive budgets: the anytime order runs in stages (prefix lengths 1, 2, 4, ..., M); an input
+  leaves after a stage once its calibrated top probability reaches the stage's threshold. The
+  exporter picks the thresholds, one set per tolerance, on the validation split: at each stage,
+  the lowest at which the inputs that confident agree with the whole order often enough.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+__all__ = [
+    "DEFAULT_TOLERANCE",
+    "NEVER",
+    "RATES",
+    "SIGNAL",
+    "STANDARD_TOLERANCES",
+    "MemberSums",
+    "Uncertainty",
+    "adaptive_exits",
+    "choose_thresholds",
+    "expected_calibration_error",
+    "fit_temperatures",
+    "negative_log_likelihood",
+    "prefix_means",
+    "reliability",
+    "stage_lengths",
+    "stage_thresholds",
+    "temperature_at",
+    "tempered_softmax",
+    "uncertainty",
+]
+
+SIGNAL = "calibrated top probability"  # the exit rule's confidence: the same meaning at every stage
+STANDARD_TOLERANCES = (0.0, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05)  # accuracy given up against all M
+DEFAULT_TOLERANCE = 0.001  # budget=auto without a tolerance: within 0.1 point of the whole ensemble
+_EPS = 1e-12
+NEVER = 2.0  # a threshold no probability reaches: the stage lets no input leave
+
+
+def stage_lengths(m: int) -> list[int]:
+    """The prefix lengths adaptive budgets stop at: 1, 2, 4, ... below m, then m."""
+    lengths, b = [], 1
+    while b < m:
+        lengths.append(b)
+        b *= 2
+    return [*lengths, m]
+
+
+def tempered_softmax(z: np.ndarray, temperature: float | np.ndarray = 1.0) -> np.ndarray:
+    """softmax(z / T) over the last axis, in z's float type; T a scalar or one per row."""
+    t = np.asarray(temperature, dtype=z.dtype)
+    s = z / (t[..., None] if t.ndim else t)
+    s -= s.max(axis=-1, keepdims=True)
+    np.exp(s, out=s)
+    s /= s.sum(axis=-1, keepdims=True)
+    return s
+
+
+def _entropy(p: np.ndarray) -> np.ndarray:
+    """Entropy in nats over the last axis."""
+    return -(p * np.log(np.maximum(p, _EPS))).sum(axis=-1)
+
+
+@dataclass
+class MemberSums:
+    """Sums over modules of what the uncertainty needs, additive across stages and shards:
+    member probabilities (N, K), member entropies (N,), and argmax votes (N, K)."""
+
+    probabilities: np.ndarray
+    entropy: np.ndarray
+    votes: np.ndarray
+
+    @classmethod
+    def of(cls, members: np.ndarray) -> MemberSums:
+        """The sums of member logits (b, N, K), in few numpy calls (they run on every request).
+
+        With s = eta - max eta and Z = sum exp(s): H(p) = log Z - sum_k p_k s_k, one log per member
+        and input rather than one per class. A vote goes to every class at the member's maximum."""
+        s = members - members.max(axis=2, keepdims=True)  # (b, N, K), <= 0
+        top = s == 0
+        e = np.exp(s)
+        z = e.sum(axis=2, keepdims=True)
+        e /= z  # member probabilities
+        entropy = np.log(z[..., 0]).sum(axis=0) - np.einsum("bnk,bnk->n", e, s)
+        return cls(e.sum(axis=0), entropy.astype(np.float32), top.sum(axis=0, dtype=np.float32))
+
+    @classmethod
+    def zeros(cls, n: int, k: int) -> MemberSums:
+        return cls(np.zeros((n, k), np.float32), np.zeros(n, np.float32), np.zeros((n, k), np.float32))
+
+    def plus(self, other: MemberSums) -> MemberSums:
+        """The sums of both (of the same inputs)."""
+        return MemberSums(
+            self.probabilities + other.probabilities, self.entropy + other.entropy, self.votes + other.votes
+        )
+
+    def add(self, other: MemberSums, rows: np.ndarray | None = None) -> None:
+        """Add `other` (of the inputs `rows`, or all) into these sums."""
+        for mine, theirs in ((self.probabilities, other.probabilities), (self.entropy, other.entropy)):
+            if rows is None:
+                mine += theirs
+            else:
+                mine[rows] += theirs
+        if rows is None:
+            self.votes += other.votes
+        else:
+            self.votes[rows] += other.votes
+
+
+@dataclass
+class Uncertainty:
+    """Per input (N,): how far to trust the answer."""
+
+    entropy: np.ndarray  # of the served distribution, nats
+    mutual_information: np.ndarray | None  # nats: the modules' disagreement, 0 when they all agree (None: unknown)
+    vote_share: np.ndarray | None  # of the modules used, the share whose own argmax is the served label
+
+
+def uncertainty(
+    probabilities: np.ndarray, labels: np.ndarray, sums: MemberSums | None, used: np.ndarray
+) -> Uncertainty:
+    """The uncertainty of answers `probabilities` (N, K) with `labels` (N,), from the sums over the
+    `used` (N,) modules of each input (None: the members are not known, only the entropy is)."""
+    if sums is None:
+        return Uncertainty(_entropy(probabilities).astype(np.float32), None, None)
+    b = np.maximum(used, 1).astype(np.float32)
+    both = _entropy(np.stack([probabilities, sums.probabilities / b[:, None]]))  # (2, N): served, mean member
+    rows = np.arange(len(labels))
+    return Uncertainty(
+        entropy=both[0].astype(np.float32),
+        mutual_information=np.maximum(both[1] - sums.entropy / b, 0.0).astype(np.float32),
+        vote_share=(sums.votes[rows, labels] / b).astype(np.float32),
+    )
+
+
+# ---------------------------------------------------------------- fitting and measuring (offline)
+
+
+def prefix_means(logits: np.ndarray, order: Sequence[int], lengths: Sequence[int]) -> np.ndarray:
+    """Mean logits (L, N, K) of the prefixes of `order` of the given (increasing) lengths, from
+    logits (N, M, K): one running sum in float64, a chunk of modules at a time."""
+    order = list(order)
+    total = np.zeros((logits.shape[0], logits.shape[2]))
+    out, done = [], 0
+    for b in lengths:
+        total += logits[:, order[done:b]].sum(axis=1, dtype=np.float64)
+        out.append(total / b)
+        done = b
+    return np.stack(out)
+
+
+def fit_temperatures(z: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """The temperature T >= 1 of each row of mean logits z (L, N, K) that minimizes the expected
+    calibration error against labels y (N,): a log-spaced grid from 1 to 30, then a finer one
+    around the best.
+
+    ECE rather than NLL: a lone module of a high-λ ensemble is miscalibrated in a way no
+    temperature fixes, and the NLL-optimal one there makes the top probability worse. T >= 1:
+    the validation split also chose the checkpoint, so it flatters the ensemble, and sharpening
+    fitted on it does not carry over to new inputs (docs/RESULTS.md).
+    """
+    z = np.asarray(z, np.float64)
+    gap = z - z.max(axis=2, keepdims=True)  # (L, N, K), <= 0
+    correct = (z.argmax(axis=2) == np.asarray(y)[None]).astype(np.float64)  # (L, N)
+    chosen = np.empty(z.shape[0])
+    for i in range(z.shape[0]):
+        best = (np.inf, 1.0)
+        for grid in (np.geomspace(1.0, 30.0, 31), None):
+            if grid is None:  # a finer grid between the best coarse point's neighbours
+                grid = np.maximum(best[1] * np.geomspace(0.89, 1.12, 21), 1.0)
+            for t in grid:
+                best = min(best, (_ece_top(1.0 / np.exp(gap[i] / t).sum(axis=1), correct[i]), float(t)))
+        chosen[i] = best[1]
+    return chosen
+
+
+def temperature_at(lengths: Sequence[int], temperatures: Sequence[float], b: int | np.ndarray) -> np.ndarray:
+    """The temperature for b modules: log T interpolated linearly in log b between the fitted lengths."""
+    return np.exp(np.interp(np.log(np.asarray(b, np.float64)), np.log(lengths), np.log(temperatures)))
+
+
+def _ece_top(confidence: np.ndarray, correct: np.ndarray, bins: int = 15) -> float:
+    which = np.minimum((confidence * bins).astype(int), bins - 1)
+    count = np.bincount(which, minlength=bins)
+    gap = np.bincount(which, correct - confidence, bins)
+    return float(np.abs(gap).sum() / count.sum())
+
+
+def negative_log_likelihood(p: np.ndarray, y: np.ndarray) -> float:
+    """Mean NLL (nats) of labels y under probabilities p (N, K)."""
+    return float(-np.log(np.maximum(p[np.arange(len(y)), y], _EPS)).mean())
+
+
+def reliability(p: np.ndarray, y: np.ndarray, bins: int = 15) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per confidence bin of equal width: mean confidence, accuracy and count (empty bins: NaN, 0)."""
+    confidence = p.max(axis=1)
+    correct = p.argmax(axis=1) == y
+    which = np.minimum((confidence * bins).astype(int), bins - 1)
+    count = np.bincount(which, minlength=bins)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        conf = np.bincount(which, confidence, bins) / count
+        acc = np.bincount(which, correct.astype(float), bins) / count
+    return conf, acc, count
+
+
+def expected_calibration_error(p: np.ndarray, y: np.ndarray, bins: int = 15) -> float:
+    """ECE: the count-weighted mean |accuracy - confidence| over equal-width confidence bins."""
+    return _ece_top(p.max(axis=1), (p.argmax(axis=1) == y).astype(np.float64), bins)
+
+
+def adaptive_exits(top: np.ndarray, thresholds: Sequence[float]) -> np.ndarray:
+    """The stage (index) each input leaves after, given its calibrated top probability at each
+    stage `top` (S, N) and the thresholds of all stages but the last (which every input leaves)."""
+    n = top.shape[1]
+    leaves = np.vstack([top[:-1] >= np.asarray(thresholds, top.dtype)[:, None], np.ones((1, n), bool)])
+    exits: np.ndarray = leaves.argmax(axis=0)
+    return exits
+
+
+def stage_thresholds(top: np.ndarray, labels: np.ndarray, rates: Sequence[float]) -> list[list[float]]:
+    """For each rate: per stage but the last, the lowest threshold on the top probability (S, N)
+    at which the inputs at least that confident disagree with the last stage's labels (S, N) at
+    most that rate of the time (each stage's own evidence of when its answer is the whole order's)."""
+    out: list[list[float]] = [[] for _ in rates]
+    for s in range(len(top) - 1):
+        o = np.argsort(-top[s], kind="stable")
+        disagree = np.cumsum(labels[s][o] != labels[-1][o]) / np.arange(1, len(o) + 1)
+        # the last position at which the running rate is within each rate
+        last = np.maximum.accumulate(
+            np.where(disagree[None] <= np.asarray(rates)[:, None], np.arange(len(o)), -1), axis=1
+        )[:, -1]
+        for i, k in enumerate(last.tolist()):
+            out[i].append(float(top[s][o][k]) if k >= 0 else NEVER)
+    return out
+
+
+RATES = (0.0, *np.geomspace(1e-4, 0.3, 60).tolist())  # the disagreement rates tried, per tolerance
+
+
+def choose_thresholds(
+    top: np.ndarray, labels: np.ndarray, y: np.ndarray, lengths: Sequence[int], tolerance: float
+) -> tuple[list[float], float, float]:
+    """The stage thresholds that use the fewest modules on average while the accuracy stays within
+    `tolerance` of the last stage's (the whole order's), among `stage_thresholds` of each rate.
+
+    Args:
+        top: calibrated top probability at each stage (S, N), on the validation split.
+        labels: each stage's label (S, N); y: the true labels (N,).
+        lengths: the stages' prefix lengths (S,).
+
+    Returns (thresholds, accuracy, mean modules) on these inputs.
+    """
+    correct = labels == np.asarray(y)[None]
+    target = correct[-1].mean() - tolerance - 1e-12
+    lengths_arr = np.asarray(lengths, np.float64)
+    rows = np.arange(top.shape[1])
+    best = ([NEVER] * (len(lengths) - 1), float(correct[-1].mean()), float(lengths_arr[-1]))
+    for thresholds in stage_thresholds(top, labels, RATES):
+        exits = adaptive_exits(top, thresholds)
+        accuracy, modules = float(correct[exits, rows].mean()), float(lengths_arr[exits].mean())
+        if accuracy >= target and modules < best[2]:
+            best = (thresholds, accuracy, modules)
+    return best

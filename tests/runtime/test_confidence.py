@@ -1,0 +1,193 @@
+"""Calibration, uncertainty and adaptive budgets: the numpy math, and the engine's budget=auto."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from quorum.core.datasets import load_raw
+from quorum.runtime.confidence import (
+    NEVER,
+    MemberSums,
+    adaptive_exits,
+    expected_calibration_error,
+    fit_temperatures,
+    prefix_means,
+    stage_lengths,
+    stage_thresholds,
+    tempered_softmax,
+    uncertainty,
+)
+from quorum.runtime.engine import Engine
+from quorum.runtime.errors import InvalidRequest
+
+
+def test_stages_double_up_to_the_number_of_modules():
+    assert stage_lengths(1) == [1]
+    assert stage_lengths(40) == [1, 2, 4, 8, 16, 32, 40]
+    assert stage_lengths(256)[-2:] == [128, 256]
+
+
+def test_a_temperature_fitted_on_overconfident_logits_undoes_the_overconfidence():
+    rng = np.random.default_rng(0)
+    z = rng.normal(0, 2, (20_000, 5))
+    y = np.array([rng.choice(5, p=p) for p in tempered_softmax(z)])  # labels drawn from softmax(z): calibrated
+    (t,) = fit_temperatures((3 * z)[None], y)  # three times too confident
+    assert 2.4 < t < 3.6
+    assert expected_calibration_error(tempered_softmax(3 * z, t), y) < expected_calibration_error(
+        tempered_softmax(3 * z), y
+    )
+
+
+def test_prefix_means_are_the_means_of_the_first_modules_of_the_order():
+    logits = np.random.default_rng(1).normal(size=(6, 5, 3)).astype(np.float32)
+    order = [3, 0, 4, 1, 2]
+    z = prefix_means(logits, order, [1, 3, 5])
+    np.testing.assert_allclose(z[1], logits[:, [3, 0, 4]].mean(axis=1), rtol=1e-6)
+    np.testing.assert_allclose(z[2], logits.mean(axis=1), rtol=1e-6)
+
+
+def test_modules_that_agree_have_no_mutual_information_and_a_full_vote():
+    members = np.repeat(np.random.default_rng(2).normal(size=(1, 4, 10)), 7, axis=0)  # (b, N, K), all equal
+    p = tempered_softmax(members[0])
+    u = uncertainty(p, p.argmax(1), MemberSums.of(members), np.full(4, 7))
+    assert u.mutual_information is not None and u.vote_share is not None
+    np.testing.assert_allclose(u.mutual_information, 0.0, atol=1e-6)
+    np.testing.assert_allclose(u.vote_share, 1.0)
+
+
+def test_modules_that_disagree_have_mutual_information_and_a_split_vote():
+    members = np.array([[[9.0, 0.0]], [[0.0, 9.0]]])  # two sure modules, opposite classes
+    p = tempered_softmax(members.mean(axis=0))
+    u = uncertainty(p, np.array([0]), MemberSums.of(members), np.array([2]))
+    assert u.mutual_information is not None and u.vote_share is not None
+    assert u.mutual_information[0] > 0.6  # close to log 2
+    assert u.vote_share[0] == pytest.approx(0.5)
+
+
+def test_member_sums_add_up_across_stages():
+    members = np.random.default_rng(3).normal(size=(6, 4, 10)).astype(np.float32)
+    whole = MemberSums.of(members)
+    parts = MemberSums.zeros(4, 10)
+    parts.add(MemberSums.of(members[:2]))
+    parts.add(MemberSums.of(members[2:]))
+    np.testing.assert_allclose(parts.probabilities, whole.probabilities, rtol=1e-5)
+    np.testing.assert_allclose(parts.entropy, whole.entropy, rtol=1e-5)
+    np.testing.assert_array_equal(parts.votes, whole.votes)
+
+
+def test_an_input_leaves_at_the_first_stage_whose_threshold_it_reaches():
+    top = np.array([[0.9, 0.5, 0.5], [0.95, 0.99, 0.5], [0.99, 0.99, 0.6]])  # (S=3 stages, N=3 inputs)
+    assert adaptive_exits(top, [0.8, 0.98]).tolist() == [0, 1, 2]
+    assert adaptive_exits(top, [NEVER, NEVER]).tolist() == [2, 2, 2]
+
+
+def test_a_stricter_rate_never_lowers_a_threshold():
+    rng = np.random.default_rng(4)
+    top = rng.uniform(0.3, 1.0, (4, 500))
+    labels = rng.integers(0, 3, (4, 500))
+    labels[:, top[0] > 0.8] = labels[-1, top[0] > 0.8]  # confident inputs agree with the last stage
+    loose, strict = stage_thresholds(top, labels, [0.2, 0.01])
+    assert all(s >= ll for s, ll in zip(strict, loose, strict=True))
+
+
+# ---------------------------------------------------------------- the engine's budget=auto
+
+
+@pytest.fixture(scope="module", params=["packed", "isolated"])
+def engine(request: pytest.FixtureRequest, bundle_dir: Path):
+    e = Engine.load(bundle_dir, executor=request.param)
+    yield e
+    e.close()
+
+
+@pytest.fixture(scope="module")
+def test_images(data_dir: Path) -> tuple[np.ndarray, np.ndarray]:
+    x, y = load_raw(data_dir)["test"]
+    return x[:500].astype(np.float32), y[:500]
+
+
+def test_budget_auto_uses_fewer_modules_and_loses_little_accuracy(engine: Engine, test_images):
+    x, y = test_images
+    full = engine.predict(x)
+    auto = engine.predict(x, adaptive=True, tolerance=0.01)
+    assert auto.per_input is not None
+    m = engine.num_modules
+    assert auto.per_input.min() >= 1 and auto.per_input.max() <= m
+    assert auto.per_input.mean() < m  # easy inputs stopped early
+    assert (auto.labels == y).mean() >= (full.labels == y).mean() - 0.03
+    assert not auto.degraded
+
+
+def test_an_input_that_used_every_stage_has_the_answer_of_the_whole_order(engine: Engine, test_images):
+    x, _ = test_images
+    full = engine.predict(x)
+    auto = engine.predict(x, adaptive=True, tolerance=0.0)
+    assert auto.per_input is not None
+    last = auto.per_input == engine.num_modules
+    assert last.any()
+    np.testing.assert_allclose(auto.probabilities[last], full.probabilities[last], atol=1e-5)
+
+
+def test_max_budget_caps_the_modules_of_every_input(engine: Engine, test_images):
+    auto = engine.predict(test_images[0][:50], adaptive=True, max_budget=5)
+    assert auto.per_input is not None and auto.per_input.max() <= 5
+    assert len(auto.used) <= 5
+
+
+def test_packed_and_isolated_paths_report_the_same_uncertainty(bundle_dir: Path, test_images):
+    x = test_images[0][:20]
+    answers = []
+    for executor in ("packed", "isolated"):
+        e = Engine.load(bundle_dir, executor=executor)
+        try:
+            answers.append(e.predict(x, budget=16).uncertainty)
+        finally:
+            e.close()
+    packed, isolated = answers
+    assert packed is not None and isolated is not None
+    for name in ("entropy", "mutual_information", "vote_share"):
+        np.testing.assert_allclose(getattr(packed, name), getattr(isolated, name), atol=1e-4, err_msg=name)
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"adaptive": True, "budget": 4},
+        {"adaptive": True, "specialist": 0},
+        {"tolerance": 0.01},
+        {"adaptive": True, "tolerance": 2.0},
+        {"adaptive": True, "max_budget": "8"},
+    ],
+)
+def test_contradictory_or_malformed_adaptive_options_are_refused(engine: Engine, test_images, options):
+    with pytest.raises(InvalidRequest):
+        engine.predict(test_images[0][:2], **options)
+
+
+@pytest.mark.parametrize("executor", ["packed", "isolated"])
+def test_budget_auto_under_a_deadline_answers_with_the_stages_that_finished(bundle_dir: Path, test_images, executor):
+    e = Engine.load(bundle_dir, executor=executor, wait_for_first=True)
+    try:
+        auto = e.predict(test_images[0][:20], adaptive=True, tolerance=0.0, deadline_ms=0.001)
+    finally:
+        e.close()
+    assert auto.per_input is not None and auto.per_input.tolist() == [1] * 20  # the first module, waited for
+    assert auto.used == e.manifest.anytime_order[:1]
+    assert auto.unfinished == e.manifest.anytime_order[1:] and auto.degraded
+
+
+def test_a_bundle_without_thresholds_says_how_to_fit_them(bundle_copy: Path, test_images):
+    from quorum.runtime.manifest import Manifest
+
+    manifest = Manifest.load(bundle_copy)
+    manifest.model_copy(update={"confidence": None}).dump(bundle_copy)
+    e = Engine.load(bundle_copy)
+    try:
+        with pytest.raises(InvalidRequest, match="quorum calibration"):
+            e.predict(test_images[0][:1], adaptive=True)
+        assert e.predict(test_images[0][:1], budget=3).uncertainty is not None  # answers stay uncalibrated
+    finally:
+        e.close()
