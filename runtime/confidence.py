@@ -108,6 +108,22 @@ class MemberSums:
             self.probabilities + other.probabilities, self.entropy + other.entropy, self.votes + other.votes
         )
 
+    def rows(self, start: int, stop: int) -> MemberSums:
+        """The sums of inputs start..stop-1."""
+        return MemberSums(self.probabilities[start:stop], self.entropy[start:stop], self.votes[start:stop])
+
+    @classmethod
+    def total(cls, parts: list[MemberSums | None]) -> MemberSums | None:
+        """The sums of all parts (of the same inputs); None when a part's are not known."""
+        if not parts or any(p is None for p in parts):
+            return None
+        known = [p for p in parts if p is not None]
+        return cls(
+            np.add.reduce([p.probabilities for p in known]),
+            np.add.reduce([p.entropy for p in known]),
+            np.add.reduce([p.votes for p in known]),
+        )
+
     def add(self, other: MemberSums, rows: np.ndarray | None = None) -> None:
         """Add `other` (of the inputs `rows`, or all) into these sums."""
         for mine, theirs in ((self.probabilities, other.probabilities), (self.entropy, other.entropy)):

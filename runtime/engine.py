@@ -21,9 +21,9 @@ from typing import Any, Literal
 
 import numpy as np
 
+from quorum.runtime.adaptive import StageResult, Stages, adaptive_rule
 from quorum.runtime.breaker import Breakers
 from quorum.runtime.bundle import Executor, LoadedBundle, load_bundle
-from quorum.runtime.confidence import DEFAULT_TOLERANCE, MemberSums, tempered_softmax
 from quorum.runtime.errors import InvalidRequest, NoModulesAvailable
 from quorum.runtime.execute import Runner
 from quorum.runtime.faults import FaultPlan
@@ -152,7 +152,7 @@ class Engine:
             options = DEFAULT
         t0 = time.perf_counter()
         c = None if options.specialist is None else self._specialist_index(options.specialist)
-        rule = self._adaptive_rule(options) if options.adaptive else None
+        rule = adaptive_rule(self.manifest, options.tolerance) if options.adaptive else None
         x = self.preprocess(x_raw)
         if self.bundle.trunk is not None:
             x = self._features(x)
@@ -183,79 +183,43 @@ class Engine:
             raise nothing_answered(out.failed, out.unfinished, options.deadline_ms)
         return self._head.predict(out.mean, plan, list(out.used), out.failed, out.unfinished, t0, c, out.members)
 
-    def _adaptive_rule(self, options: PredictOptions) -> AdaptiveRule:
-        """The exit thresholds of `options.tolerance`: the largest tolerance fitted within it."""
-        conf = self.manifest.confidence
-        if conf is None:
-            raise InvalidRequest(
-                f"bundle {self.manifest.name!r} has no adaptive thresholds; fit them with "
-                "`quorum calibration BUNDLE --write` (or re-export it), or give a budget"
-            )
-        tolerance = DEFAULT_TOLERANCE if options.tolerance is None else options.tolerance
-        fitting = [r for r in conf.rules if r.tolerance <= tolerance + 1e-12]
-        return fitting[-1] if fitting else conf.rules[0]
-
     def _predict_adaptive(
         self, x: np.ndarray, options: PredictOptions, rule: AdaptiveRule, faults: FaultPlan | None, t0: float
     ) -> Prediction:
-        """budget=auto: the plan's modules in the manifest's stages; after each stage, the inputs
-        whose calibrated top probability reaches the stage's threshold leave, and the next stage
-        runs on the rest only. Under `deadline_ms`, a stage starts only while time is left."""
+        """budget=auto (`adaptive.Stages`): each stage of the plan's order runs, in one call on the
+        packed path, on the inputs not yet sure enough. Under `deadline_ms`, a stage starts only
+        while time is left, and the first only if nothing has answered yet."""
         conf = self.manifest.confidence
         assert conf is not None
         plan = self._planner.plan(None, options.max_budget, options.drop, options.seed, faults)
-        order = plan.selected
-        stages = [s for s in conf.stages if s < len(order)] + [len(order)]
         n, k = x.shape[0], self.manifest.num_classes
-        total = np.zeros((n, k), np.float32)
-        counts = np.zeros(n, np.int64)
-        sums: MemberSums | None = MemberSums.zeros(n, k)
-        active = np.arange(n)
-        used: list[int] = []
-        failed: list[FailedModule] = []
-        unfinished: list[int] = []
-        done = 0
+        stages = Stages(plan.selected, conf.stages, rule.thresholds, self._head.temperatures, n, k)
         try:
-            for s, end in enumerate(stages):
-                chunk, done = order[done:end], end
+            while (step := stages.next()) is not None:
+                chunk, rows = step
                 deadline_s = None
                 if options.deadline_ms is not None:
                     deadline_s = options.deadline_ms / 1e3 - (time.perf_counter() - t0)
-                    if deadline_s <= 0 and used:
-                        unfinished += order[order.index(chunk[0]) :]
+                    if deadline_s <= 0 and stages.used:
+                        stages.unfinished += chunk
+                        stages.stop()
                         break
                     deadline_s = max(0.0, deadline_s)
-                xs = x if len(active) == n else x[active]
+                xs = x if len(rows) == n else x[rows]
                 out = self._runner.combine(chunk, xs, cacheable=plan.cacheable, deadline_s=deadline_s, faults=faults)
-                failed += out.failed
-                unfinished += out.unfinished
-                if out.used:
-                    used += out.used
-                    total[active] += out.mean * np.float32(len(out.used))
-                    counts[active] += len(out.used)
-                    if sums is not None and out.members is not None:
-                        sums.add(out.members, active)
-                    else:
-                        sums = None
-                if out.unfinished:  # the deadline cut this stage short: no later stage starts
-                    unfinished += order[done:]
-                    break
-                if s == len(stages) - 1 or not used:
-                    continue
-                z = total[active] / counts[active, None]
-                top = tempered_softmax(z, self._head.temperatures[counts[active]]).max(axis=1)
-                active = active[top < rule.thresholds[s]]
-                if not len(active):
-                    break
+                total = out.mean * np.float32(len(out.used)) if out.used else out.mean
+                stages.record(StageResult(total, out.used, out.failed, out.unfinished, out.members))
         finally:
             if plan.trials:
                 self._planner.release(plan)
-        if not used:
-            raise nothing_answered(failed, unfinished, options.deadline_ms)
-        mean = total / np.maximum(counts, 1)[:, None]
-        result = self._head.predict(mean, plan, used, failed, unfinished, t0, None, sums, counts)
+        if not stages.used:
+            raise nothing_answered(stages.failed, stages.unfinished, options.deadline_ms)
+        mean, counts = stages.answer()
+        result = self._head.predict(
+            mean, plan, stages.used, stages.failed, stages.unfinished, t0, None, stages.members, counts
+        )
         # fewer modules than the order holds is the point here; degraded means some did not answer
-        result.degraded = bool(failed or unfinished) or len(order) < plan.requested
+        result.degraded = bool(stages.failed or stages.unfinished) or len(plan.selected) < plan.requested
         return result
 
     def partial(self, x_raw: Any, ids: Sequence[int], *, deadline_ms: float | None = None) -> Partial:
@@ -285,13 +249,16 @@ class Engine:
             if trials:
                 self.breakers.release(trials)
         n, k = x.shape[0], self.manifest.num_classes
+        members = None
         if out is None or not out.used:
             total = np.zeros((n, k), np.float32)
             used, failed, unfinished = [], list(out.failed) if out else [], list(out.unfinished) if out else []
         else:
             total = (out.mean * np.float32(len(out.used))).astype(np.float32, copy=False)
             used, failed, unfinished = list(out.used), list(out.failed), list(out.unfinished)
-        return Partial(total, used, unavailable + failed, unfinished, (time.perf_counter() - t0) * 1e3)
+            members = out.members
+        latency = (time.perf_counter() - t0) * 1e3
+        return Partial(total, used, unavailable + failed, unfinished, latency, members)
 
     def _why_unavailable(self, j: int) -> str:
         state = self._stats.snapshot_one(j, self.breakers)

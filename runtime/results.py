@@ -7,7 +7,7 @@ from typing import Literal
 
 import numpy as np
 
-from quorum.runtime.confidence import Uncertainty
+from quorum.runtime.confidence import MemberSums, Uncertainty
 
 __all__ = ["FailedModule", "FailureKind", "Partial", "Prediction", "SpecialistAnswer"]
 
@@ -36,6 +36,7 @@ class Partial:
     failed: list[FailedModule] = field(default_factory=list)
     unfinished: list[int] = field(default_factory=list)  # cut off by the deadline (not failures)
     latency_ms: float = 0.0
+    members: MemberSums | None = None  # the used modules' sums for the disagreement (None: not known)
 
 
 @dataclass

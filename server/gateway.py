@@ -29,12 +29,14 @@ from typing import Any
 import httpx2 as httpx
 import numpy as np
 
+from quorum.runtime.adaptive import StageResult, Stages, adaptive_rule
 from quorum.runtime.breaker import Breakers
+from quorum.runtime.confidence import MemberSums
 from quorum.runtime.errors import InvalidRequest, NoModulesAvailable
 from quorum.runtime.heads import Head, nothing_answered, specialist_index
-from quorum.runtime.manifest import Manifest
+from quorum.runtime.manifest import AdaptiveRule, Manifest
 from quorum.runtime.options import PredictOptions
-from quorum.runtime.plan import Planner
+from quorum.runtime.plan import Planner, RequestPlan
 from quorum.runtime.preprocess import Preprocessor, as_array
 from quorum.runtime.results import FailedModule, Partial, Prediction
 from quorum.runtime.stats import ModuleState
@@ -196,20 +198,16 @@ class Gateway:
         t0 = time.perf_counter()
         if options.faults is not None:
             raise InvalidRequest("a gateway injects no faults: send fault plans to the shards")
-        if options.adaptive:
-            raise InvalidRequest("budget=auto is answered by a server over the whole bundle; a gateway takes a budget")
         c = None if options.specialist is None else specialist_index(self.manifest, options.specialist)
+        rule = adaptive_rule(self.manifest, options.tolerance) if options.adaptive else None
         x = as_array(x_raw)
         self.preprocess(x)  # a client's mistake is a 4xx here, once, not one from each shard
-        plan = self._plan().plan(c, options.budget, options.drop, options.seed)
+        budget = options.max_budget if options.adaptive else options.budget
+        plan = self._plan().plan(c, budget, options.drop, options.seed)
         deadline = None if options.deadline_ms is None else t0 + options.deadline_ms / 1e3
-        parts, failed, refused = await self._ask(x, plan.selected, deadline)
-        turned_away = {j for r in refused for j in r.ids}
-        if again := [f.id for f in failed if f.id not in turned_away and self._replica_up(f.id)]:
-            # their shard failed and is down now: a replica on another live shard answers for them
-            more, more_failed, more_refused = await self._ask(x, again, deadline)
-            parts, refused = parts + more, refused + more_refused
-            failed = [f for f in failed if f.id not in set(again)] + more_failed
+        if rule is not None:
+            return await self._predict_adaptive(x, plan, rule, deadline, t0, options.deadline_ms)
+        parts, failed, refused = await self._ask_with_replicas(x, plan.selected, deadline)
         used = [j for p in parts for j in p.used]
         if not used and plan.selected and not refused:
             # every planned module's shard failed: the next modules of the order on live shards answer
@@ -226,10 +224,72 @@ class Gateway:
                 raise InvalidRequest(refused[0].reason)
             raise nothing_answered(failed, unfinished, options.deadline_ms)
         total = np.add.reduce([p.sum for p in parts if p.used], dtype=np.float32)
+        members = MemberSums.total([p.members for p in parts if p.used])
         rank = {j: i for i, j in enumerate(plan.selected)}
         used.sort(key=lambda j: rank.get(j, len(rank)))
         failed.sort(key=lambda f: rank.get(f.id, len(rank)))
-        return self._head.predict(np.asarray(total / np.float32(len(used))), plan, used, failed, unfinished, t0, c)
+        mean = np.asarray(total / np.float32(len(used)))
+        return self._head.predict(mean, plan, used, failed, unfinished, t0, c, members)
+
+    async def _predict_adaptive(
+        self,
+        x: np.ndarray,
+        plan: RequestPlan,
+        rule: AdaptiveRule,
+        deadline: float | None,
+        t0: float,
+        deadline_ms: float | None,
+    ) -> Prediction:
+        """budget=auto as a server answers it (`adaptive.Stages`), each stage one fan-out to the shards
+        that hold its modules, for the inputs not yet sure enough."""
+        conf = self.manifest.confidence
+        assert conf is not None
+        n, k = x.shape[0], self.manifest.num_classes
+        stages = Stages(plan.selected, conf.stages, rule.thresholds, self._head.temperatures, n, k)
+        rank = {j: i for i, j in enumerate(plan.selected)}
+        refused: list[ShardFailure] = []
+        while (step := stages.next()) is not None:
+            chunk, rows = step
+            if deadline is not None and time.perf_counter() >= deadline and stages.used:
+                stages.unfinished += chunk
+                stages.stop()
+                break
+            parts, failed, refusals = await self._ask_with_replicas(x if len(rows) == n else x[rows], chunk, deadline)
+            refused += refusals
+            answered = [p for p in parts if p.used]
+            total = np.add.reduce([p.sum for p in answered], dtype=np.float32) if answered else np.zeros((len(rows), k))
+            stages.record(
+                StageResult(
+                    total,
+                    sorted((j for p in answered for j in p.used), key=rank.__getitem__),
+                    failed + [f for p in parts for f in p.failed],
+                    [j for p in parts for j in p.unfinished],
+                    MemberSums.total([p.members for p in answered]),
+                )
+            )
+        if not stages.used:
+            if refused:
+                raise InvalidRequest(refused[0].reason)
+            raise nothing_answered(stages.failed, stages.unfinished, deadline_ms)
+        stages.failed.sort(key=lambda f: rank.get(f.id, len(rank)))
+        mean, counts = stages.answer()
+        result = self._head.predict(
+            mean, plan, stages.used, stages.failed, stages.unfinished, t0, None, stages.members, counts
+        )
+        result.degraded = bool(stages.failed or stages.unfinished) or len(plan.selected) < plan.requested
+        return result
+
+    async def _ask_with_replicas(
+        self, x: np.ndarray, ids: list[int], deadline: float | None
+    ) -> tuple[list[Partial], list[FailedModule], list[ShardFailure]]:
+        """`_ask`, then, for the modules whose shard failed and is down now, a replica on another live shard."""
+        parts, failed, refused = await self._ask(x, ids, deadline)
+        turned_away = {j for r in refused for j in r.ids}
+        if again := [f.id for f in failed if f.id not in turned_away and self._replica_up(f.id)]:
+            more, more_failed, more_refused = await self._ask(x, again, deadline)
+            parts, refused = parts + more, refused + more_refused
+            failed = [f for f in failed if f.id not in set(again)] + more_failed
+        return parts, failed, refused
 
     async def _ask(
         self, x: np.ndarray, ids: list[int], deadline: float | None

@@ -191,8 +191,14 @@ class Shard:
             raise answer
         if answer is None:  # sent again alone
             return await self._call(x, ids, width, None, timeout_s)
+        members = None if answer.members is None else answer.members.rows(offset, offset + len(x))
         return Partial(
-            answer.sum[offset : offset + len(x)], answer.used, answer.failed, answer.unfinished, answer.latency_ms
+            answer.sum[offset : offset + len(x)],
+            answer.used,
+            answer.failed,
+            answer.unfinished,
+            answer.latency_ms,
+            members,
         )
 
     def _next_call(self, key: tuple[object, ...], ids: list[int], width: int, timeout_s: float) -> None:

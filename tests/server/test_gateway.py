@@ -108,8 +108,20 @@ def test_with_every_shard_up_the_gateway_answers_as_one_server(shard_apps, whole
     assert got.used == want.used and got.dropped == want.dropped and got.requested == want.requested
     np.testing.assert_allclose(got.probabilities, want.probabilities, rtol=0, atol=1e-5)
     assert not got.failed and got.degraded == want.degraded
+    _same_uncertainty(got, want)
     if "specialist" in options:
         np.testing.assert_array_equal(got.specialist.is_class, want.specialist.is_class)
+
+
+@pytest.mark.parametrize("options", [{"tolerance": 0.0}, {"tolerance": 0.02, "max_budget": 24}])
+def test_budget_auto_through_the_gateway_is_one_servers(shard_apps, whole: Engine, test_images, options):
+    x = test_images[0][:32]
+    _, got = _predict(_transports(shard_apps), x, adaptive=True, **options)
+    want = whole.predict(x, PredictOptions(adaptive=True, **options))
+    assert got.used == want.used and not got.degraded
+    np.testing.assert_array_equal(got.per_input, want.per_input)
+    np.testing.assert_allclose(got.probabilities, want.probabilities, rtol=0, atol=1e-5)
+    _same_uncertainty(got, want)
 
 
 @pytest.mark.parametrize(("transport", "kind"), [(Down(), "shard_unreachable"), (Stalled(), "shard_timeout")])
@@ -127,10 +139,18 @@ def test_a_lost_shard_costs_its_planned_modules_only(shard_apps, whole: Engine, 
     np.testing.assert_allclose(got.probabilities, _mean_softmax(whole, x, got.used), rtol=0, atol=1e-5)
 
 
+def _same_uncertainty(got, want) -> None:
+    """The gateway's entropy, mutual information and vote share are one server's."""
+    for name in ("entropy", "mutual_information", "vote_share"):
+        np.testing.assert_allclose(
+            getattr(got.uncertainty, name), getattr(want.uncertainty, name), rtol=0, atol=1e-4, err_msg=name
+        )
+
+
 def _mean_softmax(engine: Engine, x: np.ndarray, ids: list[int]) -> np.ndarray:
     from quorum.core.tasks import softmax
 
-    return softmax(engine.mean_logits(x, ids))
+    return softmax(engine.mean_logits(x, ids) / np.float32(engine.temperature(len(ids))))
 
 
 def test_when_every_planned_module_is_lost_the_next_on_live_shards_answer(shard_apps, whole: Engine, test_images):
@@ -223,6 +243,7 @@ def test_concurrent_requests_for_the_same_modules_share_a_call_and_get_their_own
         want = whole.predict(x[i : i + 1], budget=40)
         assert not got.degraded and got.used == want.used
         np.testing.assert_allclose(got.probabilities, want.probabilities, rtol=0, atol=1e-5)
+        _same_uncertainty(got, want)
     for t in transports.values():
         assert sum(t.rows) == 8 + (7 if refuse_batches else 0)  # a refused batch goes again, one by one
         assert t.rows[:2] == [1, 7]  # the first alone, the seven that waited for it together
