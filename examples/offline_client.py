@@ -2,8 +2,9 @@
 
 This is the bundle contract seen from a client: verify the files, preprocess as the manifest
 says, run the shared trunk if there is one (TreeNets), average the chosen modules' outputs,
-then apply the combiner: softmax (classification), the targets' scale and shift (regression)
-or exp (counts).
+then apply the combiner: softmax (classification; of the mean logits divided by the temperature
+the manifest gives for that many modules), the targets' scale and shift (regression) or exp
+(counts).
 
     python examples/offline_client.py bundles/demo --modules 3,17,42 --inputs runs/demo/example-request.json
 
@@ -53,7 +54,11 @@ def predict(bundle: Path, x_raw: np.ndarray, module_ids: list[int]) -> np.ndarra
         return z * np.asarray(out["target_scale"], np.float32) + np.asarray(out["target_shift"], np.float32)
     if out["combiner"] == "mean_exp":  # counts: the mean log-rate
         return np.exp(z)
-    e = np.exp(z - z.max(axis=1, keepdims=True))  # classification: softmax of the mean logits
+    conf = manifest.get("confidence")
+    if conf:  # temperatures fitted at the stage lengths; log T is linear in log b between them
+        b = np.log(len(module_ids))
+        z = z / np.float32(np.exp(np.interp(b, np.log(conf["stages"]), np.log(conf["temperatures"]))))
+    e = np.exp(z - z.max(axis=1, keepdims=True))  # classification: softmax of the (tempered) mean logits
     return e / e.sum(axis=1, keepdims=True)
 
 

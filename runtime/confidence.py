@@ -156,9 +156,11 @@ def uncertainty(
     b = np.maximum(used, 1).astype(np.float32)
     both = _entropy(np.stack([probabilities, sums.probabilities / b[:, None]]))  # (2, N): served, mean member
     rows = np.arange(len(labels))
+    mi = both[1] - sums.entropy / b
     return Uncertainty(
         entropy=both[0].astype(np.float32),
-        mutual_information=np.maximum(both[1] - sums.entropy / b, 0.0).astype(np.float32),
+        # below 1e-6 nats is float32 rounding of two equal entropies (one module, or all agreeing)
+        mutual_information=np.where(mi > 1e-6, mi, 0.0).astype(np.float32),
         vote_share=(sums.votes[rows, labels] / b).astype(np.float32),
     )
 

@@ -63,6 +63,20 @@ def test_predict_budget_32_over_http(server, test_images):
     assert accuracy > 0.6, accuracy  # one epoch on 5,000 images: far above chance (0.1)
 
 
+def test_budget_auto_over_http_uses_the_thresholds_fitted_at_export(server, test_images):
+    base, bundle, _ = server
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    assert manifest["confidence"]["stages"] == [1, 2, 4, 8, 16, 32, 64]
+    x, _ = test_images
+    status, body = request(
+        f"{base}/predict?budget=auto&tolerance=0.02", json.dumps({"inputs": x[:64].tolist()}).encode()
+    )
+    assert status == 200, body
+    used = [p["modules_used"] for p in body["predictions"]]
+    assert min(used) >= 1 and max(used) <= 64 and sum(used) < 64 * 64  # some inputs stopped early
+    assert all(p["uncertainty"]["vote_share"] > 0 for p in body["predictions"])
+
+
 def test_a_client_with_only_numpy_onnxruntime_and_the_manifest_reproduces_the_server(server, test_images):
     base, bundle, tmp = server
     x, _ = test_images

@@ -1,0 +1,59 @@
+"""`quorum calibration` and `quorum ood` on the session's small bundle and real Fashion-MNIST."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from quorum.cli import main
+from quorum.experiments.confidence import auroc, calibration_report, ood_report, ood_sets
+from quorum.runtime.manifest import Manifest
+
+LIMIT = 2000
+
+
+@pytest.mark.slow
+def test_calibration_writes_its_fit_into_the_manifest_and_draws_the_plot(bundle_copy: Path, tmp_path: Path):
+    before = Manifest.load(bundle_copy).confidence
+    plot = tmp_path / "calibration.png"
+    report = calibration_report(bundle_copy, write=True, plot=plot, limit=LIMIT)
+    after = Manifest.load(bundle_copy).confidence
+    assert after is not None and after != before  # refitted on the run's validation split
+    assert plot.stat().st_size > 10_000
+    assert report.budgets == [1, 2, 4, 8, 16, 32, 40]
+    assert all(0 <= e <= 1 for e in report.ece_before + report.ece_after)
+    assert len(report.fixed_accuracy) == 40 and len(report.adaptive) == len(after.rules)
+    points, _ = report.beats_fixed()
+    assert points > 0
+
+
+@pytest.mark.slow
+def test_the_commands_print_their_tables(bundle_dir: Path, capsys: pytest.CaptureFixture[str]):
+    assert main(["calibration", str(bundle_dir), "--limit", str(LIMIT)]) == 0
+    out = capsys.readouterr().out
+    assert "ECE before" in out and "budget=auto against fixed budgets" in out
+    assert main(["ood", str(bundle_dir), "--limit", "500", "--budgets", "1,40"]) == 0
+    out = capsys.readouterr().out
+    assert "inverted test images" in out and "mutual information" in out
+    assert main(["ood", str(bundle_dir), "--budgets", "one"]) == 2
+
+
+def test_one_module_has_no_disagreement_to_tell_anything_apart(bundle_dir: Path):
+    rows = ood_report(bundle_dir, budgets=[1, 40], limit=500)
+    mi_at_1 = [r["auroc"] for r in rows if r["budget"] == 1 and r["signal"] == "mutual information"]
+    assert mi_at_1 and all(a == pytest.approx(0.5) for a in mi_at_1)
+    assert max(float(str(r["auroc"])) for r in rows if r["budget"] == 40) > 0.6
+
+
+def test_auroc_counts_ties_half_and_orders_scores():
+    assert auroc(np.array([0.0, 1.0]), np.array([2.0, 3.0])) == 1.0
+    assert auroc(np.array([2.0, 3.0]), np.array([0.0, 1.0])) == 0.0
+    assert auroc(np.array([1.0, 1.0]), np.array([1.0, 1.0])) == 0.5
+
+
+def test_out_of_distribution_inputs_are_raw_images_in_range():
+    x = np.full((3, 784), 100.0, np.float32)
+    for name, images in ood_sets(x).items():
+        assert images.shape[1] == 784 and images.min() >= 0 and images.max() <= 255, name
