@@ -139,7 +139,9 @@ class Engine:
         """Predict with a budgeted subset of modules.
 
         `options` (or its fields as keywords: `budget`, `drop`, `seed`, `deadline_ms`,
-        `specialist`, `faults`) says which modules and how long; see `PredictOptions`.
+        `specialist`, `faults`, `adaptive`, `tolerance`, `max_budget`) says which modules and how
+        long; see `PredictOptions`. `budget="auto"` is `adaptive=True`: per input, the stages of
+        the order until it is sure enough (`Prediction.per_input` says how many modules each used).
         `x_raw` are (N, *input.shape) raw inputs, as clients send them (0..255 pixels).
         Fewer modules available than the budget: all of them, `degraded`. None answered:
         NoModulesAvailable.
@@ -147,6 +149,8 @@ class Engine:
         if kwargs:
             if options is not None:
                 raise TypeError("give the options as a PredictOptions or as keywords, not both")
+            if kwargs.get("budget") == "auto":  # as the server's query says it
+                kwargs = {**kwargs, "budget": None, "adaptive": True}
             options = PredictOptions(**kwargs)
         elif options is None:
             options = DEFAULT

@@ -131,6 +131,13 @@ def test_an_input_that_used_every_stage_has_the_answer_of_the_whole_order(engine
     np.testing.assert_allclose(auto.probabilities[last], full.probabilities[last], atol=1e-5)
 
 
+def test_budget_auto_as_a_keyword_is_adaptive(engine: Engine, test_images):
+    x = test_images[0][:30]
+    a, b = engine.predict(x, budget="auto", tolerance=0.01), engine.predict(x, adaptive=True, tolerance=0.01)
+    assert a.per_input is not None and b.per_input is not None
+    np.testing.assert_array_equal(a.per_input, b.per_input)
+
+
 def test_max_budget_caps_the_modules_of_every_input(engine: Engine, test_images):
     auto = engine.predict(test_images[0][:50], adaptive=True, max_budget=5)
     assert auto.per_input is not None and auto.per_input.max() <= 5
