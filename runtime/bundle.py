@@ -22,7 +22,7 @@ import onnxruntime as ort
 
 from quorum.runtime.errors import BundleError
 from quorum.runtime.executors import IsolatedExecutor
-from quorum.runtime.manifest import PARITY_ATOL, PARITY_RTOL, Manifest, ModuleEntry, probe_input
+from quorum.runtime.manifest import Manifest, ModuleEntry, probe_input
 from quorum.runtime.packed import PackedExecutor
 from quorum.runtime.providers import CUDA, requested_providers, session_options
 from quorum.runtime.stats import ModuleState
@@ -234,7 +234,7 @@ def _load_packed(
         # every healthy module what its file answers.
         for j, expected in probe_logits.items():
             diff = float(np.abs(packed.run([j], probe) - expected).max())
-            if not diff <= PARITY_ATOL + PARITY_RTOL * float(np.abs(expected).max()):
+            if not diff <= manifest.parity_bound(float(np.abs(expected).max())):
                 raise _Quarantine(f"{entry.file} disagrees with {manifest.modules[j].file} by {diff:.2e}")
     except _Quarantine:
         raise

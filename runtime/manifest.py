@@ -38,12 +38,14 @@ __all__ = [
     "PARITY_RTOL",
     "READABLE_VERSIONS",
     "SCHEMA_VERSION",
+    "BudgetAccuracy",
     "EnsembleMetrics",
     "InputSpec",
     "Manifest",
     "ModuleEntry",
     "OutputSpec",
     "PackedEntry",
+    "PrecisionInfo",
     "SpecialistEntry",
     "TaskSpec",
     "TrainingInfo",
@@ -52,8 +54,8 @@ __all__ = [
 ]
 
 FORMAT: Literal["quorum-bundle"] = "quorum-bundle"
-SCHEMA_VERSION = 3  # 2 added `trunk`, 3 `training.checkpoint` and `training.exported_epoch`
-READABLE_VERSIONS = (1, 2, 3)
+SCHEMA_VERSION = 4  # 2 added `trunk`, 3 `training.checkpoint` and `training.exported_epoch`, 4 `precision`
+READABLE_VERSIONS = (1, 2, 3, 4)
 MANIFEST_FILE = "manifest.json"
 
 # Parity of a module graph with its reference (torch at export, the module file for the
@@ -234,6 +236,29 @@ class TrunkEntry(_Strict):
         return _check_shape(shape, "trunk.output_shape")
 
 
+class BudgetAccuracy(_Strict):
+    """Test accuracy of the anytime order's first `budget` modules, reduced and full precision."""
+
+    budget: int = Field(ge=1)
+    modules: float = Field(ge=0, le=1, description="Through the module graphs (mean of their logits).")
+    packed: float | None = Field(None, ge=0, le=1, description="Through the packed graph, if the bundle has one.")
+    fp32: float = Field(ge=0, le=1, description="The FP32 source bundle's module graphs.")
+
+
+class PrecisionInfo(_Strict):
+    """How a reduced-precision bundle was made from its FP32 source, and what it costs in accuracy.
+    Absent: every graph is FP32. Graph inputs and outputs stay float32 at every precision."""
+
+    dtype: Literal["int8", "fp16"]
+    method: str = Field(description="e.g. static QDQ, per-channel int8 weights, calibrated on validation images.")
+    source: str = Field(description="Name of the FP32 bundle it was made from.")
+    tolerance: float = Field(ge=0, description="Most test-accuracy points a budget may lose against the source.")
+    parity_rtol: float = Field(
+        ge=0, description="Packed graph against module graphs at load: max |Δ logit| <= PARITY_ATOL + this·max|logit|."
+    )
+    accuracy: list[BudgetAccuracy] = Field(description="At the standard budgets up to M.")
+
+
 class EnsembleMetrics(_Strict):
     """Of the whole ensemble: error rates (classification) or RMSEs in the targets' units (regression, count)."""
 
@@ -266,6 +291,7 @@ class Manifest(_Strict):
         None, description="Shared layers run before the modules (TreeNets); the module graphs take their output."
     )
     metrics: EnsembleMetrics
+    precision: PrecisionInfo | None = Field(None, description="Reduced precision (schema version 4); absent: FP32.")
 
     @model_validator(mode="after")
     def _consistent(self) -> Manifest:
@@ -301,6 +327,13 @@ class Manifest(_Strict):
     def num_classes(self) -> int:
         """The width of every module's output: K classes, or D regression/count outputs."""
         return self.task.num_outputs
+
+    def parity_bound(self, scale: float) -> float:
+        """Largest |Δ logit| allowed between two graphs of this bundle that should agree, at logit scale
+        `scale`: float rounding at FP32; the packed graph's float activations against the module
+        graphs' quantized ones at reduced precision."""
+        rtol = PARITY_RTOL if self.precision is None else max(PARITY_RTOL, self.precision.parity_rtol)
+        return PARITY_ATOL + rtol * scale
 
     def dump(self, bundle_dir: Path) -> Path:
         """Write `bundle_dir/manifest.json` atomically: readers see the old or the new one, whole."""
