@@ -12,7 +12,7 @@
                after --load-s seconds of 16 keep-alive connections posting one image at budget 32
   latency      Engine.predict in this process (default executor: the packed graph where the bundle
                has one), median over --repeats calls, at batch 1 and 64 and budgets 8, 32, 256
-               (a budget above M is M)
+               (a budget above M is M); the two bundles of a pair called in turn
 
 and the ratio of each reduced-precision number to its FP32 bundle's, measured in the same run.
 """
@@ -94,16 +94,19 @@ def load(port: int, body: bytes, seconds: float) -> int:
     return sum(done)
 
 
-def latency_us(engine: Engine, x: np.ndarray, budget: int, repeats: int) -> float:
-    """Median µs of engine.predict(x, budget) after a few warm-up calls (which cache and compile)."""
+def latencies_us(engines: list[Engine], x: np.ndarray, budget: int, repeats: int) -> list[float]:
+    """Median µs of each engine's predict(x, budget), the engines called in turn (so that the
+    machine's drift falls on both alike), after a few warm-up calls (which cache and compile)."""
     for _ in range(5):
-        engine.predict(x, budget=budget)
-    times = []
+        for engine in engines:
+            engine.predict(x, budget=budget)
+    times: list[list[float]] = [[] for _ in engines]
     for _ in range(repeats):
-        t0 = time.perf_counter()
-        engine.predict(x, budget=budget)
-        times.append(time.perf_counter() - t0)
-    return 1e6 * statistics.median(times)
+        for engine, t in zip(engines, times, strict=True):
+            t0 = time.perf_counter()
+            engine.predict(x, budget=budget)
+            t.append(time.perf_counter() - t0)
+    return [1e6 * statistics.median(t) for t in times]
 
 
 def measure(bundle: Path, args: argparse.Namespace) -> dict[str, float]:
@@ -129,17 +132,24 @@ def measure(bundle: Path, args: argparse.Namespace) -> dict[str, float]:
         proc.wait(timeout=30)
     loads = [engine_load(bundle) for _ in range(args.starts)]
     row["ready_s"], row["engine_load_s"] = statistics.median(starts), statistics.median(loads)
-    engine = Engine.load(bundle)
+    return row
+
+
+def latency(bundles: list[Path], rows: list[dict[str, float]], repeats: int) -> None:
+    """Fill each row with its bundle's predict latencies, the bundles of a pair measured side by side."""
+    m = Manifest.load(bundles[0])
+    engines = [Engine.load(b) for b in bundles]
     try:
         lo, hi = m.input.raw_range or (0.0, 1.0)
         x = np.random.default_rng(1).uniform(lo, hi, size=(max(BATCHES), *m.input.shape)).astype(np.float32)
         for batch in BATCHES:
             for budget in BUDGETS:
                 b = min(budget, len(m.modules))
-                row[f"us_b{budget}_n{batch}"] = latency_us(engine, x[:batch], b, args.repeats)
+                for row, us in zip(rows, latencies_us(engines, x[:batch], b, repeats), strict=True):
+                    row[f"us_b{budget}_n{batch}"] = us
     finally:
-        engine.close()
-    return row
+        for engine in engines:
+            engine.close()
 
 
 ROWS = [
@@ -197,6 +207,7 @@ def main() -> int:
         for label, bundle in (("fp32", fp32), (low.dtype, reduced)):
             print(f"== {name} {label}: {bundle}", file=sys.stderr, flush=True)
             results[name][label] = measure(Path(bundle), args)
+        latency([Path(fp32), Path(reduced)], list(results[name].values()), args.repeats)
     print(table(results))
     if args.json:
         args.json.write_text(json.dumps(results, indent=2) + "\n")

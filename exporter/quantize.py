@@ -48,7 +48,15 @@ from quorum.runtime.manifest import (
 )
 from quorum.trainer.data import load_dataset
 
-__all__ = ["METHODS", "PRECISIONS", "STANDARD_BUDGETS", "QuantizeConfig", "int8_weights", "quantize_bundle"]
+__all__ = [
+    "METHODS",
+    "PRECISIONS",
+    "STANDARD_BUDGETS",
+    "QuantizeConfig",
+    "int8_weights",
+    "quantize_bundle",
+    "strip_metadata",
+]
 
 PRECISIONS = ("fp32", "int8", "fp16")
 STANDARD_BUDGETS = (1, 8, 32, 128, 256)  # the budgets a bundle's accuracy is reported at (and `quorum demo`'s)
@@ -186,11 +194,11 @@ def _quantize_module(
         q = int8_weights(proto)
     else:
         q = _static_int8(proto, input_name, calib, workdir)
-    _strip_metadata(q.graph)
+    strip_metadata(q.graph)
     return q
 
 
-def _strip_metadata(graph: onnx.GraphProto) -> None:
+def strip_metadata(graph: onnx.GraphProto) -> None:
     """Drop what torch's exporter notes on every node and tensor (source locations, class names):
     about 2.5 kB a module, most of a small quantized module's bytes."""
     for item in (*graph.node, *graph.input, *graph.output, *graph.initializer):
