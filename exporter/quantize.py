@@ -137,7 +137,7 @@ def quantize_bundle(
                 precision=cfg.precision, rtol=rtol,
             )  # fmt: skip
         order = manifest.anytime_order
-        budgets = [b for b in STANDARD_BUDGETS if b <= len(order)]
+        budgets = sorted({b for b in STANDARD_BUDGETS if b <= len(order)} | {len(order)})  # and the whole ensemble
         packed_acc = _packed_accuracy(tmp / packed.file, manifest, x_test, y_test, budgets) if packed else {}
         accuracy = [
             BudgetAccuracy(

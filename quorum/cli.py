@@ -177,7 +177,7 @@ def build_parser() -> argparse.ArgumentParser:
         "channel, int8 activations calibrated on validation images of the bundle's dataset) and store the packed "
         "graph's weights as int8; or convert every graph to float16 (--precision fp16). Graph inputs and outputs "
         "stay float32. The manifest records the precision and the test accuracy at budgets 1, 8, 32, 128, 256 "
-        "beside the FP32 source's; a bundle that loses more than --tolerance points at any of them is refused, "
+        "and M beside the FP32 source's; a bundle that loses more than --tolerance points at any of them is refused, "
         "with the numbers, and nothing is written.",
         epilog="Example: quorum quantize bundles/demo --out bundles/demo-int8",
     )

@@ -77,6 +77,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     if args.precision != "fp32" and out.exists() and not args.overwrite:
         raise ExportError(f"{out} exists; pass --overwrite to replace it, or choose another --out")
     # reduced precision: the FP32 bundle first, in a temporary sibling, then quantized from it
+    out.parent.mkdir(parents=True, exist_ok=True)
     fp32_out = out if args.precision == "fp32" else Path(tempfile.mkdtemp(prefix=f".{out.name}.fp32.", dir=out.parent))
     try:
         m = export_run(

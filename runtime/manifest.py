@@ -256,7 +256,7 @@ class PrecisionInfo(_Strict):
     parity_rtol: float = Field(
         ge=0, description="Packed graph against module graphs at load: max |Δ logit| <= PARITY_ATOL + this·max|logit|."
     )
-    accuracy: list[BudgetAccuracy] = Field(description="At the standard budgets up to M.")
+    accuracy: list[BudgetAccuracy] = Field(description="At the standard budgets up to M, and at M.")
 
 
 class EnsembleMetrics(_Strict):

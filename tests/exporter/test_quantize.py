@@ -33,7 +33,7 @@ def int8_bundle(bundle_dir: Path, tmp_path_factory: pytest.TempPathFactory, data
 def test_an_int8_bundle_is_a_third_of_the_fp32_bytes_and_records_its_accuracy(int8_bundle: Path, bundle_dir: Path):
     m = Manifest.load(int8_bundle)
     assert m.precision is not None and m.precision.dtype == "int8" and m.precision.source == bundle_dir.name
-    assert [a.budget for a in m.precision.accuracy] == [1, 8, 32]  # the standard budgets up to M = 40
+    assert [a.budget for a in m.precision.accuracy] == [1, 8, 32, 40]  # the standard budgets up to M, and M = 40
     for a in m.precision.accuracy:
         assert a.fp32 - a.modules <= m.precision.tolerance / 100 and a.packed == pytest.approx(a.modules, abs=2e-4)
         assert 0.3 < a.modules <= 1
@@ -118,3 +118,14 @@ def test_quorum_quantize_writes_the_bundle_and_prints_the_table(bundle_dir: Path
     assert "budget   32: fp32" in out.stdout and Manifest.load(tmp_path / "q").precision is not None
     again = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert again.returncode == 2 and "exists; pass --overwrite" in again.stderr
+
+
+def test_quorum_export_precision_int8_writes_only_the_int8_bundle(run_dir: Path, tmp_path: Path):
+    out = tmp_path / "nested" / "int8"
+    cmd = [sys.executable, "-m", "quorum", "export", str(run_dir), "--out", str(out), "--precision", "int8", "--quiet"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    m = Manifest.load(out)
+    assert m.precision is not None and m.precision.dtype == "int8" and m.packed is not None
+    assert "40 int8 modules" in done.stdout and "budget   32: fp32" in done.stdout
+    assert [p.name for p in out.parent.iterdir()] == ["int8"]  # the FP32 export in between is gone
