@@ -7,7 +7,8 @@ their mean logits at budgets 8 and --modules, and the median time of one module 
 batch 1 and 64 (module 0 of the order; one thread, as the runtime runs them), with its ratio to FP32.
 
   fp32            the bundle's graph
-  int8 weights    `quorum quantize` (default): int8 weights per output unit, DequantizeLinear in the graph
+  int8 weights    `quorum quantize` (default): int8 weights per output unit, DequantizeLinear in the graph,
+                  folded at load as the runtime does
   static QDQ pc   `quorum quantize --method static`: onnxruntime static QDQ, per-channel weights
   static QDQ      the same with one scale per weight tensor
   static QOp      static, QOperator format (QGemm nodes), uint8 activations
@@ -26,12 +27,14 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_dynamic, quantize_static
 
 from quorum.exporter.graphs import cpu_session
 from quorum.exporter.packed import module_protos
 from quorum.exporter.quantize import int8_weights, strip_metadata
 from quorum.runtime.manifest import Manifest
+from quorum.runtime.providers import session_options
 from quorum.trainer.data import load_dataset
 
 
@@ -117,7 +120,9 @@ def main() -> int:
                 graphs.append(q.SerializeToString())
             logits = np.stack([cpu_session(g).run(None, {m.input.name: x_test})[0] for g in graphs])  # (b, N, K)
             acc = [float((logits[:b].mean(0).argmax(1) == y_test).mean()) for b in budgets]
-            session = cpu_session(graphs[0])
+            # int8 weights: dequantized once at load, as the runtime does for such bundles
+            opts = session_options(fold_dequantize=name == "int8 weights")
+            session = ort.InferenceSession(graphs[0], opts, providers=["CPUExecutionProvider"])
             us = [run_us(session, {m.input.name: x_test[:n]}, args.repeats) for n in (1, 64)]
             base = base or us
             cells = [f"{statistics.median(len(g) for g in graphs):.0f}", *(f"{100 * a:.2f} %" for a in acc)]

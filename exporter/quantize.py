@@ -151,6 +151,7 @@ def quantize_bundle(
         _check_tolerance(accuracy, cfg.tolerance, cfg.precision)
         precision = PrecisionInfo(
             dtype=cfg.precision,
+            activations=_ACTIVATIONS[cfg.method if cfg.precision == "int8" else "fp16"],
             method=_METHODS[cfg.method if cfg.precision == "int8" else "fp16"].format(n=len(calib)),
             source=manifest.name,
             tolerance=cfg.tolerance,
@@ -176,8 +177,10 @@ def quantize_bundle(
     return new
 
 
+_ACTIVATIONS = {"weights": "float32", "static": "int8", "fp16": "float16"}
 _METHODS = {
-    "weights": "int8 weights, symmetric, one scale per output unit, dequantized in the graph; float32 activations",
+    "weights": "int8 weights, symmetric, one scale per output unit, dequantized in the graph (by the runtime once, "
+    "at load); float32 activations",
     "static": "onnxruntime.quantization static QDQ: int8 weights per output channel, int8 activations calibrated "
     "(min-max) on {n} validation images; no packed graph",
     "fp16": "float16 weights and arithmetic, float32 inputs and outputs (Cast nodes inside)",

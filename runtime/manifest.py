@@ -250,6 +250,9 @@ class PrecisionInfo(_Strict):
     Absent: every graph is FP32. Graph inputs and outputs stay float32 at every precision."""
 
     dtype: Literal["int8", "fp16"]
+    activations: Literal["float32", "float16", "int8"] = Field(
+        description="What the graphs compute in: float32 (int8 weights dequantized), float16, or int8."
+    )
     method: str = Field(description="e.g. static QDQ, per-channel int8 weights, calibrated on validation images.")
     source: str = Field(description="Name of the FP32 bundle it was made from.")
     tolerance: float = Field(ge=0, description="Most test-accuracy points a budget may lose against the source.")
@@ -257,6 +260,11 @@ class PrecisionInfo(_Strict):
         ge=0, description="Packed graph against module graphs at load: max |Δ logit| <= PARITY_ATOL + this·max|logit|."
     )
     accuracy: list[BudgetAccuracy] = Field(description="At the standard budgets up to M, and at M.")
+
+    @property
+    def weights_only(self) -> bool:
+        """int8 weights under float32 arithmetic: the runtime may dequantize them once, at load."""
+        return self.dtype == "int8" and self.activations == "float32"
 
 
 class EnsembleMetrics(_Strict):
