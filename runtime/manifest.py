@@ -16,6 +16,8 @@ and gives the mean of those modules' logits (N, K), then the weights it gathered
 takes the input and those weights and gives the same mean logits. Clients preprocess raw inputs as
 `x_model = (x_raw * input.scale - input.mean[c]) / input.std[c]`, combine the chosen modules'
 logits by their mean, then apply softmax (the normalized geometric mean of the members).
+A reduced-precision bundle (`precision`: int8 or fp16 graphs made from an FP32 bundle) takes and
+gives the same float32 tensors.
 """
 
 from __future__ import annotations
