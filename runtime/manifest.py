@@ -249,7 +249,8 @@ class BudgetAccuracy(_Strict):
 
 class PrecisionInfo(_Strict):
     """How a reduced-precision bundle was made from its FP32 source, and what it costs in accuracy.
-    Absent: every graph is FP32. Graph inputs and outputs stay float32 at every precision."""
+    Absent: every graph is FP32. Graph inputs and outputs stay float32 at every precision; each
+    module's `parity` is then against its FP32 graph, on validation images."""
 
     dtype: Literal["int8", "fp16"]
     activations: Literal["float32", "float16", "int8"] = Field(
