@@ -186,6 +186,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--precision", choices=["int8", "fp16"], default="int8", help="int8 (default) or fp16")
     p.add_argument("--overwrite", action="store_true", help="replace an existing bundle at --out")
     p.add_argument("--data-dir", help="dataset folder (default: $QUORUM_DATA_DIR or Debian's)")
+    p.add_argument(
+        "--val-size",
+        type=int,
+        default=10_000,
+        help="training images the run held out for validation, as `quorum train --val-size` (default: 10000)",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     _quantize_args(p)
 

@@ -89,7 +89,10 @@ def cmd_export(args: argparse.Namespace) -> int:
             progress=not args.quiet,
         )
         if args.precision != "fp32":
-            m = _quantize(args, fp32_out, out)
+            from quorum.trainer.config import TrainConfig
+
+            val_size = TrainConfig.load(Path(args.run) / "config.json").val_size  # the run's validation split
+            m = _quantize(args, fp32_out, out, val_size)
     finally:
         if fp32_out != out:
             shutil.rmtree(fp32_out, ignore_errors=True)
@@ -102,7 +105,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
-def _quantize(args: argparse.Namespace, src: Any, out: Any) -> Any:
+def _quantize(args: argparse.Namespace, src: Any, out: Any, val_size: int) -> Any:
     """`quorum quantize`'s work, for it and for `quorum export --precision`; prints the accuracy table."""
     from quorum.exporter.quantize import QuantizeConfig, quantize_bundle
 
@@ -111,6 +114,7 @@ def _quantize(args: argparse.Namespace, src: Any, out: Any) -> Any:
         method=args.method,
         tolerance=args.tolerance,
         calibration=args.calibration,
+        val_size=val_size,
         data_dir=args.data_dir,
     )
     m = quantize_bundle(src, out, cfg, overwrite=args.overwrite, progress=not args.quiet)
@@ -123,7 +127,7 @@ def _quantize(args: argparse.Namespace, src: Any, out: Any) -> Any:
 
 
 def cmd_quantize(args: argparse.Namespace) -> int:
-    m = _quantize(args, args.bundle, args.out)
+    m = _quantize(args, args.bundle, args.out, args.val_size)
     print(f"{args.out}: {len(m.modules)} {m.precision.dtype} modules from {args.bundle}")
     return 0
 
