@@ -3,7 +3,7 @@
 #   make test   lint, type-check, the whole test suite, and the serving tests without torch
 # And while working:
 #   make test-fast      the fast tier: no training, no processes (well under a minute)
-#   make test-serving   runtime and server tests in a venv without torch (what an edge device installs)
+#   make test-serving   runtime and server tests in a venv with ONNX Runtime's CPU wheel and no torch (an edge device)
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV ?= .venv
@@ -12,8 +12,21 @@ PORT ?= 8000
 EPOCHS ?= 10
 DATA_DIR ?= $(or $(QUORUM_DATA_DIR),/usr/share/datasets/fashion-mnist)
 
+# ONNX Runtime's wheel (an extra of the package): gpu where an NVIDIA driver is present, else cpu.
+# `make setup ORT=cpu` chooses. The two wheels install the same module: one replaces the other.
+ORT ?= $(if $(wildcard /proc/driver/nvidia/version),gpu,cpu)
+ORT_WHEEL = $(if $(filter gpu,$(1)),onnxruntime-gpu,onnxruntime)
+ORT_OTHER = $(if $(filter gpu,$(1)),onnxruntime,onnxruntime-gpu)
+
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+
+# $(call only_ort,PYTHON,cpu|gpu): uninstall the other ONNX Runtime wheel, and this one with it (they
+# share files), so that the install that follows puts this one back whole.
+define only_ort
+	@if $(1) -m pip show -q $(call ORT_OTHER,$(2)) 2>/dev/null; then \
+		$(1) -m pip uninstall -y -q $(call ORT_OTHER,$(2)) $(call ORT_WHEEL,$(2)); fi
+endef
 
 .PHONY: help setup data demo test test-fast test-serving lint typecheck pytest clean
 
@@ -24,7 +37,8 @@ help:
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[train,dev]'
+	$(call only_ort,$(BIN)/python,$(ORT))
+	$(BIN)/python -m pip install --quiet -e '.[$(ORT),train,dev]'
 	@touch $@
 
 setup: $(STAMP) data
@@ -52,14 +66,16 @@ pytest: setup
 test-fast: setup
 	$(BIN)/pytest -m "not slow"
 
-# The serving side alone: `pip install -e .[dev]` brings no torch; the tests prove the runtime and
-# the server need none.
+# The serving side alone, as an edge device installs it: `pip install -e '.[cpu,dev]'` brings the CPU
+# wheel of ONNX Runtime and no torch; the tests prove the runtime and the server need nothing more
+# (tests/server/test_install.py serves a bundle from a real process and checks the wheel).
 test-serving: data
 	@test -x $(SERVE_VENV)/bin/python || $(PYTHON) -m venv $(SERVE_VENV)
 	$(SERVE_VENV)/bin/python -m pip install --quiet --upgrade pip
-	$(SERVE_VENV)/bin/python -m pip install --quiet -e '.[dev]'
+	$(call only_ort,$(SERVE_VENV)/bin/python,cpu)
+	$(SERVE_VENV)/bin/python -m pip install --quiet -e '.[cpu,dev]'
 	@if $(SERVE_VENV)/bin/python -c 'import torch' 2>/dev/null; then echo "torch is installed in $(SERVE_VENV)"; exit 1; fi
-	$(SERVE_VENV)/bin/pytest -p no:cacheprovider tests/core tests/runtime tests/server tests/test_layers.py
+	QUORUM_SERVING_INSTALL=cpu $(SERVE_VENV)/bin/pytest -p no:cacheprovider tests/core tests/runtime tests/server tests/test_layers.py
 
 test: lint typecheck pytest test-serving
 

@@ -37,12 +37,17 @@ def log_tail(log: IO[bytes], chars: int = 2000) -> str:
     return log.read().decode(errors="replace")[-chars:]
 
 
-def start_server(bundle: str, port: int, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
-    """`quorum serve BUNDLE` on 127.0.0.1:port with QUORUM_* settings from `env`, once /readyz answers."""
-    return start_quorum(["serve", bundle], port, env)
+def start_server(
+    bundle: str, port: int, env: dict[str, str] | None = None, poll_s: float = 0.2
+) -> subprocess.Popen[bytes]:
+    """`quorum serve BUNDLE` on 127.0.0.1:port with QUORUM_* settings from `env`, once /readyz answers
+    (asked every `poll_s` seconds)."""
+    return start_quorum(["serve", bundle], port, env, poll_s)
 
 
-def start_quorum(args: list[str], port: int, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+def start_quorum(
+    args: list[str], port: int, env: dict[str, str] | None = None, poll_s: float = 0.2
+) -> subprocess.Popen[bytes]:
     """`quorum ARGS` (serve or gateway) on 127.0.0.1:port with QUORUM_* settings from `env`, once
     /readyz answers."""
     env = {**os.environ, "QUORUM_LOG_LEVEL": "error", **(env or {})}
@@ -59,7 +64,8 @@ def start_quorum(args: list[str], port: int, env: dict[str, str] | None = None) 
             if conn.getresponse().status == 200:
                 return proc
         except OSError:
-            time.sleep(0.2)
+            pass
+        time.sleep(poll_s)
     proc.kill()
     raise SystemExit(f"quorum {args[0]} did not become ready in 120 s")
 

@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 from quorum.core.tasks import Task
 from quorum.exporter.confidence import fit_confidence
 from quorum.exporter.errors import ExportError
-from quorum.exporter.graphs import INPUT_NAME, OUTPUT_NAME, cpu_session, serialize
+from quorum.exporter.graphs import INPUT_NAME, OUTPUT_NAME, cpu_session, replace_dir, serialize
 from quorum.exporter.onnx_graphs import export_graph, export_template, with_weights
 from quorum.exporter.packed import write_packed
 from quorum.exporter.selection import (
@@ -204,7 +204,7 @@ def export_run(
             ),
         )
         manifest.dump(tmp)
-        _replace_dir(tmp, out_dir)
+        replace_dir(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -269,15 +269,3 @@ def _check_parity(j: int, got: np.ndarray, expected: np.ndarray) -> float:
             f"{PARITY_RTOL:g}·max|logit| = {allowed:.2e})"
         )
     return diff
-
-
-def _replace_dir(new: Path, target: Path) -> None:
-    """Move `new` to `target`, replacing an older bundle only once the new one is complete."""
-    if target.exists():
-        old = target.with_name(f".{target.name}.old")
-        shutil.rmtree(old, ignore_errors=True)
-        target.rename(old)
-        new.rename(target)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        new.rename(target)

@@ -4,14 +4,26 @@ and the CPU session that parity checks run on. The packed graph and `quorum pack
 from __future__ import annotations
 
 import hashlib
+import shutil
+from pathlib import Path
 
+import numpy as np
 import onnx
 import onnxruntime as ort
 
 from quorum.exporter.errors import ExportError
 from quorum.runtime.providers import session_options
 
-__all__ = ["INPUT_NAME", "OPSET", "OUTPUT_NAME", "cpu_session", "serialize"]
+__all__ = [
+    "INPUT_NAME",
+    "OPSET",
+    "OUTPUT_NAME",
+    "cpu_session",
+    "int8_symmetric",
+    "replace_dir",
+    "serialize",
+    "to_float16",
+]
 
 INPUT_NAME = "input"
 OUTPUT_NAME = "logits"
@@ -31,3 +43,37 @@ def serialize(proto: onnx.ModelProto) -> tuple[bytes, str]:
 def cpu_session(data: bytes) -> ort.InferenceSession:
     """A CPU session over a serialized graph, set up as the runtime sets up its own, for parity checks."""
     return ort.InferenceSession(data, session_options(), providers=["CPUExecutionProvider"])
+
+
+def to_float16(proto: onnx.ModelProto) -> onnx.ModelProto:
+    """The graph computed in float16, its inputs and outputs kept float32 (Cast nodes inside), so that
+    the runtime feeds and reads the same arrays at every precision."""
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+    from onnxruntime.transformers.onnx_model import OnnxModel
+
+    copy = onnx.ModelProto()
+    copy.CopyFrom(proto)  # the converter changes the graph it is given
+    converted: onnx.ModelProto = convert_float_to_float16(copy, keep_io_types=True, disable_shape_infer=True)
+    OnnxModel(converted).topological_sort()  # the input Casts are appended last; a graph lists producers first
+    return converted
+
+
+def replace_dir(new: Path, target: Path) -> None:
+    """Move `new` to `target`, replacing an older bundle only once the new one is complete."""
+    if target.exists():
+        old = target.with_name(f".{target.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        target.rename(old)
+        new.rename(target)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        new.rename(target)
+
+
+def int8_symmetric(w: np.ndarray, axes: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric int8 quantization of `w` with one scale per slice: max |w| over `axes` maps to 127.
+    Returns (q int8 like w, scale float32 with `axes` kept as size 1), w ≈ q · scale."""
+    absmax = np.abs(w).max(axis=axes, keepdims=True)
+    scale = np.where(absmax > 0, absmax / 127.0, 1.0).astype(np.float32)
+    q = np.clip(np.rint(w / scale), -127, 127).astype(np.int8)
+    return q, scale

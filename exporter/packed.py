@@ -31,7 +31,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from quorum.exporter.errors import ExportError
-from quorum.exporter.graphs import OPSET, cpu_session, serialize
+from quorum.exporter.graphs import OPSET, cpu_session, int8_symmetric, serialize, to_float16
 from quorum.runtime.manifest import PARITY_ATOL, PARITY_RTOL, Manifest, PackedEntry, probe_input
 
 __all__ = [
@@ -41,6 +41,7 @@ __all__ = [
     "WEIGHTS",
     "build_packed",
     "mlp_weights",
+    "module_protos",
     "pack_bundle",
     "packed_parity",
     "write_packed",
@@ -73,14 +74,16 @@ def mlp_weights(proto: onnx.ModelProto, input_name: str, output_name: str) -> tu
 
 
 def build_packed(
-    protos: Sequence[onnx.ModelProto], input_name: str, output_name: str
+    protos: Sequence[onnx.ModelProto], input_name: str, output_name: str, *, int8_weights: bool = False
 ) -> tuple[onnx.ModelProto, onnx.ModelProto]:
     """The packed graph of the modules `protos` (module j = protos[j]), and its core.
 
     The packed graph gathers the indexed modules' weights (also returned as outputs) and
     computes their mean logits; the core graph computes the same from weights given as inputs,
     node for node, so a runtime that keeps the gathered weights of a frequent subset skips the
-    gather and gets bit-identical logits.
+    gather and gets bit-identical logits. With `int8_weights`, the two weight matrices are stored
+    as int8 with one scale per module and output unit and dequantized after the gather: a quarter
+    of the bytes, the same float arithmetic (and the same core) as int8 module graphs.
     """
     if not protos:
         raise ExportError("no modules to pack")
@@ -103,12 +106,10 @@ def build_packed(
         helper.make_node("Cast", ["b_shape"], ["b_float"], to=TensorProto.FLOAT),
         helper.make_node("Reciprocal", ["b_float"], ["inv_b"]),  # (1,)
         # the chosen modules' rows of every layer, stacked
-        helper.make_node("Gather", ["W1", INDEX_NAME], ["W1_b"], axis=0),  # (b, H, D)
-        helper.make_node("Reshape", ["W1_b", "shape_rows_D"], [WEIGHTS[0]]),  # W1_rows (b·H, D)
+        *_gather_rows("W1", "shape_rows_D", WEIGHTS[0], int8_weights),  # W1_rows (b·H, D)
         helper.make_node("Gather", ["B1", INDEX_NAME], ["B1_b"], axis=0),  # (b, H)
         helper.make_node("Reshape", ["B1_b", "shape_flat"], [WEIGHTS[1]]),  # B1_rows (b·H,)
-        helper.make_node("Gather", ["W2t", INDEX_NAME], ["W2_b"], axis=0),  # (b, H, K)
-        helper.make_node("Reshape", ["W2_b", "shape_rows_K"], ["W2_rows"]),  # (b·H, K)
+        *_gather_rows("W2t", "shape_rows_K", "W2_rows", int8_weights),  # (b·H, K)
         helper.make_node("Mul", ["W2_rows", "inv_b"], [WEIGHTS[2]]),  # W2_mean (b·H, K): the 1/b of the mean
         helper.make_node("Gather", ["B2", INDEX_NAME], ["B2_b"], axis=0),  # (b, K)
         helper.make_node("ReduceMean", ["B2_b", "axis0"], [WEIGHTS[3]], keepdims=0),  # mean_b2 (K,)
@@ -137,9 +138,9 @@ def build_packed(
         [x_in, helper.make_tensor_value_info(INDEX_NAME, TensorProto.INT64, ["b"])],
         [logits, *weight_info],  # the gathered weights too, for the runtime's cache
         [
-            const("W1", W1),
+            *(_int8_rows("W1", W1, (2,)) if int8_weights else [const("W1", W1)]),
             const("B1", b1),
-            const("W2t", W2t),
+            *(_int8_rows("W2t", W2t, (1,)) if int8_weights else [const("W2t", W2t)]),
             const("B2", b2),
             const("shape_rows_D", np.array([-1, D], np.int64)),
             const("shape_rows_K", np.array([-1, K], np.int64)),
@@ -160,6 +161,31 @@ def build_packed(
     return models[0], models[1]
 
 
+def _gather_rows(name: str, shape: str, out: str, int8: bool) -> list[onnx.NodeProto]:
+    """Nodes that gather the indexed modules' (H, C) rows of the stacked weights `name` (M, H, C)
+    into `out` (b·H, C) float; int8 weights are multiplied by their gathered scales, as the module
+    graphs' DequantizeLinear does (one float product per weight: the same values)."""
+    if not int8:
+        return [
+            helper.make_node("Gather", [name, INDEX_NAME], [f"{name}_b"], axis=0),  # (b, H, C)
+            helper.make_node("Reshape", [f"{name}_b", shape], [out]),
+        ]
+    return [
+        helper.make_node("Gather", [f"{name}_q", INDEX_NAME], [f"{name}_qb"], axis=0),  # (b, H, C) int8
+        helper.make_node("Cast", [f"{name}_qb"], [f"{name}_qf"], to=TensorProto.FLOAT),
+        helper.make_node("Gather", [f"{name}_scale", INDEX_NAME], [f"{name}_sb"], axis=0),  # (b, H, 1) or (b, 1, C)
+        helper.make_node("Mul", [f"{name}_qf", f"{name}_sb"], [f"{name}_b"]),  # (b, H, C)
+        helper.make_node("Reshape", [f"{name}_b", shape], [out]),
+    ]
+
+
+def _int8_rows(name: str, w: np.ndarray, axes: tuple[int, ...]) -> list[onnx.TensorProto]:
+    """The initializers `name`_q (M, H, C) int8 and `name`_scale of the stacked weights `w`, one scale
+    per module and output unit as the module graphs hold them (`int8_module`): W1 (M, H, 1), W2ᵀ (M, 1, K)."""
+    q, scale = int8_symmetric(w, axes)
+    return [numpy_helper.from_array(q, f"{name}_q"), numpy_helper.from_array(scale, f"{name}_scale")]
+
+
 def _batch_dim(value: onnx.ValueInfoProto) -> str | int:
     """The batch dimension of a graph input, as a name or a number."""
     dim = value.type.tensor_type.shape.dim[0]
@@ -174,12 +200,7 @@ def pack_bundle(bundle_dir: str | Path) -> Manifest:
     """
     bundle_dir = Path(bundle_dir)
     manifest = Manifest.load(bundle_dir)
-    protos = []
-    for entry in manifest.modules:
-        data = (bundle_dir / entry.file).read_bytes()
-        if hashlib.sha256(data).hexdigest() != entry.sha256:
-            raise ExportError(f"{entry.file} does not match its checksum; re-export the bundle before packing it")
-        protos.append(onnx.load_from_string(data))
+    protos = module_protos(bundle_dir, manifest, "packing")
     x = probe_input(manifest.input, n=256)
     module_logits = np.stack(
         [cpu_session(p.SerializeToString()).run(None, {manifest.input.name: x})[0] for p in protos]
@@ -190,6 +211,17 @@ def pack_bundle(bundle_dir: str | Path) -> Manifest:
     return manifest
 
 
+def module_protos(bundle_dir: Path, manifest: Manifest, purpose: str) -> list[onnx.ModelProto]:
+    """Every module graph of a bundle, each checked against its checksum (ExportError if not)."""
+    protos = []
+    for entry in manifest.modules:
+        data = (bundle_dir / entry.file).read_bytes()
+        if hashlib.sha256(data).hexdigest() != entry.sha256:
+            raise ExportError(f"{entry.file} does not match its checksum; re-export the bundle before {purpose} it")
+        protos.append(onnx.load_from_string(data))
+    return protos
+
+
 def write_packed(
     bundle_dir: Path,
     protos: Sequence[onnx.ModelProto],
@@ -197,16 +229,23 @@ def write_packed(
     output_name: str,
     x: np.ndarray,
     module_logits: np.ndarray,
+    *,
+    precision: str = "fp32",
+    rtol: float = PARITY_RTOL,
 ) -> PackedEntry:
     """Build, check and write packed.onnx and packed_core.onnx into `bundle_dir`; their manifest entry.
 
     Checked on x against the module graphs' logits (M, N, K): the packed graph's mean logits
-    within the parity tolerance, and the core's bit-identical to the packed graph's.
+    within the parity tolerance (PARITY_ATOL + rtol·max|logit|), and the core's bit-identical to
+    the packed graph's. `precision`: fp32; int8 (int8 weights, float arithmetic); fp16 (float16
+    inside, float32 inputs and outputs).
     """
-    packed, core = build_packed(protos, input_name, output_name)
+    packed, core = build_packed(protos, input_name, output_name, int8_weights=precision == "int8")
+    if precision == "fp16":
+        packed, core = to_float16(packed), to_float16(core)
     packed_bytes, packed_digest = serialize(packed)
     core_bytes, core_digest = serialize(core)
-    parity = packed_parity(packed_bytes, x, module_logits)
+    parity = packed_parity(packed_bytes, x, module_logits, rtol)
     index = np.arange(len(protos), dtype=np.int64)
     logits, *weights = cpu_session(packed_bytes).run(None, {input_name: x, INDEX_NAME: index})
     again = cpu_session(core_bytes).run(None, {input_name: x, **dict(zip(WEIGHTS, weights, strict=True))})[0]
@@ -227,7 +266,7 @@ def write_packed(
     )
 
 
-def packed_parity(packed: bytes, x: np.ndarray, module_logits: np.ndarray) -> float:
+def packed_parity(packed: bytes, x: np.ndarray, module_logits: np.ndarray, rtol: float = PARITY_RTOL) -> float:
     """Max |Δ| of the packed graph's mean logits on x against the module graphs' (M, N, K), for
     the full ensemble and its two halves; ExportError beyond the parity tolerance."""
     session = cpu_session(packed)
@@ -238,7 +277,7 @@ def packed_parity(packed: bytes, x: np.ndarray, module_logits: np.ndarray) -> fl
             continue
         got = session.run(None, {inputs[0]: x, inputs[1]: ids.astype(np.int64)})[0]  # logits come first
         diff = float(np.abs(got - module_logits[ids].mean(axis=0)).max()) if np.isfinite(got).all() else np.inf
-        if not diff <= PARITY_ATOL + PARITY_RTOL * float(np.abs(module_logits[ids]).max()):
+        if not diff <= PARITY_ATOL + rtol * float(np.abs(module_logits[ids]).max()):
             raise ExportError(f"the packed graph's mean logits differ from the module graphs' by {diff:.2e}")
         worst = max(worst, diff)
     return worst

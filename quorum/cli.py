@@ -1,5 +1,5 @@
-"""The `quorum` command's arguments: train | export | pack | serve | demo | sweep | robustness | calibration | ood |
-specialists | report. `quorum.commands` holds what each does."""
+"""The `quorum` command's arguments: train | export | quantize | pack | serve | demo | sweep | robustness |
+calibration | ood | specialists | report. `quorum.commands` holds what each does."""
 
 from __future__ import annotations
 
@@ -95,6 +95,29 @@ def _train_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--log-every", type=int, help="steps between progress updates, the only host syncs (default: 50)")
 
 
+def _quantize_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--tolerance",
+        type=float,
+        default=0.5,
+        help="reduced precision: most test-accuracy points any standard budget may lose against FP32 (default: 0.5)",
+    )
+    p.add_argument(
+        "--method",
+        choices=["weights", "static"],
+        default="weights",
+        help="int8: weights (default): int8 weights dequantized in the graph, float activations, a packed graph "
+        "the runtime verifies as at FP32; static: ONNX Runtime's static quantization, int8 activations "
+        "calibrated on validation images, no packed graph (docs/RESULTS.md compares the two)",
+    )
+    p.add_argument(
+        "--calibration",
+        type=int,
+        default=1000,
+        help="int8 static: validation images that calibrate the activation ranges (default: 1000)",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="quorum",
@@ -137,6 +160,40 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace an existing bundle at --out")
     p.add_argument("--data-dir", help="Fashion-MNIST folder, if not the one the run used")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument(
+        "--precision",
+        choices=["fp32", "int8", "fp16"],
+        default="fp32",
+        help="fp32 (default); int8: statically quantized graphs for small CPUs; fp16: float16 graphs for GPUs. "
+        "Reduced precision is made from the FP32 export as `quorum quantize` makes it, and refused beyond "
+        "--tolerance",
+    )
+    _quantize_args(p)
+
+    p = sub.add_parser(
+        "quantize",
+        help="make an INT8 (or FP16) bundle from an FP32 bundle, refused if it loses accuracy",
+        description="Quantize every module graph with ONNX Runtime's static quantization (QDQ, int8 weights per "
+        "channel, int8 activations calibrated on validation images of the bundle's dataset) and store the packed "
+        "graph's weights as int8; or convert every graph to float16 (--precision fp16). Graph inputs and outputs "
+        "stay float32. The manifest records the precision and the test accuracy at budgets 1, 8, 32, 128, 256 "
+        "and M beside the FP32 source's; a bundle that loses more than --tolerance points at any of them is refused, "
+        "with the numbers, and nothing is written.",
+        epilog="Example: quorum quantize bundles/demo --out bundles/demo-int8",
+    )
+    p.add_argument("bundle", help="FP32 bundle directory written by `quorum export`")
+    p.add_argument("--out", required=True, help="new bundle directory, e.g. bundles/demo-int8")
+    p.add_argument("--precision", choices=["int8", "fp16"], default="int8", help="int8 (default) or fp16")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing bundle at --out")
+    p.add_argument("--data-dir", help="dataset folder (default: $QUORUM_DATA_DIR or Debian's)")
+    p.add_argument(
+        "--val-size",
+        type=int,
+        default=10_000,
+        help="training images the run held out for validation, as `quorum train --val-size` (default: 10000)",
+    )
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    _quantize_args(p)
 
     p = sub.add_parser(
         "serve",
@@ -381,6 +438,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"\nquorum {args.command}: interrupted{hint}", file=sys.stderr)
         return 130
     except ModuleNotFoundError as e:
+        if e.name == "onnxruntime":
+            print(
+                f"quorum {args.command}: needs ONNX Runtime, which comes with one of two extras: "
+                "pip install 'quorum[cpu]' (any machine), or 'quorum[gpu]' (CUDA)",
+                file=sys.stderr,
+            )
+            return 2
         if e.name not in _TRAIN_EXTRAS:
             raise
         print(

@@ -65,22 +65,70 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
+    import shutil
+    import tempfile
+    from pathlib import Path
+
     from quorum.core.tasks import get_task
+    from quorum.exporter.errors import ExportError
     from quorum.exporter.export import export_run
 
-    m = export_run(
-        args.run,
-        args.out,
-        data_dir=args.data_dir,
-        overwrite=args.overwrite,
-        checkpoint=args.checkpoint,
-        progress=not args.quiet,
-    )
+    out = Path(args.out)
+    if args.precision != "fp32" and out.exists() and not args.overwrite:
+        raise ExportError(f"{out} exists; pass --overwrite to replace it, or choose another --out")
+    # reduced precision: the FP32 bundle first, in a temporary sibling, then quantized from it
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fp32_out = out if args.precision == "fp32" else Path(tempfile.mkdtemp(prefix=f".{out.name}.fp32.", dir=out.parent))
+    try:
+        m = export_run(
+            args.run,
+            fp32_out,
+            data_dir=args.data_dir,
+            overwrite=args.overwrite or fp32_out != out,
+            checkpoint=args.checkpoint,
+            progress=not args.quiet,
+        )
+        if args.precision != "fp32":
+            from quorum.trainer.config import TrainConfig
+
+            val_size = TrainConfig.load(Path(args.run) / "config.json").val_size  # the run's validation split
+            m = _quantize(args, fp32_out, out, val_size)
+    finally:
+        if fp32_out != out:
+            shutil.rmtree(fp32_out, ignore_errors=True)
     metric = get_task(m.task.kind).metric
     print(
-        f"{args.out}: {len(m.modules)} modules from epoch {m.training.exported_epoch} ({m.training.checkpoint}.pt), "
-        f"validation {metric} {m.metrics.val_error:.4f}, test {metric} {m.metrics.test_error:.4f}"
+        f"{args.out}: {len(m.modules)} {args.precision} modules from epoch {m.training.exported_epoch} "
+        f"({m.training.checkpoint}.pt), validation {metric} {m.metrics.val_error:.4f}, test {metric} "
+        f"{m.metrics.test_error:.4f}"
     )
+    return 0
+
+
+def _quantize(args: argparse.Namespace, src: Any, out: Any, val_size: int) -> Any:
+    """`quorum quantize`'s work, for it and for `quorum export --precision`; prints the accuracy table."""
+    from quorum.exporter.quantize import QuantizeConfig, quantize_bundle
+
+    cfg = QuantizeConfig(
+        precision=args.precision,
+        method=args.method,
+        tolerance=args.tolerance,
+        calibration=args.calibration,
+        val_size=val_size,
+        data_dir=args.data_dir,
+    )
+    m = quantize_bundle(src, out, cfg, overwrite=args.overwrite, progress=not args.quiet)
+    assert m.precision is not None
+    print(f"test accuracy, {m.precision.dtype} against fp32 (tolerance {m.precision.tolerance:g} points):")
+    for a in m.precision.accuracy:
+        packed = f", packed {100 * a.packed:.2f} %" if a.packed is not None else ""
+        print(f"  budget {a.budget:>4}: fp32 {100 * a.fp32:.2f} %, modules {100 * a.modules:.2f} %{packed}")
+    return m
+
+
+def cmd_quantize(args: argparse.Namespace) -> int:
+    m = _quantize(args, args.bundle, args.out, args.val_size)
+    print(f"{args.out}: {len(m.modules)} {m.precision.dtype} modules from {args.bundle}")
     return 0
 
 
@@ -232,6 +280,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 HANDLERS = {
     "train": cmd_train,
     "export": cmd_export,
+    "quantize": cmd_quantize,
     "serve": cmd_serve,
     "gateway": cmd_gateway,
     "pack": cmd_pack,

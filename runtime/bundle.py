@@ -22,7 +22,7 @@ import onnxruntime as ort
 
 from quorum.runtime.errors import BundleError
 from quorum.runtime.executors import IsolatedExecutor
-from quorum.runtime.manifest import PARITY_ATOL, PARITY_RTOL, Manifest, ModuleEntry, probe_input
+from quorum.runtime.manifest import Manifest, ModuleEntry, probe_input
 from quorum.runtime.packed import PackedExecutor, expose_hidden
 from quorum.runtime.providers import CUDA, requested_providers, session_options
 from quorum.runtime.stats import ModuleState
@@ -100,7 +100,8 @@ def load_bundle(
     if modules is not None and (bad := sorted(set(modules) - set(range(len(manifest.modules))))):
         raise BundleError(f"{bundle_dir}: no module(s) {bad[:10]}; its modules are 0..{len(manifest.modules) - 1}")
     providers = requested_providers(device)
-    opts = session_options()
+    fold = manifest.precision is not None and manifest.precision.weights_only
+    opts = session_options(fold_dequantize=fold)
     sessions: dict[int, ort.InferenceSession] = {}
     states = [
         ModuleState(e.id, e.file, "healthy")
@@ -155,7 +156,7 @@ def load_bundle(
     note: str | None = "executor=isolated was asked for"
     if executor != "isolated":
         try:
-            packed_opts = session_options()
+            packed_opts = session_options(fold_dequantize=fold)
             packed_opts.intra_op_num_threads = packed_threads
             packed_opts.add_session_config_entry("session.intra_op.allow_spinning", "0")  # idle threads sleep
             packed = _load_packed(bundle_dir, manifest, packed_opts, providers, probe, probe_logits)
@@ -237,7 +238,7 @@ def _load_packed(
         # every healthy module what its file answers.
         for j, expected in probe_logits.items():
             diff = float(np.abs(packed.run([j], probe) - expected).max())
-            if not diff <= PARITY_ATOL + PARITY_RTOL * float(np.abs(expected).max()):
+            if not diff <= manifest.parity_bound(float(np.abs(expected).max())):
                 raise _Quarantine(f"{entry.file} disagrees with {manifest.modules[j].file} by {diff:.2e}")
     except _Quarantine:
         raise

@@ -16,6 +16,8 @@ and gives the mean of those modules' logits (N, K), then the weights it gathered
 takes the input and those weights and gives the same mean logits. Clients preprocess raw inputs as
 `x_model = (x_raw * input.scale - input.mean[c]) / input.std[c]`, combine the chosen modules'
 logits by their mean, then apply softmax (the normalized geometric mean of the members).
+A reduced-precision bundle (`precision`: int8 or fp16 graphs made from an FP32 bundle) takes and
+gives the same float32 tensors.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ __all__ = [
     "READABLE_VERSIONS",
     "SCHEMA_VERSION",
     "AdaptiveRule",
+    "BudgetAccuracy",
     "ConfidenceEntry",
     "EnsembleMetrics",
     "InputSpec",
@@ -46,6 +49,7 @@ __all__ = [
     "ModuleEntry",
     "OutputSpec",
     "PackedEntry",
+    "PrecisionInfo",
     "SpecialistEntry",
     "TaskSpec",
     "TrainingInfo",
@@ -54,7 +58,9 @@ __all__ = [
 ]
 
 FORMAT: Literal["quorum-bundle"] = "quorum-bundle"
-SCHEMA_VERSION = 4  # 2 added `trunk`, 3 `training.checkpoint` and `training.exported_epoch`, 4 `confidence`
+SCHEMA_VERSION = (
+    4  # 2 added `trunk`, 3 `training.checkpoint` and `training.exported_epoch`, 4 `confidence`, `precision`
+)
 READABLE_VERSIONS = (1, 2, 3, 4)
 MANIFEST_FILE = "manifest.json"
 
@@ -236,6 +242,38 @@ class TrunkEntry(_Strict):
         return _check_shape(shape, "trunk.output_shape")
 
 
+class BudgetAccuracy(_Strict):
+    """Test accuracy of the anytime order's first `budget` modules, reduced and full precision."""
+
+    budget: int = Field(ge=1)
+    modules: float = Field(ge=0, le=1, description="Through the module graphs (mean of their logits).")
+    packed: float | None = Field(None, ge=0, le=1, description="Through the packed graph, if the bundle has one.")
+    fp32: float = Field(ge=0, le=1, description="The FP32 source bundle's module graphs.")
+
+
+class PrecisionInfo(_Strict):
+    """How a reduced-precision bundle was made from its FP32 source, and what it costs in accuracy.
+    Absent: every graph is FP32. Graph inputs and outputs stay float32 at every precision; each
+    module's `parity` is then against its FP32 graph, on validation images."""
+
+    dtype: Literal["int8", "fp16"]
+    activations: Literal["float32", "float16", "int8"] = Field(
+        description="What the graphs compute in: float32 (int8 weights dequantized), float16, or int8."
+    )
+    method: str = Field(description="e.g. static QDQ, per-channel int8 weights, calibrated on validation images.")
+    source: str = Field(description="Name of the FP32 bundle it was made from.")
+    tolerance: float = Field(ge=0, description="Most test-accuracy points a budget may lose against the source.")
+    parity_rtol: float = Field(
+        ge=0, description="Packed graph against module graphs at load: max |Δ logit| <= PARITY_ATOL + this·max|logit|."
+    )
+    accuracy: list[BudgetAccuracy] = Field(description="At the standard budgets up to M, and at M.")
+
+    @property
+    def weights_only(self) -> bool:
+        """int8 weights under float32 arithmetic: the runtime may dequantize them once, at load."""
+        return self.dtype == "int8" and self.activations == "float32"
+
+
 class EnsembleMetrics(_Strict):
     """Of the whole ensemble: error rates (classification) or RMSEs in the targets' units (regression, count)."""
 
@@ -303,6 +341,7 @@ class Manifest(_Strict):
     confidence: ConfidenceEntry | None = Field(
         None, description="Temperatures and adaptive-budget thresholds (classification; schema version 4)."
     )
+    precision: PrecisionInfo | None = Field(None, description="Reduced precision (schema version 4); absent: FP32.")
 
     @model_validator(mode="after")
     def _consistent(self) -> Manifest:
@@ -340,6 +379,13 @@ class Manifest(_Strict):
     def num_classes(self) -> int:
         """The width of every module's output: K classes, or D regression/count outputs."""
         return self.task.num_outputs
+
+    def parity_bound(self, scale: float) -> float:
+        """Largest |Δ logit| allowed between two graphs of this bundle that should agree, at logit scale
+        `scale`: float rounding at FP32; the packed graph's float activations against the module
+        graphs' quantized ones at reduced precision."""
+        rtol = PARITY_RTOL if self.precision is None else max(PARITY_RTOL, self.precision.parity_rtol)
+        return PARITY_ATOL + rtol * scale
 
     def dump(self, bundle_dir: Path) -> Path:
         """Write `bundle_dir/manifest.json` atomically: readers see the old or the new one, whole."""

@@ -49,7 +49,10 @@ def expose_hidden(model: bytes) -> tuple[bytes, dict[str, np.ndarray]]:
     graph = proto.graph
     if any(HIDDEN in n.output for n in graph.node) and HIDDEN not in [o.name for o in graph.output]:
         graph.output.insert(1, helper.make_tensor_value_info(HIDDEN, TensorProto.FLOAT, None))
-    weights = {i.name: numpy_helper.to_array(i) for i in graph.initializer if i.name in ("W2t", "B2")}
+    arrays = {i.name: numpy_helper.to_array(i) for i in graph.initializer if i.name.startswith(("W2t", "B2"))}
+    if "W2t" not in arrays and {"W2t_q", "W2t_scale"} <= arrays.keys():  # int8 weights: as the graph dequantizes
+        arrays["W2t"] = arrays["W2t_q"].astype(np.float32) * arrays["W2t_scale"].astype(np.float32)
+    weights = {name: arrays[name] for name in ("W2t", "B2") if name in arrays}
     return proto.SerializeToString(), weights
 
 

@@ -51,11 +51,14 @@ def requested_providers(device: str) -> list[str]:
     return [CPU]
 
 
-def session_options() -> ort.SessionOptions:
+def session_options(*, fold_dequantize: bool = False) -> ort.SessionOptions:
     """Options for one small module session: no thread pool of its own, quiet logs.
 
     With one intra-op thread ONNX Runtime runs the graph on the calling thread, so many
     module sessions never oversubscribe the cores; concurrency comes from the caller.
+    `fold_dequantize`: for graphs of int8 weights and float activations, dequantize the weights
+    once at load (float in memory, int8 on disk) rather than at every run, which also lets
+    ONNX Runtime lay out convolution weights for its fast kernels.
     """
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = 1
@@ -68,4 +71,6 @@ def session_options() -> ort.SessionOptions:
     # the logit scale. Unpacked, a module gives bit-identical logits on both paths; the speed
     # of these small GEMMs is the same either way.
     opts.add_session_config_entry("session.disable_prepacking", "1")
+    if fold_dequantize:  # constant folding keeps DequantizeLinear for int8 kernels unless QDQ handling is off
+        opts.add_session_config_entry("session.disable_quant_qdq", "1")
     return opts

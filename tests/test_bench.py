@@ -3,7 +3,9 @@ benchmarks, and a test that times them would only measure this machine's noise).
 
 from __future__ import annotations
 
+import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -83,3 +85,17 @@ def test_shard_chaos_loses_nothing_and_the_outage_answers_are_the_sub_ensembles(
     assert int(phases["2 killed"][5]) > 0 and int(phases["3 stopped"][5]) > 0  # the outages degraded answers
     served, offline = (float(v) for v in re.findall(r"served (\d\.\d+), the same modules offline (\d\.\d+)", out)[0])
     assert served == offline
+
+
+@pytest.mark.skipif(shutil.which("nvidia-smi") is not None, reason="checks the script's answer where there is no GPU")
+def test_the_gpu_script_fails_soft_without_a_gpu(tmp_path: Path):
+    out = subprocess.run(
+        ["bash", "bench/gpu.sh"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "OUT": str(tmp_path)},
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "no GPU here" in (tmp_path / "status.txt").read_text() and (tmp_path / "env.txt").exists()

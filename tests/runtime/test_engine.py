@@ -167,6 +167,14 @@ def test_a_bundle_of_an_older_schema_version_still_loads(bundle_copy: Path, test
 OLD_BUNDLE = Path(__file__).parents[1] / "data" / "bundle-e77a083"  # exported before the redesign
 
 
+def test_an_fp32_manifest_of_schema_3_still_loads_without_a_precision(bundle_copy: Path):
+    raw = json.loads((bundle_copy / "manifest.json").read_text())
+    assert raw.pop("precision") is None
+    raw["version"] = 3
+    (bundle_copy / "manifest.json").write_text(json.dumps(raw))
+    assert Manifest.load(bundle_copy).precision is None
+
+
 def test_a_bundle_exported_before_the_redesign_still_serves(test_images):
     packed = Engine.load(OLD_BUNDLE, device="cpu", executor="packed")
     isolated = Engine.load(OLD_BUNDLE, device="cpu", executor="isolated")
