@@ -38,6 +38,7 @@ __all__ = [
     "PARITY_RTOL",
     "READABLE_VERSIONS",
     "SCHEMA_VERSION",
+    "CompressionInfo",
     "EnsembleMetrics",
     "InputSpec",
     "Manifest",
@@ -234,6 +235,15 @@ class TrunkEntry(_Strict):
         return _check_shape(shape, "trunk.output_shape")
 
 
+class CompressionInfo(_Strict):
+    """Where a one-module bundle's network came from: an ensemble merged by `quorum compress`."""
+
+    method: str = Field(description="permavg | match | distill | naive")
+    members: list[int] = Field(min_length=1, description="Source module ids merged; the first is the reference.")
+    source: str = Field(description="The source bundle or run folder.")
+    seconds: float = Field(ge=0, description="Compute the merge took (alignment or training), in seconds.")
+
+
 class EnsembleMetrics(_Strict):
     """Of the whole ensemble: error rates (classification) or RMSEs in the targets' units (regression, count)."""
 
@@ -266,6 +276,9 @@ class Manifest(_Strict):
         None, description="Shared layers run before the modules (TreeNets); the module graphs take their output."
     )
     metrics: EnsembleMetrics
+    compression: CompressionInfo | None = Field(
+        None, description="Set in a one-module bundle made by `quorum compress`; optional, so older bundles read."
+    )
 
     @model_validator(mode="after")
     def _consistent(self) -> Manifest:
