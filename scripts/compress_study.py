@@ -124,6 +124,7 @@ def main() -> None:
     for other in map(json.loads, map(Path.read_text, map(Path, args.merge))):
         results["runs"].update(other["runs"])
         results["bundles"].update(other["bundles"])
+        results.setdefault("protocol", other["protocol"])
     configs = {
         "naive": CompressConfig("naive"),
         "match": CompressConfig("match"),
@@ -131,7 +132,8 @@ def main() -> None:
         "distill": CompressConfig("distill", epochs=args.distill_epochs),
     }
     assert set(configs) == set(METHODS)
-    results["protocol"] = {k: v for k, v in vars(args).items() if k not in ("runs", "bundles", "out")}
+    if args.runs or args.bundles:
+        results["protocol"] = {k: v for k, v in vars(args).items() if k not in ("runs", "bundles", "out", "merge")}
     t0 = time.perf_counter()
     for run in args.runs:
         source = load_source(run)

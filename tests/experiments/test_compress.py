@@ -81,4 +81,4 @@ def test_compress_command_trains_and_writes_a_bundle(source_bundle: Path, tmp_pa
     m = json.loads((out / "manifest.json").read_text())
     assert m["compression"]["method"] == method and m["compression"]["members"] == [2, 0]
     assert m["compression"]["seconds"] > 0 and f"error val {m['metrics']['val_error']:.4f}" in done.stdout
-    assert m["metrics"]["test_error"] < 0.5  # trained for one epoch: far better than chance (0.9)
+    assert m["metrics"]["test_error"] < 0.8  # one epoch on the built (weak) modules: better than chance (0.9)

@@ -12,9 +12,9 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
-from quorum.trainer.merge.layers import Layers
+from quorum.trainer.merge._fit import fit_epochs
+from quorum.trainer.merge.layers import Layers, as_module
 
 __all__ = ["DistillConfig", "distill"]
 
@@ -39,32 +39,28 @@ def distill(
     progress: bool = True,
 ) -> Layers:
     """Train a student of the shape of `shape` (an MLP's weights) on (x, y) and the teacher's logits (N, K)."""
+    student = as_module(shape, (shape[0][0].shape[1],)).train()
+    linears = [m for m in student if isinstance(m, nn.Linear)]
     torch.manual_seed(config.seed)
-    linears = [nn.Linear(w.shape[1], w.shape[0]) for w, _ in shape]
-    mods: list[nn.Module] = []
-    for i, linear in enumerate(linears):
-        mods += [linear] if i == len(linears) - 1 else [linear, nn.ReLU()]
-    student = nn.Sequential(*mods)
+    for linear in linears:
+        linear.reset_parameters()  # a fresh network of the members' shape
     opt = torch.optim.SGD(student.parameters(), lr=config.lr, momentum=0.9)
     T, a = config.temperature, config.alpha
-    gen = torch.Generator().manual_seed(config.seed)
-    bar = tqdm(range(config.epochs), desc="distill", unit="epoch", disable=not progress)
-    for _ in bar:
-        order = torch.randperm(len(y), generator=gen)
-        total = 0.0
-        for i in range(0, len(y), config.batch_size):
-            idx = order[i : i + config.batch_size]
-            z = student(x[idx].reshape(len(idx), -1))  # (B, K)
-            soft = nn.functional.kl_div(
-                torch.log_softmax(z / T, dim=1),
-                torch.log_softmax(teacher_logits[idx] / T, dim=1),
-                reduction="batchmean",
-                log_target=True,
-            )
-            loss = (1 - a) * nn.functional.cross_entropy(z, y[idx]) + a * T * T * soft
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            total += loss.item() * len(idx)
-        bar.set_postfix(loss=f"{total / len(y):.4f}")
+
+    def step(idx: torch.Tensor) -> float:
+        z = student(x[idx].reshape(len(idx), -1))  # (B, K)
+        soft = nn.functional.kl_div(
+            torch.log_softmax(z / T, dim=1),
+            torch.log_softmax(teacher_logits[idx] / T, dim=1),
+            reduction="batchmean",
+            log_target=True,
+        )
+        loss = (1 - a) * nn.functional.cross_entropy(z, y[idx]) + a * T * T * soft
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        return loss.item()
+
+    fit_epochs(step, len(y), epochs=config.epochs, batch_size=config.batch_size, seed=config.seed, desc="distill",
+               progress=progress)  # fmt: skip
     return [(m.weight.detach().clone(), m.bias.detach().clone()) for m in linears]

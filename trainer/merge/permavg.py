@@ -19,8 +19,8 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
+from quorum.trainer.merge._fit import fit_epochs
 from quorum.trainer.merge.layers import Layers, forward
 from quorum.trainer.merge.sinkhorn import sinkhorn
 
@@ -92,19 +92,15 @@ def permavg(
     net = PermAvg(models, config.tau, config.iterations)
     opt = torch.optim.Adam(net.parameters(), lr=config.lr)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=config.epochs)
-    gen = torch.Generator().manual_seed(config.seed)
-    bar = tqdm(range(config.epochs), desc="permavg", unit="epoch", disable=not progress)
-    for _ in bar:
-        order = torch.randperm(len(y), generator=gen)
-        total = 0.0
-        for i in range(0, len(y), config.batch_size):
-            idx = order[i : i + config.batch_size]
-            loss = nn.functional.cross_entropy(net(x[idx]), y[idx])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            total += loss.item() * len(idx)
-        sched.step()
-        bar.set_postfix(loss=f"{total / len(y):.4f}")
+
+    def step(idx: torch.Tensor) -> float:
+        loss = nn.functional.cross_entropy(net(x[idx]), y[idx])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        return loss.item()
+
+    fit_epochs(step, len(y), epochs=config.epochs, batch_size=config.batch_size, seed=config.seed, desc="permavg",
+               progress=progress, end_of_epoch=sched.step)  # fmt: skip
     with torch.no_grad():
         return [(w.detach(), b.detach()) for w, b in net.merged()]
