@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pytest
 import torch
@@ -14,7 +16,7 @@ def _mlp(widths: list[int], seed: int) -> list[tuple[torch.Tensor, torch.Tensor]
     g = torch.Generator().manual_seed(seed)
     return [
         (torch.randn(b, a, generator=g) / a**0.5, 0.1 * torch.randn(b, generator=g))
-        for a, b in zip(widths[:-1], widths[1:], strict=True)
+        for a, b in itertools.pairwise(widths)
     ]
 
 
@@ -49,7 +51,7 @@ def test_as_tau_goes_to_zero_the_soft_permutation_tends_to_the_hard_assignment()
     hard = torch.zeros(10, 10, dtype=torch.float64)
     hard[rows, cols] = 1.0
     gaps = [(sinkhorn(cost, tau=tau, iterations=2000) - hard).abs().max().item() for tau in (1.0, 0.3, 0.1, 0.01)]
-    assert all(later < earlier for earlier, later in zip(gaps, gaps[1:], strict=False)), gaps
+    assert all(later < earlier for earlier, later in itertools.pairwise(gaps)), gaps
     assert gaps[0] > 0.3 and gaps[-1] < 1e-2, gaps
 
 
