@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
-from quorum.experiments.compress import CompressConfig, compress, load_source, write_bundle
+from quorum.experiments.compress import CompressConfig, Source, compress, load_source, write_bundle
 from quorum.runtime.manifest import Manifest
 from quorum.server.app import create_app
 from quorum.server.settings import Settings
@@ -26,10 +26,14 @@ def source_bundle(tmp_path_factory: pytest.TempPathFactory, data_dir: Path) -> P
     return write_mlp_bundle(tmp_path_factory.mktemp("compress") / "six", data_dir, modules=6, hidden=8, packed=False)
 
 
+@pytest.fixture(scope="module")
+def source(source_bundle: Path, data_dir: Path) -> Source:
+    return load_source(source_bundle, str(data_dir))
+
+
 def test_a_compressed_bundle_serves_the_accuracy_recorded_at_compression(
-    source_bundle: Path, tmp_path: Path, data_dir: Path, test_images
+    source: Source, source_bundle: Path, tmp_path: Path, test_images
 ):
-    source = load_source(source_bundle, str(data_dir))
     members = source.members(budget=3)
     assert members == Manifest.load(source_bundle).anytime_order[:3]
     result = compress(source, members, CompressConfig("match"), progress=False)
@@ -54,8 +58,7 @@ def test_a_compressed_bundle_serves_the_accuracy_recorded_at_compression(
     assert m.modules[0].params == Manifest.load(source_bundle).modules[0].params
 
 
-def test_members_are_checked_with_messages_that_say_what_to_pass(source_bundle: Path, data_dir: Path):
-    source = load_source(source_bundle, str(data_dir))
+def test_members_are_checked_with_messages_that_say_what_to_pass(source: Source):
     for members, budget, match in [
         (None, None, "either --members"),
         ([0, 1], 2, "either --members"),

@@ -21,8 +21,9 @@ Layers = list[tuple[torch.Tensor, torch.Tensor]]
 
 def member_layers(model: Ensemble, j: int) -> Layers:
     """Module j of an MLP ensemble as detached float32 weights; ConfigError for other architectures."""
-    linears = [m for m in model.module(j).modules() if isinstance(m, nn.Linear)]
-    others = [m for m in model.module(j).modules() if isinstance(m, nn.Conv2d | nn.BatchNorm2d)]
+    parts = list(model.module(j).modules())
+    linears = [m for m in parts if isinstance(m, nn.Linear)]
+    others = [m for m in parts if isinstance(m, nn.Conv2d | nn.BatchNorm2d)]
     if not linears or others:
         raise ConfigError(f"merging knows MLP modules only (--arch mlp); this ensemble is {model.arch_name()}")
     return [(m.weight.detach().float().clone(), m.bias.detach().float().clone()) for m in linears]
