@@ -56,7 +56,7 @@ class RunResult:
 
     config: str  # the papers' naming, e.g. 256-M-4-H, 16-M-convnet-16.32.32-s2.2.1
     modules: int  # M
-    hidden: int | None  # H of an MLP; None for other architectures
+    hidden: int | str | None  # H of an MLP (or its widths, "64,64"); None for other architectures
     lam: float  # λ the run was trained with
     lam_independent: bool  # M = 1: the loss is the same for every λ; this run stands for all of them
     seed: int  # seeds the split and the init: trial t of a sweep with --seed s has seed s + t
@@ -197,7 +197,7 @@ class Cell:
 
     config: str  # e.g. 256-M-4-H
     modules: int  # M
-    hidden: int | None  # H of an MLP; None for other architectures
+    hidden: int | str | None  # H of an MLP (or its widths, "64,64"); None for other architectures
     lam: float  # the table's λ column
     lam_independent: bool  # M = 1: the same runs (trained once per trial) fill every λ column
     n: int  # trials
@@ -246,7 +246,7 @@ def aggregate(results: Iterable[RunResult], lams: Iterable[float]) -> list[Cell]
     A λ-independent configuration (M = 1) gets a cell for every λ in `lams`, all from the same runs.
     """
     # Keyed by configuration name too: two ConvNets of the same M differ only there.
-    groups: dict[tuple[int, int, str, float | None], list[RunResult]] = defaultdict(list)
+    groups: dict[tuple[int, int | str, str, float | None], list[RunResult]] = defaultdict(list)
     for r in results:
         groups[(r.modules, r.hidden or 0, r.config, None if r.lam_independent else r.lam)].append(r)
     cells: list[Cell] = []

@@ -21,7 +21,6 @@ import onnx
 import torch
 from tqdm.auto import tqdm
 
-from quorum.core.tasks import Task
 from quorum.exporter.confidence import fit_confidence
 from quorum.exporter.errors import ExportError
 from quorum.exporter.graphs import INPUT_NAME, OUTPUT_NAME, cpu_session, replace_dir, serialize
@@ -54,7 +53,16 @@ from quorum.trainer.models import Ensemble, arch_info
 from quorum.trainer.run import Checkpoint, LoadedRun, load_run
 from quorum.trainer.train import load_data
 
-__all__ = ["PARITY_ATOL", "PARITY_RTOL", "SPECIALIST_SIZE", "export_run"]
+__all__ = [
+    "PARITY_ATOL",
+    "PARITY_RTOL",
+    "SPECIALIST_SIZE",
+    "export_run",
+    "input_spec",
+    "output_spec",
+    "task_spec",
+    "training_info",
+]
 
 log = logging.getLogger(__name__)
 
@@ -157,37 +165,16 @@ def export_run(
                 )
             )
         packed = None
-        if arch_info(cfg.arch).packable:  # e.g. the MLP's two GEMMs; other modules run one session each
+        if arch_info(cfg.arch).packable(cfg.arch_params()):  # e.g. one-hidden-layer MLPs; the rest run a session each
             packed = write_packed(tmp, protos, INPUT_NAME, OUTPUT_NAME, x_parity.numpy(), np.stack(ort_logits))
         trunk_entry = None if trunk is None else _write_trunk(tmp, trunk, model, x_parity, branch_in)
         manifest = Manifest(
             name=out_dir.name,
             created=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-            task=_task(run, task),
-            input=InputSpec(
-                name=INPUT_NAME,
-                shape=list(run.in_shape),
-                scale=run.norm.scale,
-                mean=list(run.norm.mean),
-                std=list(run.norm.std),
-                raw_range=(0.0, 255.0) if len(run.in_shape) > 1 or cfg.dataset == "fashion-mnist" else None,
-            ),
-            output=_output(run, task),
-            training=TrainingInfo(
-                arch=cfg.arch,
-                num_modules=M,
-                arch_params=cfg.arch_params(),
-                lam=cfg.lam,
-                dataset=cfg.dataset,
-                seed=cfg.seed,
-                epochs=run.epochs_done,
-                best_epoch=run.best_epoch,
-                checkpoint=run.checkpoint,
-                exported_epoch=run.epoch,
-                lr=cfg.learning_rate,
-                batch_size=cfg.batch_size,
-                command=cfg.command,
-            ),
+            task=task_spec(run),
+            input=input_spec(run),
+            output=output_spec(run),
+            training=training_info(run),
             modules=entries,
             anytime_order=order,
             anytime_criterion=ANYTIME_CRITERION,
@@ -218,15 +205,50 @@ def export_run(
     return manifest
 
 
-def _task(run: LoadedRun, task: Task) -> TaskSpec:
+def task_spec(run: LoadedRun) -> TaskSpec:
+    """The manifest's `task` of a run."""
+    task = run.config.task
     if task.has_classes:
         return TaskSpec(kind=task.kind, class_names=run.class_names)
     return TaskSpec(kind=task.kind, target_names=run.target_names)
 
 
-def _output(run: LoadedRun, task: Task) -> OutputSpec:
+def input_spec(run: LoadedRun) -> InputSpec:
+    """The manifest's `input` of a run: tensor name, shape and the exact preprocessing."""
+    return InputSpec(
+        name=INPUT_NAME,
+        shape=list(run.in_shape),
+        scale=run.norm.scale,
+        mean=list(run.norm.mean),
+        std=list(run.norm.std),
+        raw_range=(0.0, 255.0) if len(run.in_shape) > 1 or run.config.dataset == "fashion-mnist" else None,
+    )
+
+
+def training_info(run: LoadedRun) -> TrainingInfo:
+    """The manifest's `training` of a run: how its modules were trained."""
+    cfg = run.config
+    return TrainingInfo(
+        arch=cfg.arch,
+        num_modules=cfg.modules,
+        arch_params=cfg.arch_params(),
+        lam=cfg.lam,
+        dataset=cfg.dataset,
+        seed=cfg.seed,
+        epochs=run.epochs_done,
+        best_epoch=run.best_epoch,
+        checkpoint=run.checkpoint,
+        exported_epoch=run.epoch,
+        lr=cfg.learning_rate,
+        batch_size=cfg.batch_size,
+        command=cfg.command,
+    )
+
+
+def output_spec(run: LoadedRun) -> OutputSpec:
     """How the runtime combines the modules: the task's combiner, and where targets were standardized
     for training, how to undo it."""
+    task = run.config.task
     if task.standardizes_targets:
         return OutputSpec(
             name=OUTPUT_NAME, combiner=task.combiner, target_scale=run.target_scale, target_shift=run.target_shift

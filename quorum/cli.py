@@ -1,5 +1,5 @@
 """The `quorum` command's arguments: train | export | quantize | pack | serve | demo | sweep | robustness |
-calibration | ood | specialists | report. `quorum.commands` holds what each does."""
+calibration | ood | specialists | report | compress. `quorum.commands` holds what each does."""
 
 from __future__ import annotations
 
@@ -20,7 +20,12 @@ def _train_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model")
     g.add_argument("--arch", help="mlp | convnet | treenet | densenet_bc (default: mlp)")
     g.add_argument("--modules", "-M", type=int, help="M, modules in the ensemble (default: 256)")
-    g.add_argument("--hidden", "-H", type=int, help="mlp: H, hidden units per module (default: 4)")
+    g.add_argument(
+        "--hidden",
+        "-H",
+        help="mlp: H, hidden units per module (one hidden layer), or the units of each of 2 to 4 hidden "
+        "layers, e.g. 64,64 (default: 4)",
+    )
     g.add_argument(
         "--filters",
         help="convnet, treenet: output channels of each 3x3 layer, e.g. 32,64,64, or a preset: cifar10 (the "
@@ -409,6 +414,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run", help="run directory written by `quorum train`")
     p.add_argument("--out", help="folder for report.png and report.json (default: the run directory)")
     p.add_argument("--data-dir", help="Fashion-MNIST folder, if not the one the run used")
+
+    p = sub.add_parser(
+        "compress",
+        help="merge modules of an MLP ensemble into one network, written as a one-module bundle",
+        description="Merge some modules of an MLP ensemble (a bundle, or a run directory) into one network of a "
+        "module's size, and write it as a bundle of one module that `quorum serve` answers from; its manifest "
+        "records the method, the members and the source. Methods: naive (average the weights), match (weight "
+        "matching: align every member's hidden units to the first member's by exact linear assignments, then "
+        "average; no data), permavg (learn soft permutations with the Sinkhorn operator on the training split, "
+        "then average: the permAVG thesis, 20 epochs of Adam at lr 0.1), distill (train a fresh network on the "
+        "members' combined prediction and the labels, α = 0.9). Prints validation and test error of the merged "
+        "network, of the members' ensemble and of each member alone, and the seconds the method took.",
+        epilog="Example: quorum compress bundles/demo --method match --budget 8 --out bundles/demo-match8",
+    )
+    p.add_argument("source", help="bundle folder (manifest.json) or run directory (config.json) of --arch mlp")
+    p.add_argument("--method", required=True, choices=["permavg", "match", "distill", "naive"])
+    who = p.add_mutually_exclusive_group(required=True)
+    who.add_argument("--members", help="module ids to merge, e.g. 0,1; the first is the reference")
+    who.add_argument("--budget", type=int, help="merge the first b modules of the bundle's anytime order")
+    p.add_argument("--out", required=True, help="bundle folder to write, e.g. bundles/demo-match8")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    p.add_argument("--epochs", type=int, help="permavg: epochs (default: 20); distill: (default: the source's)")
+    p.add_argument("--batch-size", type=int, default=100, help="permavg, distill: minibatch size (default: 100)")
+    p.add_argument("--tau", type=float, default=1.0, help="permavg: Sinkhorn temperature (default: 1)")
+    p.add_argument("--alpha", type=float, default=0.9, help="distill: weight of the soft targets (default: 0.9)")
+    p.add_argument("--temperature", type=float, default=4.0, help="distill: softmax temperature (default: 4)")
+    p.add_argument("--seed", type=int, default=0, help="shuffles and the student's initialization (default: 0)")
+    p.add_argument("--data-dir", help="Fashion-MNIST folder (default: $QUORUM_DATA_DIR or Debian's)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
     return parser
 
 
@@ -461,4 +495,4 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
 
 
-_TRAIN_EXTRAS = frozenset({"torch", "torchvision", "onnx", "onnxscript", "tqdm"})
+_TRAIN_EXTRAS = frozenset({"torch", "torchvision", "onnx", "onnxscript", "tqdm", "scipy"})

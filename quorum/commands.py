@@ -277,6 +277,31 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_compress(args: argparse.Namespace) -> int:
+    from quorum.experiments.compress import CompressConfig, compress, load_source, write_bundle
+
+    try:
+        members = None if args.members is None else [int(j) for j in args.members.split(",")]
+    except ValueError:
+        print(f"quorum compress: error: --members takes module ids, e.g. 0,1; got {args.members!r}", file=sys.stderr)
+        return 2
+    cfg = CompressConfig(
+        method=args.method, epochs=args.epochs, batch_size=args.batch_size, tau=args.tau, alpha=args.alpha,
+        temperature=args.temperature, seed=args.seed,
+    )  # fmt: skip
+    source = load_source(args.source, args.data_dir)
+    chosen = source.members(members, args.budget)
+    result = compress(source, chosen, cfg, progress=not args.quiet)
+    write_bundle(source, chosen, result, cfg, args.out, overwrite=args.overwrite)
+    errors = ", ".join(f"{e:.4f}" for e in result.member_test_errors)
+    print(
+        f"{args.out}: {args.method} of modules {chosen} in {result.seconds:.1f} s; error val {result.val[0]:.4f}, "
+        f"test {result.test[0]:.4f} (their ensemble: val {result.members_val[0]:.4f}, "
+        f"test {result.members_test[0]:.4f}; each alone, test: {errors})"
+    )
+    return 0
+
+
 HANDLERS = {
     "train": cmd_train,
     "export": cmd_export,
@@ -291,4 +316,5 @@ HANDLERS = {
     "ood": cmd_ood,
     "specialists": cmd_specialists,
     "report": cmd_report,
+    "compress": cmd_compress,
 }

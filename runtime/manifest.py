@@ -42,6 +42,7 @@ __all__ = [
     "SCHEMA_VERSION",
     "AdaptiveRule",
     "BudgetAccuracy",
+    "CompressionInfo",
     "ConfidenceEntry",
     "EnsembleMetrics",
     "InputSpec",
@@ -58,9 +59,8 @@ __all__ = [
 ]
 
 FORMAT: Literal["quorum-bundle"] = "quorum-bundle"
-SCHEMA_VERSION = (
-    4  # 2 added `trunk`, 3 `training.checkpoint` and `training.exported_epoch`, 4 `confidence`, `precision`
-)
+# 2 added `trunk`, 3 `training.checkpoint` and `training.exported_epoch`, 4 `confidence`, `precision`, `compression`
+SCHEMA_VERSION = 4
 READABLE_VERSIONS = (1, 2, 3, 4)
 MANIFEST_FILE = "manifest.json"
 
@@ -274,6 +274,15 @@ class PrecisionInfo(_Strict):
         return self.dtype == "int8" and self.activations == "float32"
 
 
+class CompressionInfo(_Strict):
+    """Where a one-module bundle's network came from: an ensemble merged by `quorum compress`."""
+
+    method: str = Field(description="permavg | match | distill | naive")
+    members: list[int] = Field(min_length=1, description="Source module ids merged; the first is the reference.")
+    source: str = Field(description="The source bundle or run folder.")
+    seconds: float = Field(ge=0, description="Compute the merge took (alignment or training), in seconds.")
+
+
 class EnsembleMetrics(_Strict):
     """Of the whole ensemble: error rates (classification) or RMSEs in the targets' units (regression, count)."""
 
@@ -342,6 +351,9 @@ class Manifest(_Strict):
         None, description="Temperatures and adaptive-budget thresholds (classification; schema version 4)."
     )
     precision: PrecisionInfo | None = Field(None, description="Reduced precision (schema version 4); absent: FP32.")
+    compression: CompressionInfo | None = Field(
+        None, description="Set in a one-module bundle made by `quorum compress`; optional, so older bundles read."
+    )
 
     @model_validator(mode="after")
     def _consistent(self) -> Manifest:

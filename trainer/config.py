@@ -12,6 +12,7 @@ from quorum.trainer.checkpoint import atomic_write_text
 from quorum.trainer.errors import ConfigError, RunDirError
 from quorum.trainer.loss import check_lambda
 from quorum.trainer.models import arch_info, list_archs
+from quorum.trainer.models.mlp import mlp_widths
 
 __all__ = ["RESUMABLE_OVERRIDES", "TrainConfig", "default_lr"]
 
@@ -49,7 +50,7 @@ def default_lr(num_modules: int, arch: str = "mlp", task: Task | None = None) ->
 class TrainConfig:
     arch: str = "mlp"  # registered architecture name
     modules: int = 256  # M, modules in the ensemble
-    hidden: int = 4  # H, hidden units per MLP module
+    hidden: int | str = 4  # mlp: H, hidden units per module, or one width per hidden layer ("64,64")
     filters: str = "cifar10"  # convnet, treenet: channels of each 3x3 layer ("32,64,64") or a preset
     strides: str | None = None  # convnet, treenet: stride of each layer ("1,2,1"); None: the preset's, or 1
     padding: int | None = None  # convnet, treenet: padding of every layer; None: the preset's, or 1
@@ -92,7 +93,9 @@ class TrainConfig:
             raise ConfigError(f"--precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         if not self.weight_decay >= 0:
             raise ConfigError(f"--weight-decay must be >= 0, got {self.weight_decay}")
-        for name in ("modules", "hidden", "epochs", "batch_size", "depth", "growth", "log_every"):
+        widths = mlp_widths(self.hidden)  # ConfigError unless 1 to 4 widths >= 1
+        self.hidden = widths[0] if len(widths) == 1 else ",".join(map(str, widths))  # 4 stays an int, as ever
+        for name in ("modules", "epochs", "batch_size", "depth", "growth", "log_every"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         if self.lr is not None and not self.lr > 0:

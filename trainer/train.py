@@ -35,6 +35,7 @@ from quorum.trainer.errors import ConfigError, RunDirError, TrainerError
 from quorum.trainer.evaluate import EvalResult, module_logits
 from quorum.trainer.loss import mcl_loss, modular_loss
 from quorum.trainer.models import Ensemble, create, takes_images
+from quorum.trainer.models.mlp import BatchedMLP, DeepBatchedMLP
 from quorum.trainer.records import epoch_record, log_epoch
 
 __all__ = [
@@ -92,7 +93,8 @@ def initial_model(cfg: TrainConfig, data: Splits, in_shape: tuple[int, ...]) -> 
     torch.manual_seed(cfg.seed)
     model = build_model(cfg, in_shape, data.num_outputs)
     if (eta0 := cfg.task.initial_eta(data.train.y)) is not None:  # e.g. counts: exp(eta) far off diverges at once
-        bias = model.get_parameter("b2")  # the MLP's output biases (M, D); non-class targets train MLPs only
+        assert isinstance(model, BatchedMLP | DeepBatchedMLP), "non-class targets train MLPs only"
+        bias = model.output_bias()  # (M, D)
         with torch.no_grad():
             bias.copy_(eta0.expand_as(bias))
     return model

@@ -137,3 +137,30 @@ def test_treenet_shares_its_trunk():
     assert model.trunk() is not None and model.trunk_flops() > 0
     convnet = create("convnet", **SMALL_KWARGS["convnet"])
     assert convnet.trunk() is None
+
+
+@pytest.mark.parametrize("hidden", ["5,4", "6,5,4", "6,5,4,3"])
+def test_a_deep_mlp_ensemble_equals_its_modules_run_separately(hidden):
+    torch.manual_seed(2)
+    model = create("mlp", num_modules=3, hidden=hidden, in_shape=(784,), num_classes=10)
+    x = torch.randn(9, 784)
+    with torch.no_grad():
+        batched = model(x)  # (B, M, K)
+        for j in range(3):
+            torch.testing.assert_close(batched[:, j], model.module(j)(x), rtol=1e-5, atol=1e-5)
+    widths = [int(w) for w in hidden.split(",")]
+    linears = [m for m in model.module(0).modules() if isinstance(m, nn.Linear)]
+    assert [m.out_features for m in linears] == [*widths, 10]
+    assert model.module_params() == sum(p.numel() for p in model.module(0).parameters())
+
+
+def test_hidden_takes_one_width_or_one_per_layer():
+    from quorum.trainer.config import TrainConfig
+    from quorum.trainer.models import arch_info
+
+    one, deep = TrainConfig(hidden="4", modules=8), TrainConfig(hidden="64, 64", modules=6)
+    assert one.hidden == 4 and one.name == "8-M-4-H" and arch_info("mlp").packable(one.arch_params())
+    assert deep.hidden == "64,64" and deep.name == "6-M-64.64-H" and not arch_info("mlp").packable(deep.arch_params())
+    for bad in ("0", "4,x", "8,8,8,8,8"):
+        with pytest.raises(ConfigError, match="--hidden"):
+            TrainConfig(hidden=bad)

@@ -75,7 +75,8 @@ class ArchInfo:
     options: tuple[str, ...]  # TrainConfig fields it takes: create()'s keywords, the manifest's arch_params
     label: Callable[[int, Mapping[str, Any]], str]  # the papers' name from M and its options, e.g. 256-M-4-H
     image_input: bool = False  # its modules take (C, H, W) images, not flat vectors
-    packable: bool = False  # the exporter writes the packed graph (every module in one graph) for it
+    # whether the exporter writes the packed graph (every module in one graph), from the options
+    packable: Callable[[Mapping[str, Any]], bool] = lambda options: False
     lr_per_module: float = 0.1  # default SGD rate per module: the rate scales with M (eq. 8's 1/M)
 
 
@@ -89,7 +90,7 @@ def register(
     options: tuple[str, ...],
     label: Callable[[int, Mapping[str, Any]], str],
     image_input: bool = False,
-    packable: bool = False,
+    packable: bool | Callable[[Mapping[str, Any]], bool] = False,
     lr_per_module: float = 0.1,
 ) -> Callable[[_F], _F]:
     """Class or factory decorator: make an architecture available to `create(name, ...)`; the
@@ -98,7 +99,8 @@ def register(
     def wrap(factory: _F) -> _F:
         if name in _REGISTRY:
             raise ValueError(f"architecture {name!r} is registered twice")
-        _REGISTRY[name] = ArchInfo(name, factory, options, label, image_input, packable, lr_per_module)
+        packs = packable if callable(packable) else (lambda options, packs=packable: packs)
+        _REGISTRY[name] = ArchInfo(name, factory, options, label, image_input, packs, lr_per_module)
         return factory
 
     return wrap
