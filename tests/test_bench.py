@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -83,3 +84,14 @@ def test_shard_chaos_loses_nothing_and_the_outage_answers_are_the_sub_ensembles(
     assert int(phases["2 killed"][5]) > 0 and int(phases["3 stopped"][5]) > 0  # the outages degraded answers
     served, offline = (float(v) for v in re.findall(r"served (\d\.\d+), the same modules offline (\d\.\d+)", out)[0])
     assert served == offline
+
+
+def test_selection_bench_compares_with_the_reference(tmp_path: Path):
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 4, 500)
+    logits = rng.normal(0, 1, (500, 12, 4)).astype(np.float32)
+    logits[np.arange(500), :, y] += 0.5
+    np.savez(tmp_path / "val.npz", logits=logits, labels=y)
+    out = _run("bench/selection.py", "--logits", str(tmp_path / "val.npz"), "--float64-reference")
+    rows = {line.split()[0]: line for line in out.splitlines() if line.startswith(("anytime", "order,", "specialists"))}
+    assert rows["specialists"].endswith("identical") and rows["order,"].endswith("identical")
