@@ -31,7 +31,7 @@ __all__ = [
     "select_specialists",
 ]
 
-GROUP = 8  # candidates scored together, on the images that the extremes of their logits leave undecided
+GROUP = 32  # candidates scored together, on the images that the extremes of their logits leave undecided
 SPECIALIST_CRITERION = (
     "one-vs-all F1 (positive = argmax is the class) on the validation split: greedy forward selection, "
     "then single swaps until none improves F1; ties broken by the class's binary log-loss"
