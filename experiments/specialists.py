@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 
 from quorum.core.datasets import load_raw
 from quorum.experiments.robustness import bundle_module_logits
-from quorum.exporter.selection import (
+from quorum.exporter.specialists import (
     SPECIALIST_CRITERION,
     best_of_random_specialist,
     ensemble_f1,

@@ -26,15 +26,8 @@ from quorum.exporter.errors import ExportError
 from quorum.exporter.graphs import INPUT_NAME, OUTPUT_NAME, cpu_session, replace_dir, serialize
 from quorum.exporter.onnx_graphs import export_graph, export_template, with_weights
 from quorum.exporter.packed import write_packed
-from quorum.exporter.selection import (
-    ANYTIME_CRITERION,
-    SPECIALIST_CRITERION,
-    classifier_anytime_order,
-    ensemble_f1,
-    greedy_anytime_order,
-    random_subsets_f1,
-    select_specialists,
-)
+from quorum.exporter.selection import ANYTIME_CRITERION, classifier_anytime_order, greedy_anytime_order
+from quorum.exporter.specialists import SPECIALIST_CRITERION, ensemble_f1, random_subsets_f1, select_specialists
 from quorum.runtime.manifest import (
     PARITY_ATOL,
     PARITY_RTOL,

@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -99,3 +100,14 @@ def test_the_gpu_script_fails_soft_without_a_gpu(tmp_path: Path):
     )
     assert out.returncode == 0, out.stderr[-2000:]
     assert "no GPU here" in (tmp_path / "status.txt").read_text() and (tmp_path / "env.txt").exists()
+
+
+def test_selection_bench_compares_with_the_reference(tmp_path: Path):
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 4, 500)
+    logits = rng.normal(0, 1, (500, 12, 4)).astype(np.float32)
+    logits[np.arange(500), :, y] += 0.5
+    np.savez(tmp_path / "val.npz", logits=logits, labels=y)
+    out = _run("bench/selection.py", "--logits", str(tmp_path / "val.npz"), "--float64-reference")
+    rows = {line.split()[0]: line for line in out.splitlines() if line.startswith(("anytime", "order,", "specialists"))}
+    assert rows["specialists"].endswith("identical") and rows["order,"].endswith("identical")

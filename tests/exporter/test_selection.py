@@ -7,11 +7,11 @@ import pytest
 import torch
 
 from quorum.core.tasks import get_task
-from quorum.exporter.selection import (
+from quorum.exporter.selection import classifier_anytime_order, greedy_anytime_order
+from quorum.exporter.specialists import (
     best_of_random_specialist,
     ensemble_f1,
     f1_score,
-    greedy_anytime_order,
     greedy_specialist,
     one_vs_all_counts,
     select_specialists,
@@ -72,15 +72,35 @@ def test_brier_order_is_not_decided_by_a_few_confident_mistakes():
     assert greedy_anytime_order(logits, y, score="nll")[0] == 1
 
 
-def test_brier_score_of_the_prefix_matches_its_definition():
-    from quorum.exporter.selection import _prefix_loss
+def test_candidate_losses_match_their_definitions():
+    from quorum.exporter._candidates import as_slabs
+    from quorum.exporter.selection import _candidate_losses
 
     logits, y = _noise(6)
-    mean = torch.from_numpy(logits)  # each module its own one-module "prefix"
-    p = torch.softmax(mean, -1)
-    onehot = torch.nn.functional.one_hot(torch.from_numpy(y), K).float().unsqueeze(1)
-    expected = ((p - onehot) ** 2).sum(-1).mean(0)
-    torch.testing.assert_close(_prefix_loss(get_task("classification"), "brier", mean, torch.from_numpy(y)), expected)
+    lt, yt = torch.from_numpy(logits), torch.from_numpy(y)
+    lt[:, 5] *= 60.0  # a module sure enough that exp underflows far below its top class
+    total = lt[:, :3].sum(1)  # (N, K): a prefix of three modules; every module a candidate fourth
+    exact, exact_total = lt.double(), total.double()
+    p = torch.softmax((exact_total.unsqueeze(1) + exact) / 4, -1)  # (N, M, K)
+    onehot = torch.nn.functional.one_hot(yt, K).double()  # (N, K)
+    target = torch.softmax(exact.mean(1), -1)  # (N, K)
+    classes = get_task("classification")
+    for dtype, tol in ((torch.float32, 1e-5), (torch.float64, 1e-12)):
+        slabs = as_slabs(lt).to(dtype)
+
+        def losses(score: str, against: torch.Tensor, sign: int = 1, size: int = 4, slabs=slabs, dtype=dtype):
+            args = (total.T.to(dtype), slabs, sign, size, against.T.to(dtype).contiguous(), torch.empty_like(slabs))
+            return _candidate_losses(classes, score, *args).double()
+
+        expected = ((p - onehot.unsqueeze(1)) ** 2).sum(-1).mean(0)  # the Brier score
+        torch.testing.assert_close(losses("brier", onehot), expected, rtol=tol, atol=0)
+        expected = -(p.log() * onehot.unsqueeze(1)).sum(-1).mean(0)
+        torch.testing.assert_close(losses("nll", onehot), expected, rtol=tol, atol=0)
+        expected = ((p - target.unsqueeze(1)) ** 2).sum(-1).mean(0)
+        torch.testing.assert_close(losses("brier", target), expected, rtol=tol, atol=0)
+        pairs = torch.softmax((exact_total.unsqueeze(1) - exact[:, :3]) / 2, -1)  # each of the three left out
+        expected = ((pairs - onehot.unsqueeze(1)) ** 2).sum(-1).mean(0)
+        torch.testing.assert_close(losses("brier", onehot, -1, 2, slabs=slabs[:3]), expected, rtol=tol, atol=0)
     with pytest.raises(ValueError, match="score"):
         greedy_anytime_order(logits, y, score="accuracy")
 
@@ -246,3 +266,27 @@ def test_k_larger_than_m_takes_every_module_and_select_covers_every_class():
 def test_bad_shapes_are_rejected():
     with pytest.raises(ValueError, match=r"logits \(N, M, K\)"):
         greedy_anytime_order(np.zeros((4, 3)), np.zeros(4))
+
+
+def test_export_selection_matches_the_reference_algorithms_on_a_trained_run(run_dir):
+    # The reference is the algorithm these replaced (tests/exporter/reference_selection.py). In
+    # float64 it decides every step exactly as the product does; in float32 (the old product) it
+    # may differ only where its rounding decides a near-tie, and there the product's choice is the
+    # better one in float64. The specialists are identical bit for bit.
+    from tests.exporter.reference_selection import (
+        first_divergence,
+        reference_classifier_order,
+        reference_specialists,
+        validation_logits,
+    )
+
+    logits, y = validation_logits(run_dir)
+    logits, y = logits[:4000], y[:4000]  # of the 10,000: the float64 reference is slow
+    order = classifier_anytime_order(logits, y)
+    assert order == reference_classifier_order(logits, y, dtype=torch.float64)
+    where = first_divergence(reference_classifier_order(logits, y), order, logits, y)
+    if where is not None:
+        _, _, _, old_loss, new_loss = where
+        assert new_loss <= old_loss <= new_loss + 1e-6 * abs(new_loss)
+    new, old = select_specialists(logits, y, 20), reference_specialists(logits, y, 20)
+    assert [(s.modules, s.f1) for s in new] == [(s.modules, s.f1) for s in old]

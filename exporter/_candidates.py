@@ -1,0 +1,69 @@
+"""Scoring many candidate sub-ensembles side by side, the machinery of `selection` and `specialists`.
+
+Every module's logits (N, M, K) become slabs (M, K, N): a chunk of candidates is a slice, and a
+reduction over the K classes is elementwise work over K rows of N. Chunks small enough to stay
+in cache are scored on one worker thread per torch thread, each running torch on one thread.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from collections.abc import Callable, Iterator
+from concurrent.futures import Executor, ThreadPoolExecutor
+from contextlib import contextmanager
+
+import numpy as np
+import torch
+
+__all__ = ["ArrayLike", "as_slabs", "check", "over_chunks", "scratch", "threads"]
+
+ArrayLike = np.ndarray | torch.Tensor
+
+
+def check(logits: ArrayLike, y: ArrayLike) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits (N, M, K) as float32 and labels (N,) as int64; ValueError for other shapes."""
+    logits = torch.as_tensor(logits, dtype=torch.float32)
+    y = torch.as_tensor(y).long()
+    if logits.ndim != 3 or tuple(y.shape) != (logits.shape[0],):
+        raise ValueError(f"need logits (N, M, K) and labels (N,), got {tuple(logits.shape)} and {tuple(y.shape)}")
+    return logits, y
+
+
+def as_slabs(logits: torch.Tensor) -> torch.Tensor:
+    """(N, M, K) -> (M, K, N): each module one contiguous slab, so that a chunk of candidates is a
+    slice and a reduction over K is elementwise work over K rows of N."""
+    return logits.permute(1, 2, 0).contiguous()
+
+
+_local = threading.local()
+
+
+def scratch(shape: tuple[int, ...]) -> torch.Tensor:
+    """This thread's float32 scratch tensor of `shape`, reused: a fresh allocation of a few MB faults its
+    pages in again on every call, which costs as much as the arithmetic."""
+    numel = math.prod(shape)
+    buf = getattr(_local, "scratch", None)
+    if buf is None or buf.numel() < numel:
+        buf = _local.scratch = torch.empty(numel)
+    return buf[:numel].view(shape)
+
+
+@contextmanager
+def threads() -> Iterator[Executor | None]:
+    """One worker thread per torch thread, each running torch on one thread, for scoring chunks of
+    candidates side by side: many small ops, and no barrier between threads after each (None: one thread)."""
+    n = torch.get_num_threads()
+    if n == 1:
+        yield None
+        return
+    with ThreadPoolExecutor(n, initializer=torch.set_num_threads, initargs=(1,)) as workers:
+        yield workers
+
+
+def over_chunks(
+    score: Callable[[slice], torch.Tensor], count: int, per_chunk: int, workers: Executor | None
+) -> torch.Tensor:
+    """score(part) for consecutive parts of `per_chunk` of `count` candidates, concatenated in order."""
+    parts = [slice(a, min(a + per_chunk, count)) for a in range(0, count, per_chunk)]
+    return torch.cat(list(workers.map(score, parts) if workers is not None else map(score, parts)))
