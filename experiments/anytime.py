@@ -132,9 +132,11 @@ def _cached(run_dir: Path, trials: int) -> RunAnytime | None:
     return result if fresh else None
 
 
-def _finished_runs(sweep: Path) -> list[Path]:
-    """The run directories under SWEEP/runs whose sweep result (result.json: training done) exists."""
-    return [p.parent for p in sorted((sweep / "runs").glob("*/lam*/seed*/result.json"))]
+def _runs(sweep: Path, unfinished: bool) -> list[Path]:
+    """The run directories under SWEEP/runs whose training is done (the sweep wrote result.json), or, with
+    `unfinished`, every one with a best.pt (its best epoch so far)."""
+    marker = "best.pt" if unfinished else "result.json"
+    return [p.parent for p in sorted((sweep / "runs").glob(f"*/lam*/seed*/{marker}"))]
 
 
 @dataclass
@@ -148,6 +150,7 @@ class Variant:
     test_acc: list[tuple[float, float | None]]  # the shipped order's, per budget
     random_removal_acc: list[tuple[float, float | None]]  # per drop
     sources: list[str]  # the order shipped, per seed
+    epochs: list[tuple[int, int]]  # (epochs trained, best epoch) per seed
 
 
 def _aggregate(results: Sequence[RunAnytime]) -> list[Variant]:
@@ -166,6 +169,7 @@ def _aggregate(results: Sequence[RunAnytime]) -> list[Variant]:
                 test_acc=[mean_se([r.test_acc[i] for r in runs]) for i in range(len(runs[0].budgets))],
                 random_removal_acc=[mean_se([r.random_removal_acc[i] for r in runs]) for i in range(len(DROPS))],
                 sources=[r.source for r in runs],
+                epochs=[(r.epochs_run, r.best_epoch) for r in runs],
             )
         )
     return out
@@ -188,16 +192,16 @@ def format_markdown(variants: Sequence[Variant]) -> str:
         "ensemble, and accuracy with modules removed at random (mean over subsets); mean ± standard error over "
         f"seeds, best validation epoch; {datetime.now(UTC).date().isoformat()}.",
         "",
-        f"| variant | seeds | order | test error | {head} | {drops} |",
-        "| --- | --- | --- | --- |" + " --- |" * (len(budgets) + len(DROPS)),
+        f"| variant | seeds | epochs (best) | order | test error | {head} | {drops} |",
+        "| --- | --- | --- | --- | --- |" + " --- |" * (len(budgets) + len(DROPS)),
     ]
     for v in variants:
         order = ", ".join(f"{v.sources.count(s)}× {s}" for s in sorted(set(v.sources)))
         accs = " | ".join(_pct(a) for a in v.test_acc)
         removal = " | ".join(_pct(a) for a in v.random_removal_acc)
-        lines.append(
-            f"| {v.variant} | {','.join(map(str, v.seeds))} | {order} | {_pct(v.test_error)} | {accs} | {removal} |"
-        )
+        epochs = ", ".join(f"{n} ({best})" for n, best in v.epochs)
+        seeds = ",".join(map(str, v.seeds))
+        lines.append(f"| {v.variant} | {seeds} | {epochs} | {order} | {_pct(v.test_error)} | {accs} | {removal} |")
     paper = ", ".join(f"λ = {lam:g}: {err} %" for lam, err in PAPER_TABLE2["256-M-4-H"].items() if lam is not None)
     lines += ["", f"Paper (Webb et al., Table 2), 256-M-4-H test error: {paper} ({PAPER_SETTINGS})."]
     return "\n".join(lines) + "\n"
@@ -231,13 +235,15 @@ def run_anytime(
     trials: int = 20,
     seed: int = 0,
     data_dir: str | None = None,
+    unfinished: bool = False,
     progress: bool = True,
 ) -> list[Variant]:
-    """Evaluate every finished run of `sweeps` (reusing RUN/anytime.json), aggregate, and write OUT/anytime.*."""
+    """Evaluate every finished run of `sweeps` (`unfinished`: also those still training, at their best epoch
+    so far), reusing RUN/anytime.json; aggregate, and write OUT/anytime.*."""
     from tqdm.auto import tqdm
 
     out = Path(out)
-    runs = [r for s in sweeps for r in _finished_runs(Path(s))]
+    runs = [r for s in sweeps for r in _runs(Path(s), unfinished)]
     results = []
     for run_dir in tqdm(runs, desc="anytime", unit="run", disable=not progress):
         cached = _cached(run_dir, trials)

@@ -310,6 +310,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("sweeps", nargs="+", metavar="SWEEP", help="sweep folders written by `quorum sweep`")
     p.add_argument("--out", required=True, help="folder for anytime.json, anytime.md and anytime.png")
     p.add_argument("--trials", type=int, default=20, help="random subsets per removal fraction (default: 20)")
+    p.add_argument(
+        "--unfinished",
+        action="store_true",
+        help="also runs still training, at their best epoch so far (the table gives each run's epochs)",
+    )
     p.add_argument("--seed", type=int, default=0, help="seeds the random subsets (default: 0)")
     p.add_argument("--data-dir", help="Fashion-MNIST folder (default: $QUORUM_DATA_DIR or Debian's)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")

@@ -166,7 +166,13 @@ def cmd_anytime(args: argparse.Namespace) -> int:
         print("quorum anytime: --trials must be >= 1", file=sys.stderr)
         return 2
     variants = run_anytime(
-        args.sweeps, args.out, trials=args.trials, seed=args.seed, data_dir=args.data_dir, progress=not args.quiet
+        args.sweeps,
+        args.out,
+        trials=args.trials,
+        seed=args.seed,
+        data_dir=args.data_dir,
+        unfinished=args.unfinished,
+        progress=not args.quiet,
     )
     print(format_markdown(variants))
     print(f"{args.out}: anytime.md, anytime.json, anytime.png")

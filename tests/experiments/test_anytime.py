@@ -52,3 +52,16 @@ def test_results_are_reused_while_the_run_is_unchanged(sweeps: list[Path], tmp_p
     stamp = path.stat().st_mtime_ns
     run_anytime(sweeps[:1], tmp_path / "b", trials=5, progress=False)
     assert path.stat().st_mtime_ns == stamp
+
+
+def test_runs_still_training_count_only_when_asked(sweeps: list[Path], tmp_path: Path):
+    import shutil
+
+    training = tmp_path / "sweep" / "runs/8-M-4-H/lam0.99/seed0"
+    shutil.copytree(sweeps[0] / "runs/8-M-4-H/lam0.99/seed0", training)
+    (training / "result.json").unlink()
+    (training / RESULT_FILE).unlink(missing_ok=True)
+    assert run_anytime([tmp_path / "sweep"], tmp_path / "a", trials=5, progress=False) == []
+    [row] = run_anytime([tmp_path / "sweep"], tmp_path / "b", trials=5, unfinished=True, progress=False)
+    assert row.seeds == [0] and row.epochs == [(1, 1)]
+    assert "| 1 (1) |" in (tmp_path / "b/anytime.md").read_text()
