@@ -83,3 +83,10 @@ def test_shard_chaos_loses_nothing_and_the_outage_answers_are_the_sub_ensembles(
     assert int(phases["2 killed"][5]) > 0 and int(phases["3 stopped"][5]) > 0  # the outages degraded answers
     served, offline = (float(v) for v in re.findall(r"served (\d\.\d+), the same modules offline (\d\.\d+)", out)[0])
     assert served == offline
+
+
+def test_prefix_loss_bench_prints_each_loss_against_the_modular_one(data_dir: Path):
+    out = _run("bench/prefix_loss.py", "--images", "200", "--rounds", "1", "--modules", "8")
+    assert "8-M-4-H, 200 images per pass" in out
+    for loss in ("modular", "prefix", "dropout"):
+        assert re.search(rf"{loss}\s+[\d.]+ s\s+[\d.]+x modular", out), out
