@@ -15,8 +15,11 @@ nice -n 10 quorum sweep --out "$OUT/i22-prefix-small" --lams 0.99 --loss prefix 
 nice -n 10 quorum sweep --out "$OUT/i22-dropout" --lams 0.99 --loss dropout --prefix-weights uniform "${COMMON[@]}" &
 nice -n 10 quorum sweep --out "$OUT/i22-prefix-uniform-cosine" --lams 0.99 --loss prefix --prefix-weights uniform \
     --schedule cosine "${COMMON[@]}" &
+# the schedule's 15-epoch run of docs/RESULTS.md (seed 0)
+nice -n 10 quorum sweep --out "$OUT/i22-prefix-small-cosine15" --configs 256-M-4-H --lams 0.99 --trials 1 --epochs 15 \
+    --quiet --loss prefix --prefix-weights small --schedule cosine &
 wait
 
 quorum anytime "$OUT"/i22-modular "$OUT"/i22-prefix-uniform "$OUT"/i22-prefix-small "$OUT"/i22-dropout \
-    "$OUT"/i22-prefix-uniform-cosine --out reports/anytime
+    --out docs/results/anytime-40
 python bench/prefix_loss.py --images 5000 --rounds 3 --threads 1
