@@ -141,6 +141,10 @@ class SweepConfig:
     data_dir: str | None = None  # Fashion-MNIST IDX folder; None -> $QUORUM_DATA_DIR, then Debian's
     subset: int | None = None  # train on only this many images (smoke tests)
     jobs: int = 1  # trainings at once, in worker processes
+    loss: str = "modular"  # --loss of every run: modular | prefix | dropout (a sweep folder per loss)
+    prefix_weights: str = "uniform"  # prefix, dropout: weights of the prefix lengths (trainer/prefix.py)
+    schedule: str = "constant"  # learning-rate schedule of every run: constant | cosine
+    warmup_epochs: float = 1.0  # cosine: epochs of linear warmup
     command: str = ""  # the command line, recorded in every new run's config.json
 
     def __post_init__(self) -> None:
@@ -161,6 +165,10 @@ class SweepConfig:
             lam=SHARED_LAM if opts["modules"] == 1 else lam,
             epochs=self.epochs,
             lr=self.lr,
+            loss=self.loss,
+            prefix_weights=self.prefix_weights,
+            schedule=self.schedule,
+            warmup_epochs=self.warmup_epochs,
             seed=seed,
             subset=self.subset,
             patience=self.patience,

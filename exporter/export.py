@@ -21,12 +21,12 @@ import onnx
 import torch
 from tqdm.auto import tqdm
 
+from quorum.exporter.anytime import choose_anytime_order
 from quorum.exporter.confidence import fit_confidence
 from quorum.exporter.errors import ExportError
 from quorum.exporter.graphs import INPUT_NAME, OUTPUT_NAME, cpu_session, replace_dir, serialize
 from quorum.exporter.onnx_graphs import export_graph, export_template, with_weights
 from quorum.exporter.packed import write_packed
-from quorum.exporter.selection import ANYTIME_CRITERION, classifier_anytime_order, greedy_anytime_order
 from quorum.exporter.specialists import SPECIALIST_CRITERION, ensemble_f1, random_subsets_f1, select_specialists
 from quorum.runtime.manifest import (
     PARITY_ATOL,
@@ -89,11 +89,14 @@ def export_run(
     module_errors = val.module_errors.tolist()
     # Both selections use the validation split, so the bundle's test metrics stay unbiased.
     t0 = time.perf_counter()
-    order = (
-        classifier_anytime_order(val_logits, data.val.y, progress=progress)
-        if task.has_classes
-        else greedy_anytime_order(val_logits, data.val.y, progress=progress, task=task)
-    )
+    anytime = choose_anytime_order(val_logits, data.val.y, task, trained=cfg.loss == "prefix", progress=progress)
+    if anytime.trained_val is not None:
+        log.info(
+            "anytime order: %s (mean validation error over budgets 1, 2, 4, …: trained order %.4f, greedy %.4f)",
+            anytime.source,
+            np.mean(anytime.trained_val),
+            np.mean(anytime.greedy_val),
+        )
     specialists = (
         []
         if not task.has_classes
@@ -111,7 +114,9 @@ def export_run(
     )
     log.info("anytime order and %d specialists chosen in %.1f s", len(specialists), time.perf_counter() - t0)
     t0 = time.perf_counter()
-    confidence = fit_confidence(val_logits.cpu().numpy(), data.val.y.cpu().numpy(), order) if task.has_classes else None
+    confidence = (
+        fit_confidence(val_logits.cpu().numpy(), data.val.y.cpu().numpy(), anytime.order) if task.has_classes else None
+    )
     log.info("temperatures and adaptive thresholds fitted in %.1f s", time.perf_counter() - t0)
     x_parity = data.val.x[:parity_samples]
 
@@ -169,8 +174,9 @@ def export_run(
             output=output_spec(run),
             training=training_info(run),
             modules=entries,
-            anytime_order=order,
-            anytime_criterion=ANYTIME_CRITERION,
+            anytime_order=anytime.order,
+            anytime_criterion=anytime.criterion,
+            anytime_source=anytime.source,
             specialists=specialists,
             specialist_criterion=SPECIALIST_CRITERION if specialists else None,
             packed=packed,

@@ -44,9 +44,20 @@ def _train_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("loss and optimizer")
     g.add_argument(
         "--loss",
-        choices=["modular", "mcl"],
+        choices=["modular", "mcl", "prefix", "dropout"],
         help="modular: the modular loss with --lam (default); mcl: Multiple Choice Learning (Lee et al. §6.2): "
-        "each example trains only its --mcl-k best modules",
+        "each example trains only its --mcl-k best modules; prefix: the modular loss plus the combined NLL of the "
+        "prefixes 1, 2, 4, …, M of the module order, so that export can ship that order as the anytime order; "
+        "dropout: the same with a random order each step (trains for random removal)",
+    )
+    g.add_argument(
+        "--prefix-weights",
+        choices=["uniform", "small"],
+        help="prefix, dropout: weight of each prefix length: uniform over 1, 2, 4, …, M, or small (∝ 1/length: "
+        "every prefix's NLL counts the same, half the weight on budget 1) (default: uniform)",
+    )
+    g.add_argument(
+        "--prefix-scale", type=float, help="prefix, dropout: weight of the prefix term against L_λ (default: 1)"
     )
     g.add_argument("--mcl-k", type=int, help="mcl: modules each example trains (default: 1)")
     g.add_argument("--pretrain-epochs", type=int, help="mcl: epochs of independent cross-entropy first (default: 0)")
@@ -62,6 +73,13 @@ def _train_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--epochs", type=int, help="epochs to train; the best validation epoch is kept (default: 10)")
     g.add_argument("--lr", type=float, help="SGD learning rate (default: 0.02·M for mlp, 0.1·M for the others)")
     g.add_argument("--batch-size", type=int, help="minibatch size (default: 100)")
+    g.add_argument(
+        "--schedule",
+        choices=["constant", "cosine"],
+        help="learning rate per step: constant (the papers'), or cosine: linear warmup over --warmup-epochs, then "
+        "a half cosine to 0 at the last epoch; a cosine run keeps its --epochs when resumed (default: constant)",
+    )
+    g.add_argument("--warmup-epochs", type=float, help="cosine: epochs of linear warmup to --lr (default: 1)")
     g.add_argument("--patience", type=int, help="stop after this many epochs without a better validation error")
     g.add_argument(
         "--dominance-epoch",
@@ -315,10 +333,53 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of trial 0 (default: 0)")
     p.add_argument("--lr", type=float, help="SGD learning rate for every run (default: the trainer's 0.02·M)")
     p.add_argument("--jobs", type=int, default=1, help="trainings at once, in worker processes (default: 1)")
+    p.add_argument(
+        "--loss",
+        choices=["modular", "prefix", "dropout"],
+        default="modular",
+        help="every run's --loss (see quorum train --help); one sweep folder per loss (default: modular)",
+    )
+    p.add_argument(
+        "--prefix-weights",
+        choices=["uniform", "small"],
+        default="uniform",
+        help="prefix, dropout: weights of the prefix lengths (default: uniform)",
+    )
+    p.add_argument(
+        "--schedule",
+        choices=["constant", "cosine"],
+        default="constant",
+        help="every run's learning-rate schedule (default: constant)",
+    )
+    p.add_argument("--warmup-epochs", type=float, default=1.0, help="cosine: epochs of linear warmup (default: 1)")
     p.add_argument("--subset", type=int, help="train on only this many images (smoke tests)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="torch device (default: auto)")
     p.add_argument("--data-dir", help="Fashion-MNIST folder (default: $QUORUM_DATA_DIR or Debian's)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+    p = sub.add_parser(
+        "anytime",
+        help="anytime accuracy of trained sweeps: prefix-aware losses against the modular loss",
+        description="For every finished run of the given sweep folders (quorum sweep, any --loss), at its best "
+        "validation epoch: the anytime order quorum export would ship (greedy on validation, or a prefix run's "
+        "trained order where it validates better) and its test accuracy at budgets 1, 2, 4, …, M; the whole "
+        "ensemble's test error; test accuracy with 50 %% and 90 %% of the modules removed at random. Each run's "
+        "numbers are kept in RUN/anytime.json; the variants (loss, weights, schedule, λ) are aggregated over seeds "
+        "into OUT/anytime.json, anytime.md and anytime.png.",
+        epilog="Example: quorum anytime sweeps/i22-modular sweeps/i22-prefix-uniform sweeps/i22-dropout "
+        "--out reports/anytime",
+    )
+    p.add_argument("sweeps", nargs="+", metavar="SWEEP", help="sweep folders written by `quorum sweep`")
+    p.add_argument("--out", required=True, help="folder for anytime.json, anytime.md and anytime.png")
+    p.add_argument("--trials", type=int, default=20, help="random subsets per removal fraction (default: 20)")
+    p.add_argument(
+        "--unfinished",
+        action="store_true",
+        help="also runs still training, at their best epoch so far (the table gives each run's epochs)",
+    )
+    p.add_argument("--seed", type=int, default=0, help="seeds the random subsets (default: 0)")
+    p.add_argument("--data-dir", help="Fashion-MNIST folder (default: $QUORUM_DATA_DIR or Debian's)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
 
     p = sub.add_parser(
         "robustness",

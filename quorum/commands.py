@@ -193,6 +193,10 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         data_dir=args.data_dir,
         subset=args.subset,
         jobs=args.jobs,
+        loss=args.loss,
+        prefix_weights=args.prefix_weights,
+        schedule=args.schedule,
+        warmup_epochs=args.warmup_epochs,
         command=shlex.join(["quorum", *sys.argv[1:]]),
     )
     report = run_sweep(cfg, args.out, progress=not args.quiet)
@@ -201,6 +205,26 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     for failure in report.failures:
         print(f"quorum sweep: failed: {failure}", file=sys.stderr)
     return 1 if report.failures else 0
+
+
+def cmd_anytime(args: argparse.Namespace) -> int:
+    from quorum.experiments.anytime import format_markdown, run_anytime
+
+    if args.trials < 1:
+        print("quorum anytime: --trials must be >= 1", file=sys.stderr)
+        return 2
+    variants = run_anytime(
+        args.sweeps,
+        args.out,
+        trials=args.trials,
+        seed=args.seed,
+        data_dir=args.data_dir,
+        unfinished=args.unfinished,
+        progress=not args.quiet,
+    )
+    print(format_markdown(variants))
+    print(f"{args.out}: anytime.md, anytime.json, anytime.png")
+    return 0
 
 
 def cmd_robustness(args: argparse.Namespace) -> int:
@@ -311,6 +335,7 @@ HANDLERS = {
     "pack": cmd_pack,
     "demo": cmd_demo,
     "sweep": cmd_sweep,
+    "anytime": cmd_anytime,
     "robustness": cmd_robustness,
     "calibration": cmd_calibration,
     "ood": cmd_ood,

@@ -336,6 +336,9 @@ class Manifest(_Strict):
     modules: list[ModuleEntry] = Field(min_length=1)
     anytime_order: list[int] = Field(description="Module ids; every prefix is a strong sub-ensemble.")
     anytime_criterion: str = Field(description="How the order was chosen.")
+    anytime_source: Literal["greedy", "trained"] = Field(
+        "greedy", description="greedy: selected on validation; trained: the module order a prefix-aware loss trained."
+    )
     specialists: list[SpecialistEntry] = Field(
         default_factory=list, description="One per class, by class index; empty in bundles without specialists."
     )

@@ -111,3 +111,10 @@ def test_selection_bench_compares_with_the_reference(tmp_path: Path):
     out = _run("bench/selection.py", "--logits", str(tmp_path / "val.npz"), "--float64-reference")
     rows = {line.split()[0]: line for line in out.splitlines() if line.startswith(("anytime", "order,", "specialists"))}
     assert rows["specialists"].endswith("identical") and rows["order,"].endswith("identical")
+
+
+def test_prefix_loss_bench_prints_each_loss_against_the_modular_one(data_dir: Path):
+    out = _run("bench/prefix_loss.py", "--images", "200", "--rounds", "1", "--modules", "8")
+    assert "8-M-4-H, 200 images per pass" in out
+    for loss in ("modular", "prefix", "dropout"):
+        assert re.search(rf"{loss}\s+[\d.]+ s\s+[\d.]+x modular", out), out

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
@@ -10,9 +11,11 @@ from typing import Any
 from quorum.core.tasks import Task, get_task
 from quorum.trainer.checkpoint import atomic_write_text
 from quorum.trainer.errors import ConfigError, RunDirError
-from quorum.trainer.loss import check_lambda
+from quorum.trainer.loss import LOSSES, check_lambda
 from quorum.trainer.models import arch_info, list_archs
 from quorum.trainer.models.mlp import mlp_widths
+from quorum.trainer.prefix import PREFIX_LOSSES, PREFIX_WEIGHTS
+from quorum.trainer.schedule import SCHEDULES
 
 __all__ = ["RESUMABLE_OVERRIDES", "TrainConfig", "default_lr"]
 
@@ -29,7 +32,6 @@ DATASET_TASKS = {
     "linnerud": "count",
 }
 DATASETS = tuple(DATASET_TASKS)
-LOSSES = ("modular", "mcl")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
 
@@ -57,7 +59,9 @@ class TrainConfig:
     split: int = 0  # treenet: layers in the shared trunk; 0: about the first half
     depth: int = 100  # densenet_bc: depth, 6n + 4
     growth: int = 12  # densenet_bc: growth rate k
-    loss: str = "modular"  # modular | mcl (Multiple Choice Learning, Lee et al. §6.2)
+    loss: str = "modular"  # modular | mcl (Lee et al. §6.2) | prefix | dropout (trainer/prefix.py): loss.LOSSES
+    prefix_weights: str = "uniform"  # prefix, dropout: w_b over the prefix lengths 1, 2, 4, …, M: uniform | small
+    prefix_scale: float = 1.0  # prefix, dropout: μ, the prefix term's weight against L_λ
     mcl_k: int = 1  # mcl: each example trains its k best modules
     pretrain_epochs: int = 0  # mcl: epochs of independent cross-entropy first
     weight_decay: float = 0.0  # as for one module trained alone at lr / M (applied as weight_decay / M)
@@ -65,6 +69,8 @@ class TrainConfig:
     epochs: int = 10  # epochs to train (early stopping keeps the best one)
     lr: float | None = None  # SGD learning rate; None -> default_lr(modules, arch, task)
     momentum: float = 0.9  # SGD momentum, as in the papers
+    schedule: str = "constant"  # learning-rate schedule, per step: constant | cosine (trainer/schedule.py)
+    warmup_epochs: float = 1.0  # cosine: epochs of linear warmup to --lr
     batch_size: int = 100  # minibatch size, as in the papers
     seed: int = 0  # seeds the train/validation split, the subset, the init and the shuffles
     val_size: int = 10_000  # training images held out for validation
@@ -89,6 +95,17 @@ class TrainConfig:
             raise ConfigError(f"--mcl-k must lie in 1..M={self.modules}, got {self.mcl_k}")
         if self.pretrain_epochs < 0 or (self.pretrain_epochs and self.loss != "mcl"):
             raise ConfigError("--pretrain-epochs (>= 0) applies to --loss mcl only")
+        if self.loss not in PREFIX_LOSSES and (self.prefix_weights != "uniform" or self.prefix_scale != 1.0):
+            raise ConfigError("--prefix-weights and --prefix-scale apply to --loss prefix or dropout only")
+        if self.prefix_weights not in PREFIX_WEIGHTS:
+            known = ", ".join(PREFIX_WEIGHTS)
+            raise ConfigError(f"--prefix-weights must be one of {known}, got {self.prefix_weights!r}")
+        if not (math.isfinite(self.prefix_scale) and self.prefix_scale >= 0):
+            raise ConfigError(f"--prefix-scale must be a finite number >= 0, got {self.prefix_scale}")
+        if self.schedule not in SCHEDULES:
+            raise ConfigError(f"unknown --schedule {self.schedule!r}; choose one of {', '.join(SCHEDULES)}")
+        if not (math.isfinite(self.warmup_epochs) and 0 <= self.warmup_epochs <= self.epochs):
+            raise ConfigError(f"--warmup-epochs must lie in [0, --epochs = {self.epochs}], got {self.warmup_epochs}")
         if self.precision not in PRECISIONS:
             raise ConfigError(f"--precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         if not self.weight_decay >= 0:
@@ -110,10 +127,10 @@ class TrainConfig:
             raise ConfigError(f"--device must be auto, cpu or cuda, got {self.device!r}")
         if self.dataset not in DATASETS:
             raise ConfigError(f"unknown --dataset {self.dataset!r}; choose one of {', '.join(DATASETS)}")
-        if not self.task.has_classes and (arch_info(self.arch).image_input or self.loss != "modular"):
+        if not self.task.has_classes and (arch_info(self.arch).image_input or self.loss == "mcl"):
             raise ConfigError(
                 f"--dataset {self.dataset} has {self.task.family} targets ({self.task.kind}): train it on flat "
-                "features (--arch mlp) with the modular loss"
+                "features (--arch mlp) with the modular loss (or a prefix-aware one)"
             )
 
     @property
@@ -163,6 +180,9 @@ class TrainConfig:
             for k, v in overrides.items()
             if k not in RESUMABLE_OVERRIDES and k != "command" and v != getattr(self, k)
         ]
+        if self.schedule != "constant" and overrides.get("epochs", self.epochs) != self.epochs:
+            ends = f"run has {self.epochs}: its {self.schedule} schedule ends there"
+            conflicts.append(f"--epochs {overrides['epochs']} ({ends})")
         if conflicts:
             raise RunDirError(
                 "a resumed run keeps its training options; these differ from config.json: "

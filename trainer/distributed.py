@@ -148,6 +148,7 @@ def train_distributed(
     """Train (or resume) the run in `out_dir` as rank `launch.rank` of `launch.world_size`; see the
     module docstring. Rank 0's `cfg` and `resume` decide; the other ranks follow it."""
     out_dir = Path(out_dir)
+    _check_single_process_options(cfg)
     device = rank_device(cfg.device, launch.local_rank)
     _autocast(cfg, device, warn=False)  # refuses fp16 before anything is written
     with process_group(launch, device):
@@ -157,6 +158,20 @@ def train_distributed(
             log.error("%s", e)
             time.sleep(LAUNCHER_GRACE_S)
             raise
+
+
+def _check_single_process_options(cfg: TrainConfig) -> None:
+    """Refuse what module-parallel training does not do yet, saying how to train it instead."""
+    if cfg.loss in ("prefix", "dropout"):
+        raise ConfigError(
+            f"--loss {cfg.loss} trains in one process only: its prefixes cross the ranks' blocks of modules. "
+            "Start it without torchrun (quorum train ...)"
+        )
+    if cfg.schedule != "constant":
+        raise ConfigError(
+            f"--schedule {cfg.schedule} trains in one process only; use --schedule constant under torchrun, "
+            "or start it without torchrun"
+        )
 
 
 def _train(

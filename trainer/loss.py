@@ -17,6 +17,9 @@ example is assigned to the k members with the lowest CE on it, and trains only t
 
 k = M is independent training; k = 1 is Lee et al.'s oracle loss min_j CE_ij. The metric it
 optimizes, oracle accuracy, is `quorum.trainer.diagnostics.oracle_accuracy`.
+
+The prefix-aware losses (`prefix`, `dropout`) add to L_λ the NLL of the sub-ensembles that a
+budget serves: trainer/prefix.py.
 """
 
 from __future__ import annotations
@@ -29,9 +32,17 @@ import torch.nn.functional as F
 from quorum.core.tasks import get_task
 from quorum.trainer.errors import ConfigError
 
-__all__ = ["check_lambda", "ensemble_logits", "mcl_loss", "modular_loss"]
+__all__ = ["LOSSES", "check_lambda", "ensemble_logits", "mcl_loss", "modular_loss"]
 
 CLASSIFICATION = get_task("classification")
+
+# The registry of training losses (`--loss`): name -> what it trains. `train.loss_for_epoch` builds each.
+LOSSES = {
+    "modular": "L_λ for the dataset's target family (every architecture and family)",
+    "mcl": "Multiple Choice Learning: each example trains its k best modules (classes)",
+    "prefix": "L_λ plus the NLL of the prefixes 1, 2, 4, …, M of the module order (trainer/prefix.py)",
+    "dropout": "L_λ plus the NLL of the prefixes of a random module order drawn each step (trainer/prefix.py)",
+}
 
 
 def check_lambda(lam: float) -> float:

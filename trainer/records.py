@@ -27,9 +27,12 @@ def epoch_record(
     y_val: torch.Tensor,
     target_scale: tuple[float, ...],
     t0: float,
+    *,
+    lr: float | None = None,
 ) -> tuple[dict[str, Any], EvalResult, float]:
     """The metrics line of 0-based `epoch` from every module's validation outputs (N, M, K), its
-    evaluation, and the score that best.pt keeps the lowest of. Logs the dominance check."""
+    evaluation, and the score that best.pt keeps the lowest of. Logs the dominance check. `lr`: the
+    scheduled rate at the epoch's end (default: the run's constant rate)."""
     ev = evaluate_outputs(val_logits, y_val, cfg.task, target_scale)
     classes = cfg.task.has_classes
     module_errors = ev.module_errors.tolist()  # (M,)
@@ -45,7 +48,7 @@ def epoch_record(
         "val_module_errors": [round(x, 5) for x in module_errors],
         # Lee et al.: some module is right
         **({"val_oracle_accuracy": oracle_accuracy(val_logits, y_val)} if classes else {}),
-        "lr": cfg.learning_rate,
+        "lr": cfg.learning_rate if lr is None else lr,
         "seconds": round(time.perf_counter() - t0, 3),
     }
     # The dominance rule's thresholds are error rates: classification only.

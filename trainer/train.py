@@ -36,7 +36,9 @@ from quorum.trainer.evaluate import EvalResult, module_logits
 from quorum.trainer.loss import mcl_loss, modular_loss
 from quorum.trainer.models import Ensemble, create, takes_images
 from quorum.trainer.models.mlp import BatchedMLP, DeepBatchedMLP
+from quorum.trainer.prefix import prefix_objective
 from quorum.trainer.records import epoch_record, log_epoch
+from quorum.trainer.schedule import make_scheduler
 
 __all__ = [
     "TrainResult",
@@ -50,6 +52,7 @@ __all__ = [
     "load_data",
     "loss_for_epoch",
     "make_optimizer",
+    "make_run_scheduler",
     "prepare_run_dir",
     "resolve_device",
     "run_metadata",
@@ -108,6 +111,13 @@ def make_optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.SGD:
     )
 
 
+def make_run_scheduler(
+    cfg: TrainConfig, opt: torch.optim.Optimizer, num_train: int
+) -> torch.optim.lr_scheduler.LambdaLR | None:
+    """The run's `--schedule` over its epochs of ceil(num_train / batch) steps; None: a constant rate."""
+    return make_scheduler(opt, cfg.schedule, cfg.epochs, math.ceil(num_train / cfg.batch_size), cfg.warmup_epochs)
+
+
 def load_data(cfg: TrainConfig, data_dir: str | None = None) -> tuple[Splits, tuple[int, ...]]:
     """The run's dataset, its inputs shaped as the run's architecture takes them, and that shape."""
     data = load_dataset(cfg.dataset, data_dir or cfg.data_dir, val_size=cfg.val_size, subset=cfg.subset, seed=cfg.seed)
@@ -134,13 +144,18 @@ def autocast_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype | None
 
 
 def loss_for_epoch(cfg: TrainConfig, epoch: int) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-    """The training loss of 0-based `epoch`: the modular loss, or MCL after its pretraining epochs
-    of independent cross-entropy (the modular loss at lambda = 0)."""
+    """The training loss of 0-based `epoch` (`--loss`, the registry `loss.LOSSES`): the modular loss; MCL
+    after its pretraining epochs of independent cross-entropy (the modular loss at lambda = 0); or a
+    prefix-aware loss, whose random orders (dropout) come from (seed, epoch) alone, as the shuffle's do."""
     if cfg.loss == "mcl":
         if epoch < cfg.pretrain_epochs:
             return lambda logits, y: modular_loss(logits, y, 0.0)
         return lambda logits, y: mcl_loss(logits, y, cfg.mcl_k)
     task = cfg.task
+    if cfg.loss in ("prefix", "dropout"):
+        dropout = cfg.loss == "dropout"
+        orders = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch + (1 << 40)) if dropout else None
+        return prefix_objective(task, cfg.lam, cfg.modules, cfg.prefix_weights, cfg.prefix_scale, orders)
     return lambda eta, y: task.modular_loss(eta, y, cfg.lam)
 
 
@@ -161,6 +176,7 @@ def train_epoch(
     log_every: int = 50,
     sync_grads: Callable[[], None] | None = None,
     reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
 ) -> float:
     """One pass over (x, y) in minibatches shuffled by `generator`; the mean training loss.
 
@@ -169,7 +185,8 @@ def train_epoch(
     flip-and-crop to each batch; `autocast` runs the forward pass in that dtype (CUDA), with
     `scaler` for fp16. Module-parallel training (trainer/distributed.py) passes `sync_grads`,
     run between backward and step (a TreeNet trunk's gradient), and `reduce`, which sums this
-    rank's share of the loss over the ranks (at the same steps on every rank).
+    rank's share of the loss over the ranks (at the same steps on every rank). `scheduler` steps
+    after every optimizer step.
     """
     model.train()
     n = len(y)
@@ -192,6 +209,8 @@ def train_epoch(
             if sync_grads is not None:
                 sync_grads()
             opt.step()
+        if scheduler is not None:
+            scheduler.step()
         loss_sum += loss.detach() * idx.numel()
         if (i + 1) % log_every == 0 or i + 1 == steps:
             total = loss_sum if reduce is None else reduce(loss_sum)  # a collective: every rank, same steps
@@ -272,6 +291,7 @@ def commit_epoch(
     improved: bool,
     best_epoch: int,
     best_val: float,
+    scheduler_state: dict[str, Any] | None = None,
 ) -> None:
     """Write an epoch's files in the commit order of the module docstring: staged best (if
     `improved`), metrics line, last.pt (the commit point), then the staged best promoted."""
@@ -293,6 +313,7 @@ def commit_epoch(
             **meta,
             "model": model_state,
             "optimizer": opt_state,
+            **({"scheduler": scheduler_state} if scheduler_state is not None else {}),
             "epoch": epoch,
             "best_epoch": best_epoch,
             "best_val_error": best_val,
@@ -336,12 +357,15 @@ def train(cfg: TrainConfig, out_dir: str | Path, *, resume: bool = False, progre
         # alike (docs/RESULTS.md, "Channels-last").
         model = model.to(memory_format=torch.channels_last)
     opt = make_optimizer(cfg, model)
+    scheduler = make_run_scheduler(cfg, opt, len(data.train))  # before the optimizer's saved state: see its docs
     scaler = torch.amp.GradScaler("cuda") if autocast == torch.float16 else None
 
     start_epoch, best_epoch, best_val = 0, 0, math.inf
     if state is not None:
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
+        if scheduler is not None:
+            scheduler.load_state_dict(state["scheduler"])
         start_epoch, best_epoch, best_val = state["epoch"], state["best_epoch"], state["best_val_error"]
         log.info(
             "resuming %s from epoch %d (best so far: epoch %d, val error %.4f)",
@@ -374,17 +398,21 @@ def train(cfg: TrainConfig, out_dir: str | Path, *, resume: bool = False, progre
             autocast=autocast,
             scaler=scaler,
             log_every=cfg.log_every,
+            scheduler=scheduler,
         )
         check_finite(train_loss, epoch, cfg, best_epoch)
 
         val_logits = module_logits(model, x_val)  # (N, M, K)
-        record, ev, score = epoch_record(cfg, epoch, train_loss, val_logits, y_val, data.target_scale, t0)
+        record, ev, score = epoch_record(
+            cfg, epoch, train_loss, val_logits, y_val, data.target_scale, t0, lr=opt.param_groups[0]["lr"]
+        )
         improved = score < best_val
         if improved:
             best_val, best_epoch = score, epoch + 1
         commit_epoch(
             out_dir, meta, record, ev, model.state_dict(), opt.state_dict(),
             improved=improved, best_epoch=best_epoch, best_val=best_val,
+            scheduler_state=None if scheduler is None else scheduler.state_dict(),
         )  # fmt: skip
         epochs.set_postfix(
             loss=f"{train_loss:.4f}", val_err=f"{ev.ensemble_error:.4f}", best=f"{best_val:.4f}@{best_epoch}"

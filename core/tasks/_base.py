@@ -58,6 +58,13 @@ class Task:
         """Batch mean of L_λ = λ·NLL(mean_j η_j, y) + (1 − λ)·mean_j NLL(η_j, y); eta (B, M, K)."""
         raise NotImplementedError
 
+    def combined_nll(self, means: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """NLL of S combined predictions per example (sub-ensembles' mean natural parameters): means
+        (B, S, K), or (B, S) for one output, against the batch's targets y -> (B, S). This default serves
+        families with one natural parameter per output (NLL summed over them)."""
+        out = self.nll(means, y.unsqueeze(1).to(means.dtype))
+        return out.sum(dim=-1) if means.dim() == 3 else out
+
     def mean_prediction(self, eta: torch.Tensor) -> torch.Tensor:
         """The ensemble's conditional mean g(mean_j η_j): (B, M, ...) -> (B, ...)."""
         raise NotImplementedError

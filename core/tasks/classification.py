@@ -65,6 +65,9 @@ class Classification(Task):
             return members
         return lam * joint + (1.0 - lam) * members
 
+    def combined_nll(self, means: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return self.nll(means, y.unsqueeze(1).expand(means.shape[:2]))
+
     def mean_prediction(self, eta: torch.Tensor) -> torch.Tensor:
         return eta.mean(dim=1).softmax(dim=-1)
 

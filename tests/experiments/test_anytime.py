@@ -1,0 +1,67 @@
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from quorum.experiments.anytime import RESULT_FILE, run_anytime
+from quorum.experiments.sweep import SweepConfig, run_sweep
+
+pytestmark = pytest.mark.slow  # trains two tiny sweeps
+
+TINY = dict(configs=["8-M-4-H"], lams=[0.99], trials=2, epochs=1, subset=600)
+
+
+@pytest.fixture(scope="module")
+def sweeps(tmp_path_factory: pytest.TempPathFactory, data_dir: Path) -> list[Path]:
+    root = tmp_path_factory.mktemp("anytime")
+    out = []
+    for name, options in (("modular", {}), ("prefix", {"loss": "prefix", "prefix_weights": "small"})):
+        report = run_sweep(SweepConfig(**TINY, **options, data_dir=str(data_dir)), root / name, progress=False)  # type: ignore[arg-type]
+        assert report.failures == [] and report.trained == 2
+        out.append(root / name)
+    return out
+
+
+def test_the_sweep_trains_each_runs_loss(sweeps: list[Path]):
+    cfg = json.loads((sweeps[1] / "runs/8-M-4-H/lam0.99/seed0/config.json").read_text())
+    assert (cfg["loss"], cfg["prefix_weights"], cfg["schedule"]) == ("prefix", "small", "constant")
+
+
+def test_every_variant_gets_a_row_with_every_budget_and_removal(sweeps: list[Path], tmp_path: Path):
+    variants = run_anytime(sweeps, tmp_path / "report", trials=5, progress=False)
+    assert [v.variant for v in variants] == ["modular, λ = 0.99", "prefix (small), λ = 0.99"]
+    for v in variants:
+        assert v.seeds == [0, 1] and v.budgets == [1, 2, 4, 8] and len(v.random_removal_acc) == 2
+        assert all(0 <= mean <= 1 and se is not None for mean, se in v.test_acc)
+        # the whole ensemble is every order's last prefix
+        assert v.test_acc[-1][0] == pytest.approx(1 - v.test_error[0])
+    assert set(variants[0].sources) == {"greedy"}  # a modular run trained no order
+    run = json.loads((sweeps[1] / "runs/8-M-4-H/lam0.99/seed0" / RESULT_FILE).read_text())
+    assert run["trained_test_acc"] is not None and run["removed"] == [4, 7]
+    assert run["test_acc"] == (run["trained_test_acc"] if run["source"] == "trained" else run["greedy_test_acc"])
+    md = (tmp_path / "report/anytime.md").read_text()
+    assert "| prefix (small), λ = 0.99 | 0,1 |" in md and "Table 2" in md
+    assert (tmp_path / "report/anytime.png").stat().st_size > 0
+
+
+def test_results_are_reused_while_the_run_is_unchanged(sweeps: list[Path], tmp_path: Path):
+    run_anytime(sweeps[:1], tmp_path / "a", trials=5, progress=False)
+    path = sweeps[0] / "runs/8-M-4-H/lam0.99/seed0" / RESULT_FILE
+    stamp = path.stat().st_mtime_ns
+    run_anytime(sweeps[:1], tmp_path / "b", trials=5, progress=False)
+    assert path.stat().st_mtime_ns == stamp
+
+
+def test_runs_still_training_count_only_when_asked(sweeps: list[Path], tmp_path: Path):
+    import shutil
+
+    training = tmp_path / "sweep" / "runs/8-M-4-H/lam0.99/seed0"
+    shutil.copytree(sweeps[0] / "runs/8-M-4-H/lam0.99/seed0", training)
+    (training / "result.json").unlink()
+    (training / RESULT_FILE).unlink(missing_ok=True)
+    assert run_anytime([tmp_path / "sweep"], tmp_path / "a", trials=5, progress=False) == []
+    [row] = run_anytime([tmp_path / "sweep"], tmp_path / "b", trials=5, unfinished=True, progress=False)
+    assert row.seeds == [0] and row.epochs == [(1, 1)]
+    assert "| 1 (1) |" in (tmp_path / "b/anytime.md").read_text()
