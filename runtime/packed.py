@@ -48,7 +48,11 @@ def expose_hidden(model: bytes) -> tuple[bytes, dict[str, np.ndarray]]:
     proto = onnx.load_from_string(model)
     graph = proto.graph
     if any(HIDDEN in n.output for n in graph.node) and HIDDEN not in [o.name for o in graph.output]:
-        graph.output.insert(1, helper.make_tensor_value_info(HIDDEN, TensorProto.FLOAT, None))
+        # its element type as the graph computes it (float16 in an fp16 bundle)
+        typed = {
+            v.name: v.type.tensor_type.elem_type for v in onnx.shape_inference.infer_shapes(proto).graph.value_info
+        }
+        graph.output.insert(1, helper.make_tensor_value_info(HIDDEN, typed.get(HIDDEN, TensorProto.FLOAT), None))
     arrays = {i.name: numpy_helper.to_array(i) for i in graph.initializer if i.name.startswith(("W2t", "B2"))}
     if "W2t" not in arrays and {"W2t_q", "W2t_scale"} <= arrays.keys():  # int8 weights: as the graph dequantizes
         arrays["W2t"] = arrays["W2t_q"].astype(np.float32) * arrays["W2t_scale"].astype(np.float32)

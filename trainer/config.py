@@ -175,10 +175,12 @@ class TrainConfig:
 
     def resumed_with(self, overrides: dict[str, Any]) -> TrainConfig:
         """This (stored) config with the options a resumed run may change; refuse the rest."""
+        fixed = {k: v for k, v in overrides.items() if k not in RESUMABLE_OVERRIDES and k != "command"}
+        asked = replace(self, **fixed)  # the options as a config holds them (e.g. --hidden "4" as 4)
         conflicts = [
             f"--{k.replace('_', '-')} {v} (run has {getattr(self, k)})"
-            for k, v in overrides.items()
-            if k not in RESUMABLE_OVERRIDES and k != "command" and v != getattr(self, k)
+            for k, v in fixed.items()
+            if getattr(asked, k) != getattr(self, k)
         ]
         if self.schedule != "constant" and overrides.get("epochs", self.epochs) != self.epochs:
             ends = f"run has {self.epochs}: its {self.schedule} schedule ends there"

@@ -69,6 +69,13 @@ def test_resume_refuses_changed_training_options(tmp_path: Path):
     assert stored.resumed_with({"epochs": 4, "lam": 0.95}).epochs == 4
 
 
+def test_resume_compares_options_as_the_config_holds_them():
+    stored = TrainConfig(**TINY, epochs=1)
+    assert stored.resumed_with({"hidden": "4", "epochs": 2}).epochs == 2  # the command line's "4" is the run's 4
+    with pytest.raises(RunDirError, match="--hidden"):
+        stored.resumed_with({"hidden": "8,8"})
+
+
 def test_resume_without_a_run_says_so(tmp_path: Path):
     with pytest.raises(RunDirError, match="no run"):
         train(TrainConfig(**TINY), tmp_path / "nothing", resume=True, progress=False)
