@@ -85,18 +85,25 @@ class MemberSums:
     votes: np.ndarray
 
     @classmethod
-    def of(cls, members: np.ndarray) -> MemberSums:
-        """The sums of member logits (b, N, K), in few numpy calls (they run on every request).
+    def of(cls, members: np.ndarray, *, classes_first: bool = False) -> MemberSums:
+        """The sums of member logits (b, N, K), or (b, K, N) with `classes_first`, in few numpy calls
+        (they run on every request). Reductions over K run over (b, K, N): a reduction over a last
+        axis of 10 costs numpy several times more.
 
         With s = eta - max eta and Z = sum exp(s): H(p) = log Z - sum_k p_k s_k, one log per member
         and input rather than one per class. A vote goes to every class at the member's maximum."""
-        s = members - members.max(axis=2, keepdims=True)  # (b, N, K), <= 0
+        m = members if classes_first else np.ascontiguousarray(members.transpose(0, 2, 1))  # (b, K, N)
+        s = m - m.max(axis=1, keepdims=True)  # <= 0
         top = s == 0
         e = np.exp(s)
-        z = e.sum(axis=2, keepdims=True)
-        e /= z  # member probabilities
-        entropy = np.log(z[..., 0]).sum(axis=0) - np.einsum("bnk,bnk->n", e, s)
-        return cls(e.sum(axis=0), entropy.astype(np.float32), top.sum(axis=0, dtype=np.float32))
+        z = e.sum(axis=1)  # (b, N)
+        e /= z[:, None, :]  # member probabilities
+        entropy = np.log(z).sum(axis=0) - np.einsum("bkn,bkn->n", e, s)
+        return cls(
+            np.ascontiguousarray(e.sum(axis=0).T),
+            entropy.astype(np.float32),
+            np.ascontiguousarray(top.sum(axis=0, dtype=np.float32).T),
+        )
 
     @classmethod
     def zeros(cls, n: int, k: int) -> MemberSums:

@@ -136,7 +136,7 @@ class Runner:
             self._breakers.succeeded(ids)
         if not ok:
             return None
-        return mean, None if members is None else MemberSums.of(members)
+        return mean, None if members is None else MemberSums.of(members, classes_first=True)
 
     def _run_packed_anytime(
         self, ids: list[int], x: np.ndarray, cacheable: bool, deadline_s: float

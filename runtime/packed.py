@@ -139,7 +139,7 @@ class PackedExecutor:
     def run_members(
         self, ids: Sequence[int] | np.ndarray, x: np.ndarray, *, cacheable: bool = False, key: bytes | None = None
     ) -> tuple[np.ndarray, np.ndarray | None]:
-        """`run`, and each module's logits (b, N, K) from the graph's hidden units (None when the
+        """`run`, and each module's logits (b, K, N) from the graph's hidden units (None when the
         graph does not expose them): the same call, plus one small batched product."""
         index = ids if isinstance(ids, np.ndarray) else np.array(ids, dtype=np.int64)
         if self._layer2 is None:
@@ -147,8 +147,8 @@ class PackedExecutor:
         mean, hidden = self._call(index, x, cacheable, key, [self._output, HIDDEN])
         w2t, b2 = self._layer2
         b = len(index)
-        h = hidden.reshape(hidden.shape[0], b, -1).transpose(1, 0, 2)  # (b, N, H)
-        members = np.matmul(h, w2t[index]) + b2[index][:, None, :]  # (b, N, K)
+        h = hidden.reshape(hidden.shape[0], b, -1).transpose(1, 2, 0)  # (b, H, N)
+        members = np.matmul(w2t[index].transpose(0, 2, 1), h) + b2[index][:, :, None]  # (b, K, N)
         return mean, members
 
     def expose_members(self, w2t: np.ndarray, b2: np.ndarray) -> None:
