@@ -195,7 +195,8 @@ class Engine:
         while time is left, and the first only if nothing has answered yet."""
         conf = self.manifest.confidence
         assert conf is not None
-        plan = self._planner.plan(None, options.max_budget, options.drop, options.seed, faults)
+        cap = None if options.max_budget is None else min(options.max_budget, self.num_modules)  # above M: no cap
+        plan = self._planner.plan(None, cap, options.drop, options.seed, faults)
         n, k = x.shape[0], self.manifest.num_classes
         stages = Stages(plan.selected, conf.stages, rule.thresholds, self._head.temperatures, n, k)
         try:

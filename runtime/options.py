@@ -49,8 +49,8 @@ class PredictOptions:
             or not 0 <= self.tolerance <= 1
         ):
             raise InvalidRequest(f"tolerance={self.tolerance!r} must be an accuracy in [0, 1], e.g. 0.001")
-        if self.max_budget is not None and type(self.max_budget) is not int:
-            raise InvalidRequest(f"max_budget={self.max_budget!r} must be a whole number of modules")
+        if self.max_budget is not None and (type(self.max_budget) is not int or self.max_budget < 1):
+            raise InvalidRequest(f"max_budget={self.max_budget!r} must be a whole number of modules, at least 1")
         if not self.adaptive and (self.tolerance is not None or self.max_budget is not None):
             raise InvalidRequest("tolerance and max_budget go with budget=auto")
         if self.adaptive and self.budget is not None:

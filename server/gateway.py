@@ -202,7 +202,9 @@ class Gateway:
         rule = adaptive_rule(self.manifest, options.tolerance) if options.adaptive else None
         x = as_array(x_raw)
         self.preprocess(x)  # a client's mistake is a 4xx here, once, not one from each shard
-        budget = options.max_budget if options.adaptive else options.budget
+        budget = options.budget
+        if options.adaptive and options.max_budget is not None:
+            budget = min(options.max_budget, self.num_modules)  # a cap above M is no cap
         plan = self._plan().plan(c, budget, options.drop, options.seed)
         deadline = None if options.deadline_ms is None else t0 + options.deadline_ms / 1e3
         if rule is not None:
