@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
-import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +18,7 @@ from onnx import helper, numpy_helper
 from torch import nn
 
 from quorum.exporter.errors import ExportError
-from quorum.exporter.graphs import INPUT_NAME, OUTPUT_NAME, cpu_session, replace_dir, serialize
+from quorum.exporter.graphs import INPUT_NAME, OUTPUT_NAME, cpu_session, serialize, staged_bundle
 from quorum.exporter.onnx_graphs import export_graph
 from quorum.runtime.manifest import (
     PARITY_ATOL,
@@ -112,14 +110,8 @@ def write_compressed_bundle(
         metrics=metrics,
         compression=compression,
     )
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
+    with staged_bundle(out_dir) as tmp:
         (tmp / "modules").mkdir()
         (tmp / "modules" / "m000.onnx").write_bytes(data)
         manifest.dump(tmp)
-        replace_dir(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return manifest

@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
-import shutil
-import tempfile
 import time
 from pathlib import Path
 
@@ -24,7 +22,7 @@ from tqdm.auto import tqdm
 from quorum.exporter.anytime import choose_anytime_order
 from quorum.exporter.confidence import fit_confidence
 from quorum.exporter.errors import ExportError
-from quorum.exporter.graphs import INPUT_NAME, OUTPUT_NAME, cpu_session, replace_dir, serialize
+from quorum.exporter.graphs import INPUT_NAME, OUTPUT_NAME, cpu_session, serialize, staged_bundle
 from quorum.exporter.onnx_graphs import export_graph, export_template, with_weights
 from quorum.exporter.packed import write_packed
 from quorum.exporter.specialists import SPECIALIST_CRITERION, ensemble_f1, random_subsets_f1, select_specialists
@@ -132,9 +130,7 @@ def export_run(
     except ExportError as e:
         log.info("exporting module by module (%s)", e)
         template = None
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))  # same filesystem: rename is atomic
-    try:
+    with staged_bundle(out_dir) as tmp:
         (tmp / "modules").mkdir()
         entries, protos, ort_logits = [], [], []
         for j in tqdm(range(M), desc="export", unit="module", disable=not progress):
@@ -190,10 +186,6 @@ def export_run(
             ),
         )
         manifest.dump(tmp)
-        replace_dir(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     log.info(
         "exported %d modules to %s (val error %.4f, test error %.4f)",
         M,

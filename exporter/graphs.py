@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import hashlib
 import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -20,8 +23,8 @@ __all__ = [
     "OUTPUT_NAME",
     "cpu_session",
     "int8_symmetric",
-    "replace_dir",
     "serialize",
+    "staged_bundle",
     "to_float16",
 ]
 
@@ -58,7 +61,21 @@ def to_float16(proto: onnx.ModelProto) -> onnx.ModelProto:
     return converted
 
 
-def replace_dir(new: Path, target: Path) -> None:
+@contextmanager
+def staged_bundle(out_dir: Path) -> Iterator[Path]:
+    """A temporary sibling of `out_dir` to write a bundle into; moved into place (replacing an older
+    one) when the block ends, removed if it raises, so a failed write never leaves half a bundle."""
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))  # same filesystem: rename is atomic
+    try:
+        yield tmp
+        _replace_dir(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _replace_dir(new: Path, target: Path) -> None:
     """Move `new` to `target`, replacing an older bundle only once the new one is complete."""
     if target.exists():
         old = target.with_name(f".{target.name}.old")

@@ -24,8 +24,6 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
-import shutil
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,7 +34,7 @@ from onnx import helper, numpy_helper
 from tqdm.auto import tqdm
 
 from quorum.exporter.errors import ExportError
-from quorum.exporter.graphs import cpu_session, int8_symmetric, replace_dir, serialize, to_float16
+from quorum.exporter.graphs import cpu_session, int8_symmetric, serialize, staged_bundle, to_float16
 from quorum.exporter.packed import INDEX_NAME, module_protos, write_packed
 from quorum.runtime.manifest import (
     PARITY_RTOL,
@@ -110,9 +108,7 @@ def quantize_bundle(
     x_test, y_test = data.test.x.numpy().reshape(shape), data.test.y.numpy()
     calib = x_val[: cfg.calibration]
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with staged_bundle(out) as tmp:
         (tmp / "modules").mkdir()
         entries, new_protos = [], []
         bar = tqdm(manifest.modules, desc=cfg.precision, unit="module", disable=not progress)
@@ -170,10 +166,6 @@ def quantize_bundle(
         )
         new = Manifest.model_validate(new.model_dump())  # validated as a reader will
         new.dump(tmp)
-        replace_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return new
 
 
