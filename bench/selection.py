@@ -11,6 +11,7 @@ reference ones they replaced (tests/exporter/reference_selection.py), side by si
                first step at which they choose differently and both choices' float64 losses
   specialists  `select_specialists` (k = 20, every class) against the reference; the subsets
                and their F1 must be identical
+  side by side the two together, as `quorum export` runs them (one thread each on 2 cores)
 
 Times are wall-clock seconds on this process's torch threads (--threads), each algorithm run
 once, the reference and the product alternately (--rounds). On a shared machine read the
@@ -33,6 +34,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # the reference algorithms live beside the tests that check against them
 
+from quorum.exporter._candidates import side_by_side  # noqa: E402
 from quorum.exporter.selection import classifier_anytime_order  # noqa: E402
 from quorum.exporter.specialists import select_specialists  # noqa: E402
 from tests.exporter.reference_selection import (  # noqa: E402
@@ -129,6 +131,15 @@ def main() -> None:
         ref_total = sum(r[1] for r in rows if not r[0].startswith("order, float64"))
         new_total = sum(r[2] for r in rows if not r[0].startswith("order, float64"))
         print(f"{'both':26} {ref_total:12.1f} {new_total:8.1f} {ref_total / new_total:8.1f}")
+
+        def both_side_by_side() -> None:  # as `quorum export` runs them
+            with side_by_side() as side:
+                specialists = side.submit(select_specialists, logits, y, 20)
+                classifier_anytime_order(logits, y)
+                specialists.result()
+
+        s, _ = timed(both_side_by_side)
+        print(f"{'both, side by side':26} {ref_total:12.1f} {s:8.1f} {ref_total / s:8.1f}  as quorum export runs them")
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ from contextlib import contextmanager
 import numpy as np
 import torch
 
-__all__ = ["ArrayLike", "as_slabs", "check", "over_chunks", "scratch", "threads"]
+__all__ = ["ArrayLike", "as_slabs", "check", "over_chunks", "scratch", "side_by_side", "threads"]
 
 ArrayLike = np.ndarray | torch.Tensor
 
@@ -59,6 +59,21 @@ def threads() -> Iterator[Executor | None]:
         return
     with ThreadPoolExecutor(n, initializer=torch.set_num_threads, initargs=(1,)) as workers:
         yield workers
+
+
+@contextmanager
+def side_by_side() -> Iterator[Executor]:
+    """A one-thread executor for a second selection to run beside the calling thread's, each with half of
+    torch's threads while it lasts: on 2 cores, two selections on one thread each finish sooner than one
+    after the other on two (docs/RESULTS.md, "Selection time")."""
+    n = torch.get_num_threads()
+    half = max(1, n // 2)
+    torch.set_num_threads(half)
+    try:
+        with ThreadPoolExecutor(1, initializer=torch.set_num_threads, initargs=(half,)) as side:
+            yield side
+    finally:
+        torch.set_num_threads(n)
 
 
 def over_chunks(

@@ -28,6 +28,7 @@ __all__ = [
     "greedy_specialist",
     "one_vs_all_counts",
     "random_subsets_f1",
+    "random_subsets_f1_by_class",
     "select_specialists",
 ]
 
@@ -230,13 +231,23 @@ def random_subsets_f1(
     logits: ArrayLike, y: ArrayLike, c: int, k: int = 20, tries: int = 200, seed: int = 0
 ) -> torch.Tensor:
     """F1 of class c for each of `tries` random k-subsets (the same subsets for the same seed)."""
+    return random_subsets_f1_by_class(logits, y, [c], k, tries, seed)[0]
+
+
+@torch.no_grad()
+def random_subsets_f1_by_class(
+    logits: ArrayLike, y: ArrayLike, classes: Sequence[int], k: int = 20, tries: int = 200, seed: int = 0
+) -> torch.Tensor:
+    """`random_subsets_f1` of each of `classes` on the same subsets: (len(classes), tries). The subsets'
+    answers are computed once for every class."""
     logits, y = check(logits, y)
     n, m, num_classes = logits.shape
     members = torch.zeros(m, tries)  # column s: the indicator of subset s
     for s, subset in enumerate(_random_subsets(m, k, tries, seed)):
         members[subset, s] = 1.0
     sums = (logits.transpose(1, 2).reshape(n * num_classes, m) @ members).view(n, num_classes, tries)
-    return f1_score(*one_vs_all_counts(sums.argmax(dim=1), y, c))  # argmax of a sum = of the mean
+    pred = sums.argmax(dim=1)  # argmax of a sum = of the mean
+    return torch.stack([f1_score(*one_vs_all_counts(pred, y, c)) for c in classes])
 
 
 @torch.no_grad()
