@@ -9,7 +9,8 @@ applies, `quorum calibration` and `quorum ood` report.
   distribution; the mutual information between label and module, H(mean_j p_j) - mean_j H(p_j),
   the part of the uncertainty that is the modules' disagreement; and the share of the modules
   whose own argmax is the served label.
-- Adaptive budgets: the anytime order runs in stages (prefix lengths 1, 2, 4, ..., M); an input
+- Adaptive budgets: the anytime order runs in stages (prefix lengths 1, 2, 4, ..., 32, 48, 64, 96,
+  ..., M: powers of two, and from 32 on the points halfway between them as well); an input
   leaves after a stage once its calibrated top probability reaches the stage's threshold. The
   exporter picks the thresholds, one set per tolerance, on the validation split: at each stage,
   the lowest at which the inputs that confident agree with the whole order often enough.
@@ -24,6 +25,7 @@ import numpy as np
 
 __all__ = [
     "DEFAULT_TOLERANCE",
+    "FINE_FROM",
     "NEVER",
     "RATES",
     "SIGNAL",
@@ -32,6 +34,7 @@ __all__ = [
     "Uncertainty",
     "adaptive_exits",
     "choose_thresholds",
+    "doubling_lengths",
     "expected_calibration_error",
     "fit_temperatures",
     "negative_log_likelihood",
@@ -51,12 +54,31 @@ _EPS = 1e-12
 NEVER = 2.0  # a threshold no probability reaches: the stage lets no input leave
 
 
-def stage_lengths(m: int) -> list[int]:
-    """The prefix lengths adaptive budgets stop at: 1, 2, 4, ... below m, then m."""
+def doubling_lengths(m: int) -> list[int]:
+    """1, 2, 4, ... below m, then m: the budgets `quorum calibration` reports."""
     lengths, b = [], 1
     while b < m:
         lengths.append(b)
         b *= 2
+    return [*lengths, m]
+
+
+FINE_FROM = 32  # stages from here on also stop halfway between powers of two
+
+
+def stage_lengths(m: int) -> list[int]:
+    """The prefix lengths adaptive budgets stop at: 1, 2, 4, ..., 32, then 48, 64, 96, 128, 192, ...
+    below m, then m.
+
+    Above FINE_FROM an input that needs one module more than a stage pays for as many modules again
+    when stages double; the midpoints halve that. Below it a stage costs little and more stages only
+    add thresholds to fit (docs/RESULTS.md, "Adaptive budgets").
+    """
+    lengths = []
+    for b in doubling_lengths(m)[:-1]:
+        lengths.append(b)
+        if b >= FINE_FROM and b * 3 // 2 < m:
+            lengths.append(b * 3 // 2)
     return [*lengths, m]
 
 

@@ -12,6 +12,7 @@ from quorum.runtime.confidence import (
     NEVER,
     MemberSums,
     adaptive_exits,
+    doubling_lengths,
     expected_calibration_error,
     fit_temperatures,
     prefix_means,
@@ -24,10 +25,12 @@ from quorum.runtime.engine import Engine
 from quorum.runtime.errors import InvalidRequest
 
 
-def test_stages_double_up_to_the_number_of_modules():
+def test_stages_double_up_to_32_then_also_stop_halfway():
     assert stage_lengths(1) == [1]
-    assert stage_lengths(40) == [1, 2, 4, 8, 16, 32, 40]
-    assert stage_lengths(256)[-2:] == [128, 256]
+    assert doubling_lengths(40) == stage_lengths(40) == [1, 2, 4, 8, 16, 32, 40]
+    assert stage_lengths(256) == [1, 2, 4, 8, 16, 32, 48, 64, 96, 128, 192, 256]
+    assert stage_lengths(100) == [1, 2, 4, 8, 16, 32, 48, 64, 96, 100]
+    assert doubling_lengths(256)[-2:] == [128, 256]
 
 
 def test_a_temperature_fitted_on_overconfident_logits_undoes_the_overconfidence():
