@@ -81,6 +81,13 @@ class CalibrationReport:
         inside = [(b, a) for b, a in self.curve if low <= b <= high]
         return len(inside), sum(a > self.fixed_at(b) for b, a in inside)
 
+    def fewest_within(self, points: float = 0.001) -> tuple[float, float] | None:
+        """(mean modules, accuracy) of the curve's point with the fewest modules whose accuracy is within
+        `points` of the whole ensemble's; None where none is."""
+        whole = self.fixed_accuracy[-1]
+        inside = [(b, a) for b, a in self.curve if a >= whole - points - 1e-12]
+        return min(inside) if inside else None
+
     def table(self) -> str:
         lines = ["budget  ECE before  ECE after  ECE at the split's best T  NLL before  NLL after"]
         columns = (self.budgets, self.ece_before, self.ece_after, self.ece_best, self.nll_before, self.nll_after)
@@ -102,6 +109,11 @@ class CalibrationReport:
         lines.append(
             f"budget=auto against fixed budgets: more accurate at {better} of {points} points of the curve "
             "with a mean of 4 to 128 modules per input"
+        )
+        fewest = self.fewest_within()
+        lines.append(
+            "fewest modules per input within 0.1 point of the whole ensemble: "
+            + (f"{fewest[0]:.1f} ({fewest[1]:.2%})" if fewest else "none on the curve")
         )
         return "\n".join(lines)
 

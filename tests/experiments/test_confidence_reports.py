@@ -28,6 +28,8 @@ def test_calibration_writes_its_fit_into_the_manifest_and_draws_the_plot(bundle_
     assert len(report.fixed_accuracy) == 40 and len(report.adaptive) == len(after.rules)
     points, _ = report.beats_fixed()
     assert points > 0
+    fewest = report.fewest_within(1.0)  # every point is within 100 points
+    assert fewest is not None and fewest == min(report.curve)
 
 
 @pytest.mark.slow
