@@ -8,7 +8,7 @@ Pure logic, no execution: the engine drives it with its runner, a gateway with i
         stages.record(run(chunk, x[rows]))       # their sum, used, failed, unfinished, members
     mean, per_input = stages.answer()
 
-After each stage (a prefix of the plan's order: 1, 2, 4, ... modules), the inputs whose
+After each stage (a prefix of the plan's order: 1, 2, 4, ..., 32, 48, 64, 96, ... modules), the inputs whose
 calibrated top probability reaches the stage's threshold leave; the last stage lets all leave.
 """
 

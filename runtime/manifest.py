@@ -305,7 +305,10 @@ class AdaptiveRule(_Strict):
 class ConfidenceEntry(_Strict):
     """Calibration and adaptive budgets, fitted on the validation split along the anytime order."""
 
-    stages: list[int] = Field(min_length=1, description="Prefix lengths of the anytime order: 1, 2, 4, ..., M.")
+    stages: list[int] = Field(
+        min_length=1,
+        description="Prefix lengths of the anytime order, ending at M (exported: 1, 2, 4, ..., 32, 48, 64, 96, ...).",
+    )
     temperatures: list[float] = Field(description="Per stage length; other lengths interpolate log T in log b.")
     signal: str = Field(description="The exit rule's confidence signal.")
     rules: list[AdaptiveRule] = Field(min_length=1, description="By increasing tolerance.")
