@@ -65,7 +65,7 @@ def threads() -> Iterator[Executor | None]:
 def side_by_side() -> Iterator[Executor]:
     """A one-thread executor for a second selection to run beside the calling thread's, each with half of
     torch's threads while it lasts: on 2 cores, two selections on one thread each finish sooner than one
-    after the other on two (docs/RESULTS.md, "Selection time")."""
+    after the other on two (docs/RESULTS.md, "Choosing the anytime order and the specialists")."""
     n = torch.get_num_threads()
     half = max(1, n // 2)
     torch.set_num_threads(half)

@@ -20,7 +20,7 @@ import torch
 from tqdm.auto import tqdm
 
 from quorum.exporter._candidates import side_by_side
-from quorum.exporter.anytime import choose_anytime_order
+from quorum.exporter.anytime import AnytimeChoice, choose_anytime_order
 from quorum.exporter.confidence import fit_confidence
 from quorum.exporter.errors import ExportError
 from quorum.exporter.graphs import INPUT_NAME, OUTPUT_NAME, cpu_session, serialize, staged_bundle
@@ -87,6 +87,19 @@ def _specialist_entries(
     ]
 
 
+def _selections(
+    logits: torch.Tensor, y: torch.Tensor, run: LoadedRun, progress: bool
+) -> tuple[AnytimeChoice, list[SpecialistEntry]]:
+    """The anytime order and (classifiers) the specialists, chosen on (logits (N, M, K), y); the two side by
+    side, on half of torch's threads each."""
+    task, trained = run.config.task, run.config.loss == "prefix"
+    if not task.has_classes:
+        return choose_anytime_order(logits, y, task, trained=trained, progress=progress), []
+    with side_by_side() as side:
+        specialists = side.submit(_specialist_entries, logits, y, run.class_names, progress)
+        return choose_anytime_order(logits, y, task, trained=trained, progress=progress), specialists.result()
+
+
 def export_run(
     run_dir: str | Path,
     out_dir: str | Path,
@@ -112,17 +125,9 @@ def export_run(
     val = evaluate_outputs(val_logits, data.val.y, task, scale)
     test = evaluate_outputs(test_logits, data.test.y, task, scale)
     module_errors = val.module_errors.tolist()
-    # Both selections use the validation split, so the bundle's test metrics stay unbiased. They run side by
-    # side, on half of torch's threads each.
+    # Both selections use the validation split, so the bundle's test metrics stay unbiased.
     t0 = time.perf_counter()
-    with side_by_side() as side:
-        future = (
-            side.submit(_specialist_entries, val_logits, data.val.y, run.class_names, progress)
-            if task.has_classes
-            else None
-        )
-        anytime = choose_anytime_order(val_logits, data.val.y, task, trained=cfg.loss == "prefix", progress=progress)
-        specialists = future.result() if future is not None else []
+    anytime, specialists = _selections(val_logits, data.val.y, run, progress)
     if anytime.trained_val is not None:
         log.info(
             "anytime order: %s (mean validation error over budgets 1, 2, 4, …: trained order %.4f, greedy %.4f)",
