@@ -154,15 +154,18 @@ class Variant:
 
 
 def _aggregate(results: Sequence[RunAnytime]) -> list[Variant]:
-    groups: dict[str, list[RunAnytime]] = defaultdict(list)
+    groups: dict[tuple[str, int], list[RunAnytime]] = defaultdict(list)
     for r in results:
-        groups[r.variant].append(r)
+        groups[(r.variant, r.epochs_run)].append(r)
+    lengths: dict[str, set[int]] = defaultdict(set)  # the variants trained for more than one number of epochs are named with it
+    for name, epochs in groups:
+        lengths[name].add(epochs)
     out = []
-    for name, runs in groups.items():
+    for (name, epochs), runs in groups.items():
         runs = sorted(runs, key=lambda r: r.seed)
         out.append(
             Variant(
-                variant=name,
+                variant=name if len(lengths[name]) == 1 else f"{name}, {epochs} epochs",
                 seeds=[r.seed for r in runs],
                 budgets=runs[0].budgets,
                 test_error=mean_se([r.test_error for r in runs]),

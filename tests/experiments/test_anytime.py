@@ -65,3 +65,23 @@ def test_runs_still_training_count_only_when_asked(sweeps: list[Path], tmp_path:
     [row] = run_anytime([tmp_path / "sweep"], tmp_path / "b", trials=5, unfinished=True, progress=False)
     assert row.seeds == [0] and row.epochs == [(1, 1)]
     assert "| 1 (1) |" in (tmp_path / "b/anytime.md").read_text()
+
+
+def test_a_variant_trained_for_two_lengths_gets_a_row_for_each():
+    from quorum.experiments.anytime import RunAnytime, _aggregate
+
+    def run(seed: int, epochs: int, variant: str = "prefix (uniform), λ = 0.99, cosine") -> RunAnytime:
+        return RunAnytime(
+            run=f"r{seed}-{epochs}", variant=variant, seed=seed, epochs_run=epochs, best_epoch=epochs,
+            test_error=0.1, budgets=[1, 2], source="greedy", test_acc=[0.5, 0.9], greedy_test_acc=[0.5, 0.9],
+            trained_test_acc=None, greedy_val_error=0.1, trained_val_error=None, drops=[0.5, 0.9],
+            removed=[1, 1], random_removal_acc=[0.8, 0.7], trials=2,
+        )  # fmt: skip
+
+    rows = _aggregate([run(0, 40), run(1, 40), run(0, 100), run(0, 40, "modular, λ = 1")])
+    names = {v.variant: v.seeds for v in rows}
+    assert names == {
+        "prefix (uniform), λ = 0.99, cosine, 40 epochs": [0, 1],
+        "prefix (uniform), λ = 0.99, cosine, 100 epochs": [0],
+        "modular, λ = 1": [0],
+    }
