@@ -157,7 +157,7 @@ def _aggregate(results: Sequence[RunAnytime]) -> list[Variant]:
     groups: dict[tuple[str, int], list[RunAnytime]] = defaultdict(list)
     for r in results:
         groups[(r.variant, r.epochs_run)].append(r)
-    lengths: dict[str, set[int]] = defaultdict(set)  # the variants trained for more than one number of epochs are named with it
+    lengths: dict[str, set[int]] = defaultdict(set)  # a variant trained for several epoch counts: named with them
     for name, epochs in groups:
         lengths[name].add(epochs)
     out = []
