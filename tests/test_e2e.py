@@ -66,7 +66,7 @@ def test_predict_budget_32_over_http(server, test_images):
 def test_budget_auto_over_http_uses_the_thresholds_fitted_at_export(server, test_images):
     base, bundle, _ = server
     manifest = json.loads((bundle / "manifest.json").read_text())
-    assert manifest["confidence"]["stages"] == [1, 2, 4, 8, 16, 32, 64]
+    assert manifest["confidence"]["stages"] == [1, 2, 4, 8, 16, 32, 48, 64]
     x, _ = test_images
     status, body = request(
         f"{base}/predict?budget=auto&tolerance=0.02", json.dumps({"inputs": x[:64].tolist()}).encode()
