@@ -75,8 +75,12 @@ class RunAnytime:
 
 
 def variant_of(cfg: Any) -> str:
-    """The row a run belongs to, e.g. "prefix (small), λ = 0.99" or "modular, λ = 1, cosine"."""
-    loss = f"{cfg.loss} ({cfg.prefix_weights})" if cfg.loss in ("prefix", "dropout") else cfg.loss
+    """The row a run belongs to, e.g. "prefix (small), λ = 0.99", "prefix (small, μ = 2), λ = 0.99" or
+    "modular, λ = 1, cosine"."""
+    loss = cfg.loss
+    if cfg.loss in ("prefix", "dropout"):
+        scale = "" if cfg.prefix_scale == 1.0 else f", μ = {cfg.prefix_scale:g}"
+        loss += f" ({cfg.prefix_weights}{scale})"
     schedule = "" if cfg.schedule == "constant" else f", {cfg.schedule}"
     return f"{loss}, λ = {cfg.lam:g}{schedule}"
 

@@ -143,6 +143,7 @@ class SweepConfig:
     jobs: int = 1  # trainings at once, in worker processes
     loss: str = "modular"  # --loss of every run: modular | prefix | dropout (a sweep folder per loss)
     prefix_weights: str = "uniform"  # prefix, dropout: weights of the prefix lengths (trainer/prefix.py)
+    prefix_scale: float = 1.0  # prefix, dropout: μ, the prefix term's weight against L_λ
     schedule: str = "constant"  # learning-rate schedule of every run: constant | cosine
     warmup_epochs: float = 1.0  # cosine: epochs of linear warmup
     command: str = ""  # the command line, recorded in every new run's config.json
@@ -167,6 +168,7 @@ class SweepConfig:
             lr=self.lr,
             loss=self.loss,
             prefix_weights=self.prefix_weights,
+            prefix_scale=self.prefix_scale,
             schedule=self.schedule,
             warmup_epochs=self.warmup_epochs,
             seed=seed,

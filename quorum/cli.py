@@ -346,6 +346,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="prefix, dropout: weights of the prefix lengths (default: uniform)",
     )
     p.add_argument(
+        "--prefix-scale",
+        type=float,
+        default=1.0,
+        help="prefix, dropout: weight of the prefix term against L_λ (default: 1)",
+    )
+    p.add_argument(
         "--schedule",
         choices=["constant", "cosine"],
         default="constant",

@@ -195,6 +195,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         jobs=args.jobs,
         loss=args.loss,
         prefix_weights=args.prefix_weights,
+        prefix_scale=args.prefix_scale,
         schedule=args.schedule,
         warmup_epochs=args.warmup_epochs,
         command=shlex.join(["quorum", *sys.argv[1:]]),

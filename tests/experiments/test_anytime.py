@@ -17,7 +17,10 @@ TINY = dict(configs=["8-M-4-H"], lams=[0.99], trials=2, epochs=1, subset=600)
 def sweeps(tmp_path_factory: pytest.TempPathFactory, data_dir: Path) -> list[Path]:
     root = tmp_path_factory.mktemp("anytime")
     out = []
-    for name, options in (("modular", {}), ("prefix", {"loss": "prefix", "prefix_weights": "small"})):
+    for name, options in (
+        ("modular", {}),
+        ("prefix", {"loss": "prefix", "prefix_weights": "small", "prefix_scale": 2.0}),
+    ):
         report = run_sweep(SweepConfig(**TINY, **options, data_dir=str(data_dir)), root / name, progress=False)  # type: ignore[arg-type]
         assert report.failures == [] and report.trained == 2
         out.append(root / name)
@@ -26,12 +29,17 @@ def sweeps(tmp_path_factory: pytest.TempPathFactory, data_dir: Path) -> list[Pat
 
 def test_the_sweep_trains_each_runs_loss(sweeps: list[Path]):
     cfg = json.loads((sweeps[1] / "runs/8-M-4-H/lam0.99/seed0/config.json").read_text())
-    assert (cfg["loss"], cfg["prefix_weights"], cfg["schedule"]) == ("prefix", "small", "constant")
+    assert (cfg["loss"], cfg["prefix_weights"], cfg["prefix_scale"], cfg["schedule"]) == (
+        "prefix",
+        "small",
+        2,
+        "constant",
+    )
 
 
 def test_every_variant_gets_a_row_with_every_budget_and_removal(sweeps: list[Path], tmp_path: Path):
     variants = run_anytime(sweeps, tmp_path / "report", trials=5, progress=False)
-    assert [v.variant for v in variants] == ["modular, λ = 0.99", "prefix (small), λ = 0.99"]
+    assert [v.variant for v in variants] == ["modular, λ = 0.99", "prefix (small, μ = 2), λ = 0.99"]
     for v in variants:
         assert v.seeds == [0, 1] and v.budgets == [1, 2, 4, 8] and len(v.random_removal_acc) == 2
         assert all(0 <= mean <= 1 and se is not None for mean, se in v.test_acc)
@@ -42,7 +50,7 @@ def test_every_variant_gets_a_row_with_every_budget_and_removal(sweeps: list[Pat
     assert run["trained_test_acc"] is not None and run["removed"] == [4, 7]
     assert run["test_acc"] == (run["trained_test_acc"] if run["source"] == "trained" else run["greedy_test_acc"])
     md = (tmp_path / "report/anytime.md").read_text()
-    assert "| prefix (small), λ = 0.99 | 0,1 |" in md and "Table 2" in md
+    assert "| prefix (small, μ = 2), λ = 0.99 | 0,1 |" in md and "Table 2" in md
     assert (tmp_path / "report/anytime.png").stat().st_size > 0
 
 
