@@ -27,6 +27,7 @@ from quorum.runtime.confidence import (
     RATES,
     MemberSums,
     adaptive_exits,
+    correctness_at,
     doubling_lengths,
     expected_calibration_error,
     negative_log_likelihood,
@@ -35,10 +36,11 @@ from quorum.runtime.confidence import (
     stage_thresholds,
     temperature_at,
     tempered_softmax,
+    top_label_ece,
     uncertainty,
 )
 from quorum.runtime.engine import Engine
-from quorum.runtime.manifest import ConfidenceEntry, Manifest
+from quorum.runtime.manifest import SCHEMA_VERSION, ConfidenceEntry, Manifest
 
 __all__ = ["CalibrationReport", "auroc", "best_temperature_ece", "calibration_report", "ood_report", "validation_split"]
 
@@ -68,6 +70,7 @@ class CalibrationReport:
     nll_before: list[float]
     nll_after: list[float]
     ece_best: list[float] = field(default_factory=list)  # at the temperature best for this split itself: a floor
+    ece_p_correct: list[float] = field(default_factory=list)  # of p_correct as the confidence (empty: not fitted)
     adaptive: list[dict[str, float]] = field(default_factory=list)  # per tolerance: test accuracy, mean modules
     fixed_accuracy: list[float] = field(default_factory=list)  # test accuracy of the first b modules, b = 1..M
     curve: list[tuple[float, float]] = field(default_factory=list)  # (mean modules, test accuracy) per exit rate
@@ -89,12 +92,15 @@ class CalibrationReport:
         return min(inside) if inside else None
 
     def table(self) -> str:
-        lines = ["budget  ECE before  ECE after  ECE at the split's best T  NLL before  NLL after"]
+        lines = ["budget  ECE before  ECE after  ECE at the split's best T  NLL before  NLL after  ECE of p_correct"]
         columns = (self.budgets, self.ece_before, self.ece_after, self.ece_best, self.nll_before, self.nll_after)
-        for row in zip(*columns, strict=True):
-            lines.append("{:>6}  {:>9.2%}  {:>9.2%}  {:>26.2%}  {:>10.4f}  {:>9.4f}".format(*row))
+        right: list[float | None] = [*self.ece_p_correct] or [None] * len(self.budgets)
+        for *row, r in zip(*columns, right, strict=True):
+            line = "{:>6}  {:>9.2%}  {:>9.2%}  {:>26.2%}  {:>10.4f}  {:>9.4f}".format(*row)
+            lines.append(line + (f"  {r:>16.2%}" if r is not None else "  " + "not fitted".rjust(16)))
         lines.append("(the split's best T: the one temperature per budget that minimizes ECE on these very inputs;")
-        lines.append(" no temperature fitted elsewhere does better here)")
+        lines.append(" no temperature fitted elsewhere does better here. p_correct: each answer's chance of being")
+        lines.append(" right, mapped from the calibrated top probability by the bundle's fit on validation)")
         lines.append("")
         lines.append("tolerance  test accuracy  mean modules  fixed budget at that mean  whole ensemble")
         whole = self.fixed_accuracy[-1]
@@ -138,7 +144,7 @@ def calibration_report(
         if write or conf is None:
             conf = fit_confidence(val_logits, yv, order)
             if write:
-                manifest = manifest.model_copy(update={"confidence": conf, "version": 4})
+                manifest = manifest.model_copy(update={"confidence": conf, "version": SCHEMA_VERSION})
                 manifest.dump(Path(bundle))
         x, y = load_raw(data_dir)["test"]
         x, y = x[:limit].astype(np.float32), y[:limit].astype(np.int64)
@@ -170,6 +176,11 @@ def _report(
         nll_after=[negative_log_likelihood(p, y) for p in after],
         ece_best=[best_temperature_ece(zb, y) for zb in z],
     )
+    if conf.correctness is not None:
+        maps = [(np.asarray(c.top), np.asarray(c.right)) for c in conf.correctness]
+        for b, p in zip(budgets, after, strict=True):
+            right = correctness_at(conf.stages, maps, b, p.max(axis=1))
+            report.ece_p_correct.append(top_label_ece(right, (p.argmax(axis=1) == y).astype(np.float64)))
     every = prefix_means(logits, order, range(1, m + 1))
     report.fixed_accuracy = [float((zb.argmax(axis=1) == y).mean()) for zb in every]
     top, labels = stage_answers(logits, order, conf.stages, conf.temperatures)

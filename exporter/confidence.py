@@ -1,6 +1,7 @@
 """Fit a bundle's confidence entry on the validation split: temperatures per stage of the anytime
-order, and adaptive-budget thresholds for the standard tolerances. Numpy only, so that
-`quorum calibration --write` refits a bundle on a device without torch.
+order, the chance of a right answer per stage (isotonic regression of correctness on the calibrated
+top probability), and adaptive-budget thresholds for the standard tolerances. Numpy and
+scikit-learn, no torch, so that `quorum calibration --write` refits a bundle on a small device.
 """
 
 from __future__ import annotations
@@ -18,9 +19,9 @@ from quorum.runtime.confidence import (
     stage_lengths,
     tempered_softmax,
 )
-from quorum.runtime.manifest import AdaptiveRule, ConfidenceEntry
+from quorum.runtime.manifest import AdaptiveRule, ConfidenceEntry, CorrectnessMap
 
-__all__ = ["fit_confidence", "stage_answers"]
+__all__ = ["fit_confidence", "fit_correctness", "stage_answers"]
 
 
 def stage_answers(
@@ -35,6 +36,21 @@ def stage_answers(
     temps = np.ones(len(stages)) if temperatures is None else np.asarray(temperatures, np.float64)
     p = tempered_softmax(z, temps[:, None])
     return p.max(axis=2), p.argmax(axis=2)
+
+
+def fit_correctness(top: np.ndarray, correct: np.ndarray) -> list[CorrectnessMap]:
+    """Per stage, the nondecreasing map from calibrated top probability (S, N) to how often the
+    answer is right (correct (S, N), bool): isotonic regression, kept as the knots where its
+    pieces start and end."""
+    from sklearn.isotonic import IsotonicRegression
+
+    maps = []
+    for x, hit in zip(np.asarray(top, np.float64), np.asarray(correct, np.float64), strict=True):
+        fit = IsotonicRegression(y_min=0.0, y_max=1.0, out_of_bounds="clip").fit(x, hit)
+        knots_x, first = np.unique(np.round(fit.X_thresholds_, 6), return_index=True)
+        knots_y = np.maximum.accumulate(np.clip(np.round(fit.y_thresholds_[first], 6), 0.0, 1.0))
+        maps.append(CorrectnessMap(top=knots_x.tolist(), right=knots_y.tolist()))
+    return maps
 
 
 def fit_confidence(logits: np.ndarray, y: np.ndarray, order: Sequence[int]) -> ConfidenceEntry:
@@ -55,4 +71,5 @@ def fit_confidence(logits: np.ndarray, y: np.ndarray, order: Sequence[int]) -> C
         signal=SIGNAL,
         rules=rules,
         val_accuracy=float((labels[-1] == y).mean()),
+        correctness=fit_correctness(top, labels == y[None]),
     )

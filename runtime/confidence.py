@@ -7,8 +7,11 @@ applies, `quorum calibration` and `quorum ood` report.
   mean logits by T changes no label.
 - Uncertainty, from the modules actually used: the entropy of the served (calibrated)
   distribution; the mutual information between label and module, H(mean_j p_j) - mean_j H(p_j),
-  the part of the uncertainty that is the modules' disagreement; and the share of the modules
-  whose own argmax is the served label.
+  the part of the uncertainty that is the modules' disagreement; the share of the modules
+  whose own argmax is the served label; and p_correct, the chance the label is right, read off
+  a per-stage map of the calibrated top probability fitted on validation (isotonic regression).
+  A temperature cannot make a lone module of a high-λ ensemble calibrated, since its accuracy
+  does not rise with its confidence everywhere; the map can (docs/RESULTS.md, "Calibration").
 - Adaptive budgets: the anytime order runs in stages (prefix lengths 1, 2, 4, ..., 32, 48, 64, 96,
   ..., M: powers of two, and from 32 on the points halfway between them as well); an input
   leaves after a stage once its calibrated top probability reaches the stage's threshold. The
@@ -34,6 +37,7 @@ __all__ = [
     "Uncertainty",
     "adaptive_exits",
     "choose_thresholds",
+    "correctness_at",
     "doubling_lengths",
     "expected_calibration_error",
     "fit_temperatures",
@@ -44,6 +48,7 @@ __all__ = [
     "stage_thresholds",
     "temperature_at",
     "tempered_softmax",
+    "top_label_ece",
     "uncertainty",
 ]
 
@@ -173,15 +178,21 @@ class Uncertainty:
     entropy: np.ndarray  # of the served distribution, nats
     mutual_information: np.ndarray | None  # nats: the modules' disagreement, 0 when they all agree (None: unknown)
     vote_share: np.ndarray | None  # of the modules used, the share whose own argmax is the served label
+    p_correct: np.ndarray | None = None  # the chance the label is right (None: the bundle has no map fitted)
 
 
 def uncertainty(
-    probabilities: np.ndarray, labels: np.ndarray, sums: MemberSums | None, used: np.ndarray
+    probabilities: np.ndarray,
+    labels: np.ndarray,
+    sums: MemberSums | None,
+    used: np.ndarray,
+    p_correct: np.ndarray | None = None,
 ) -> Uncertainty:
     """The uncertainty of answers `probabilities` (N, K) with `labels` (N,), from the sums over the
-    `used` (N,) modules of each input (None: the members are not known, only the entropy is)."""
+    `used` (N,) modules of each input (None: the members are not known, only the entropy is), with
+    the chance `p_correct` (N,) each is right where known."""
     if sums is None:
-        return Uncertainty(_entropy(probabilities).astype(np.float32), None, None)
+        return Uncertainty(_entropy(probabilities).astype(np.float32), None, None, p_correct)
     b = np.maximum(used, 1).astype(np.float32)
     both = _entropy(np.stack([probabilities, sums.probabilities / b[:, None]]))  # (2, N): served, mean member
     rows = np.arange(len(labels))
@@ -191,7 +202,28 @@ def uncertainty(
         # below 1e-6 nats is float32 rounding of two equal entropies (one module, or all agreeing)
         mutual_information=np.where(mi > 1e-6, mi, 0.0).astype(np.float32),
         vote_share=(sums.votes[rows, labels] / b).astype(np.float32),
+        p_correct=p_correct,
     )
+
+
+def correctness_at(
+    lengths: Sequence[int], maps: Sequence[tuple[np.ndarray, np.ndarray]], b: int | np.ndarray, top: np.ndarray
+) -> np.ndarray:
+    """The chance (N,) float32 that answers of b modules (one count, or one per input) with calibrated
+    top probability `top` (N,) are right: each stage's map (knots top, right) at the stage lengths,
+    interpolated linearly in log b between the two stages around b."""
+    top = np.asarray(top, np.float64)
+    pos = np.interp(
+        np.log(np.broadcast_to(np.asarray(b, np.float64), top.shape)), np.log(lengths), np.arange(len(lengths))
+    )
+    lo = np.floor(pos).astype(np.int64)
+    out = np.empty(top.shape, np.float64)
+    for s in np.unique(lo).tolist():
+        rows = lo == s
+        x, w = top[rows], pos[rows] - s
+        above = np.interp(x, *maps[min(s + 1, len(maps) - 1)]) if (w > 0).any() else 0.0
+        out[rows] = (1 - w) * np.interp(x, *maps[s]) + w * above
+    return out.astype(np.float32)
 
 
 # ---------------------------------------------------------------- fitting and measuring (offline)
@@ -230,7 +262,7 @@ def fit_temperatures(z: np.ndarray, y: np.ndarray) -> np.ndarray:
             if grid is None:  # a finer grid between the best coarse point's neighbours
                 grid = np.maximum(best[1] * np.geomspace(0.89, 1.12, 21), 1.0)
             for t in grid:
-                best = min(best, (_ece_top(1.0 / np.exp(gap[i] / t).sum(axis=1), correct[i]), float(t)))
+                best = min(best, (top_label_ece(1.0 / np.exp(gap[i] / t).sum(axis=1), correct[i]), float(t)))
         chosen[i] = best[1]
     return chosen
 
@@ -240,7 +272,9 @@ def temperature_at(lengths: Sequence[int], temperatures: Sequence[float], b: int
     return np.exp(np.interp(np.log(np.asarray(b, np.float64)), np.log(lengths), np.log(temperatures)))
 
 
-def _ece_top(confidence: np.ndarray, correct: np.ndarray, bins: int = 15) -> float:
+def top_label_ece(confidence: np.ndarray, correct: np.ndarray, bins: int = 15) -> float:
+    """ECE of answers with these confidences (N,) and correctness (N,): the count-weighted mean
+    |accuracy - confidence| over equal-width confidence bins."""
     which = np.minimum((confidence * bins).astype(int), bins - 1)
     count = np.bincount(which, minlength=bins)
     gap = np.bincount(which, correct - confidence, bins)
@@ -266,7 +300,7 @@ def reliability(p: np.ndarray, y: np.ndarray, bins: int = 15) -> tuple[np.ndarra
 
 def expected_calibration_error(p: np.ndarray, y: np.ndarray, bins: int = 15) -> float:
     """ECE: the count-weighted mean |accuracy - confidence| over equal-width confidence bins."""
-    return _ece_top(p.max(axis=1), (p.argmax(axis=1) == y).astype(np.float64), bins)
+    return top_label_ece(p.max(axis=1), (p.argmax(axis=1) == y).astype(np.float64), bins)
 
 
 def adaptive_exits(top: np.ndarray, thresholds: Sequence[float]) -> np.ndarray:

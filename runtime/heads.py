@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from quorum.runtime.confidence import MemberSums, Uncertainty, temperature_at, uncertainty
+from quorum.runtime.confidence import MemberSums, Uncertainty, correctness_at, temperature_at, uncertainty
 from quorum.runtime.errors import InvalidRequest, NoModulesAvailable
 from quorum.runtime.manifest import Manifest
 from quorum.runtime.results import FailedModule, Prediction, SpecialistAnswer
@@ -42,6 +42,11 @@ class Head:
             b = np.arange(1, len(manifest.modules) + 1)
             self.temperatures[1:] = temperature_at(conf.stages, conf.temperatures, b)
         self.calibrated = conf is not None
+        self._correctness = (
+            None
+            if conf is None or conf.correctness is None
+            else (conf.stages, [(np.asarray(c.top), np.asarray(c.right)) for c in conf.correctness])
+        )
 
     def __call__(self, mean: np.ndarray, modules: int | np.ndarray = 0) -> Answer:
         """The answer from mean module outputs (N, K) of `modules` modules (one count, or one per
@@ -83,7 +88,10 @@ class Head:
         spread: Uncertainty | None = None
         if self.task.has_classes:
             used_by = counts if isinstance(counts, np.ndarray) else np.full(len(labels), counts)
-            spread = uncertainty(probabilities, labels, members, used_by)
+            right = None
+            if self._correctness is not None and len(labels):
+                right = correctness_at(*self._correctness, used_by, probabilities.max(axis=1))
+            spread = uncertainty(probabilities, labels, members, used_by, right)
         return Prediction(
             task=self._manifest.task.kind,
             values=values,

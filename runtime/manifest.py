@@ -44,6 +44,7 @@ __all__ = [
     "BudgetAccuracy",
     "CompressionInfo",
     "ConfidenceEntry",
+    "CorrectnessMap",
     "EnsembleMetrics",
     "InputSpec",
     "Manifest",
@@ -59,9 +60,10 @@ __all__ = [
 ]
 
 FORMAT: Literal["quorum-bundle"] = "quorum-bundle"
-# 2 added `trunk`, 3 `training.checkpoint` and `training.exported_epoch`, 4 `confidence`, `precision`, `compression`
-SCHEMA_VERSION = 4
-READABLE_VERSIONS = (1, 2, 3, 4)
+# 2 added `trunk`, 3 `training.checkpoint` and `training.exported_epoch`, 4 `confidence`, `precision`, `compression`,
+# 5 `confidence.correctness`
+SCHEMA_VERSION = 5
+READABLE_VERSIONS = (1, 2, 3, 4, 5)
 MANIFEST_FILE = "manifest.json"
 
 # Parity of a module graph with its reference (torch at export, the module file for the
@@ -302,6 +304,27 @@ class AdaptiveRule(_Strict):
     val_mean_modules: float = Field(ge=0, description="Modules per input on average, on the validation split.")
 
 
+class CorrectnessMap(_Strict):
+    """How often a stage's answer is right, as a function of its calibrated top probability: a
+    nondecreasing piecewise-linear map through the knots (top[i], right[i]), constant beyond them."""
+
+    top: list[float] = Field(min_length=1, description="Calibrated top probabilities, increasing, in [0, 1].")
+    right: list[float] = Field(min_length=1, description="The share of answers that are right there, in [0, 1].")
+
+    @model_validator(mode="after")
+    def _monotone(self) -> CorrectnessMap:
+        top, right = np.asarray(self.top), np.asarray(self.right)
+        if len(top) != len(right):
+            raise ValueError("correctness map: as many values of `right` as of `top`")
+        if not (np.isfinite(top).all() and np.isfinite(right).all()):
+            raise ValueError("correctness map: finite knots only")
+        if (np.diff(top) <= 0).any() or top[0] < 0 or top[-1] > 1:
+            raise ValueError("correctness map: `top` must increase within [0, 1]")
+        if (np.diff(right) < 0).any() or right[0] < 0 or right[-1] > 1:
+            raise ValueError("correctness map: `right` must not decrease and stay within [0, 1]")
+        return self
+
+
 class ConfidenceEntry(_Strict):
     """Calibration and adaptive budgets, fitted on the validation split along the anytime order."""
 
@@ -313,9 +336,16 @@ class ConfidenceEntry(_Strict):
     signal: str = Field(description="The exit rule's confidence signal.")
     rules: list[AdaptiveRule] = Field(min_length=1, description="By increasing tolerance.")
     val_accuracy: float = Field(ge=0, le=1, description="The whole order's, for comparison with the rules'.")
+    correctness: list[CorrectnessMap] | None = Field(
+        None,
+        description="Per stage: the chance an answer is right given its calibrated top probability (isotonic "
+        "regression; schema version 5), served as p_correct; other lengths interpolate in log b. Absent: not fitted.",
+    )
 
     @model_validator(mode="after")
     def _consistent(self) -> ConfidenceEntry:
+        if self.correctness is not None and len(self.correctness) != len(self.stages):
+            raise ValueError("confidence.correctness: one map per stage")
         if self.stages != sorted(set(self.stages)) or self.stages[0] < 1:
             raise ValueError("confidence.stages must be increasing prefix lengths >= 1")
         if len(self.temperatures) != len(self.stages) or not all(0 < t < math.inf for t in self.temperatures):

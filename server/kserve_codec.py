@@ -161,6 +161,7 @@ def _outputs(pred: Prediction, task: Task) -> list[dict[str, Any]]:
         "entropy": spread.entropy.tolist(),
         "mutual_information": spread.mutual_information.tolist() if spread.mutual_information is not None else None,
         "vote_share": spread.vote_share.tolist() if spread.vote_share is not None else None,
+        "p_correct": spread.p_correct.tolist() if spread.p_correct is not None else None,
     }
     return [
         {"name": "probabilities", "datatype": "FP32", "shape": [n, k], "data": pred.probabilities.ravel().tolist()},
@@ -174,7 +175,13 @@ def _outputs(pred: Prediction, task: Task) -> list[dict[str, Any]]:
 
 
 # per input, beside the label: modules its answer used, and its uncertainty
-_PER_INPUT = (("modules_used", "INT64"), ("entropy", "FP32"), ("mutual_information", "FP32"), ("vote_share", "FP32"))
+_PER_INPUT = (
+    ("modules_used", "INT64"),
+    ("entropy", "FP32"),
+    ("mutual_information", "FP32"),
+    ("vote_share", "FP32"),
+    ("p_correct", "FP32"),
+)
 
 
 def _report(pred: Prediction) -> dict[str, Any]:

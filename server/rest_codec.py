@@ -191,6 +191,7 @@ def encode(
     assert spread is not None  # every classification answer has one
     mi = spread.mutual_information.tolist() if spread.mutual_information is not None else [None] * n
     votes = spread.vote_share.tolist() if spread.vote_share is not None else [None] * n
+    right = spread.p_correct.tolist() if spread.p_correct is not None else [None] * n
     return PredictResponse(
         predictions=[
             ClassPrediction(
@@ -198,9 +199,9 @@ def encode(
                 class_name=name,
                 probabilities=p,
                 modules_used=b,
-                uncertainty=UncertaintyOut(entropy=h, mutual_information=i, vote_share=v),
+                uncertainty=UncertaintyOut(entropy=h, mutual_information=i, vote_share=v, p_correct=r),
             )
-            for label, name, p, b, h, i, v in zip(
+            for label, name, p, b, h, i, v, r in zip(
                 result.labels.tolist(),
                 result.class_names,
                 result.probabilities.tolist(),
@@ -208,6 +209,7 @@ def encode(
                 spread.entropy.tolist(),
                 mi,
                 votes,
+                right,
                 strict=True,
             )
         ],

@@ -45,6 +45,11 @@ class UncertaintyOut(BaseModel):
     vote_share: float | None = Field(
         description="Share of the modules used whose own most probable class is the label."
     )
+    p_correct: float | None = Field(
+        None,
+        description="The chance the label is right, for this many modules and this top probability (fitted on the "
+        "validation split); null when the bundle has no such fit.",
+    )
 
 
 class ClassPrediction(BaseModel):

@@ -23,7 +23,8 @@ def test_calibration_writes_its_fit_into_the_manifest_and_draws_the_plot(bundle_
     assert after is not None and after != before  # refitted on the run's validation split
     assert plot.stat().st_size > 10_000
     assert report.budgets == [1, 2, 4, 8, 16, 32, 40]
-    assert all(0 <= e <= 1 for e in report.ece_before + report.ece_after)
+    assert all(0 <= e <= 1 for e in report.ece_before + report.ece_after + report.ece_p_correct)
+    assert after.correctness is not None and len(report.ece_p_correct) == len(report.budgets)
     assert all(b <= e for b, e in zip(report.ece_best, report.ece_before, strict=True))  # T = 1 is on its grid
     assert len(report.fixed_accuracy) == 40 and len(report.adaptive) == len(after.rules)
     points, _ = report.beats_fixed()

@@ -12,6 +12,7 @@ from quorum.runtime.confidence import (
     NEVER,
     MemberSums,
     adaptive_exits,
+    correctness_at,
     doubling_lengths,
     expected_calibration_error,
     fit_temperatures,
@@ -19,6 +20,7 @@ from quorum.runtime.confidence import (
     stage_lengths,
     stage_thresholds,
     tempered_softmax,
+    top_label_ece,
     uncertainty,
 )
 from quorum.runtime.engine import Engine
@@ -96,6 +98,50 @@ def test_a_stricter_rate_never_lowers_a_threshold():
     assert all(s >= ll for s, ll in zip(strict, loose, strict=True))
 
 
+def test_the_chance_of_being_right_fixes_what_no_temperature_can():
+    """A lone module of a high-λ ensemble: right half the time at confidence 0.2, two thirds of the time
+    at 0.95. Flattening would fix the one, sharpening the other; no one temperature fixes both."""
+    from quorum.exporter.confidence import fit_correctness
+
+    rng = np.random.default_rng(5)
+    top = rng.choice([0.2, 0.6, 0.95], size=(1, 20_000)) + rng.uniform(-0.02, 0.02, (1, 20_000))
+    correct = rng.random((1, 20_000)) < np.where(top < 0.4, 0.5, np.where(top < 0.8, 0.6, 0.66))
+    (fit,) = fit_correctness(top, correct)
+    assert np.all(np.diff(fit.right) >= 0) and fit.right[0] >= 0 and fit.right[-1] <= 1
+    test_top = rng.choice([0.2, 0.6, 0.95], size=20_000) + rng.uniform(-0.02, 0.02, 20_000)
+    test_correct = rng.random(20_000) < np.where(test_top < 0.4, 0.5, np.where(test_top < 0.8, 0.6, 0.66))
+    right = correctness_at([1], [(np.asarray(fit.top), np.asarray(fit.right))], 1, test_top)
+    assert top_label_ece(test_top, test_correct) > 0.15
+    assert top_label_ece(right.astype(np.float64), test_correct) < 0.02
+
+
+def test_the_chance_of_being_right_blends_the_maps_of_the_stages_around_a_budget():
+    low = (np.array([0.0, 1.0]), np.array([0.2, 0.2]))  # stage 1: always 0.2
+    high = (np.array([0.0, 1.0]), np.array([0.0, 1.0]))  # stage 4: the top probability itself
+    top = np.array([0.5, 0.5, 0.5, 0.9])
+    got = correctness_at([1, 4], [low, high], np.array([1, 2, 4, 8]), top)
+    np.testing.assert_allclose(got, [0.2, 0.35, 0.5, 0.9], atol=1e-6)  # 2 lies halfway between 1 and 4 in log b
+    np.testing.assert_allclose(correctness_at([1, 4], [low, high], 4, top), top, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("top", "right", "match"),
+    [
+        ([0.2, 0.1], [0.3, 0.4], "increase"),
+        ([0.1, 0.2], [0.4, 0.3], "not decrease"),
+        ([0.1, 1.2], [0.3, 0.4], "increase"),
+        ([0.1, 0.2], [0.3], "as many"),
+    ],
+)
+def test_a_correctness_map_that_is_not_a_monotone_chance_is_refused(top, right, match):
+    from pydantic import ValidationError
+
+    from quorum.runtime.manifest import CorrectnessMap
+
+    with pytest.raises(ValidationError, match=match):
+        CorrectnessMap(top=top, right=right)
+
+
 # ---------------------------------------------------------------- the engine's budget=auto
 
 
@@ -158,7 +204,7 @@ def test_packed_and_isolated_paths_report_the_same_uncertainty(bundle_dir: Path,
             e.close()
     packed, isolated = answers
     assert packed is not None and isolated is not None
-    for name in ("entropy", "mutual_information", "vote_share"):
+    for name in ("entropy", "mutual_information", "vote_share", "p_correct"):
         np.testing.assert_allclose(getattr(packed, name), getattr(isolated, name), atol=1e-4, err_msg=name)
 
 
@@ -199,5 +245,35 @@ def test_a_bundle_without_thresholds_says_how_to_fit_them(bundle_copy: Path, tes
         with pytest.raises(InvalidRequest, match="quorum calibration"):
             e.predict(test_images[0][:1], adaptive=True)
         assert e.predict(test_images[0][:1], budget=3).uncertainty is not None  # answers stay uncalibrated
+    finally:
+        e.close()
+
+
+def test_each_answer_says_its_chance_of_being_right_where_the_bundle_has_the_fit(bundle_copy: Path, test_images):
+    from quorum.runtime.manifest import Manifest
+
+    x = test_images[0][:50]
+    e = Engine.load(bundle_copy)
+    try:
+        conf = e.manifest.confidence
+        assert conf is not None and conf.correctness is not None
+        pred = e.predict(x, budget=4)
+        assert pred.uncertainty is not None and pred.uncertainty.p_correct is not None
+        stage = conf.stages.index(4)
+        knots = conf.correctness[stage]
+        want = np.interp(pred.probabilities.max(axis=1), knots.top, knots.right)
+        np.testing.assert_allclose(pred.uncertainty.p_correct, want, atol=1e-6)
+        auto = e.predict(x, adaptive=True)
+        assert auto.uncertainty is not None and auto.uncertainty.p_correct is not None
+        assert ((auto.uncertainty.p_correct >= 0) & (auto.uncertainty.p_correct <= 1)).all()
+    finally:
+        e.close()
+    manifest = Manifest.load(bundle_copy)
+    older = manifest.confidence.model_copy(update={"correctness": None})  # type: ignore[union-attr]
+    manifest.model_copy(update={"confidence": older, "version": 4}).dump(bundle_copy)
+    e = Engine.load(bundle_copy)
+    try:
+        pred = e.predict(x, budget=4)
+        assert pred.uncertainty is not None and pred.uncertainty.p_correct is None  # schema 4: not fitted
     finally:
         e.close()

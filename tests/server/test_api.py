@@ -369,6 +369,7 @@ def test_budget_auto_reports_the_modules_and_the_uncertainty_of_each_input(clien
     for p in body["predictions"]:
         u = p["uncertainty"]
         assert u["entropy"] >= 0 and u["mutual_information"] >= 0 and 0 <= u["vote_share"] <= 1
+        assert 0 <= u["p_correct"] <= 1
 
 
 @pytest.mark.parametrize(
@@ -394,5 +395,5 @@ def test_v2_takes_budget_auto_in_parameters_and_answers_per_input_outputs(client
     r = client.post("/v2/models/small/infer", json=body)
     assert r.status_code == 200, r.text
     outputs = {o["name"]: o for o in r.json()["outputs"]}
-    assert {"modules_used", "entropy", "mutual_information", "vote_share"} <= outputs.keys()
+    assert {"modules_used", "entropy", "mutual_information", "vote_share", "p_correct"} <= outputs.keys()
     assert outputs["modules_used"]["shape"] == [3]

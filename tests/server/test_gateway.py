@@ -140,8 +140,8 @@ def test_a_lost_shard_costs_its_planned_modules_only(shard_apps, whole: Engine, 
 
 
 def _same_uncertainty(got, want) -> None:
-    """The gateway's entropy, mutual information and vote share are one server's."""
-    for name in ("entropy", "mutual_information", "vote_share"):
+    """The gateway's entropy, mutual information, vote share and chance of being right are one server's."""
+    for name in ("entropy", "mutual_information", "vote_share", "p_correct"):
         np.testing.assert_allclose(
             getattr(got.uncertainty, name), getattr(want.uncertainty, name), rtol=0, atol=1e-4, err_msg=name
         )
