@@ -176,11 +176,12 @@ def _report(
         nll_after=[negative_log_likelihood(p, y) for p in after],
         ece_best=[best_temperature_ece(zb, y) for zb in z],
     )
+    rights: list[np.ndarray] = []  # p_correct per budget
     if conf.correctness is not None:
         maps = [(np.asarray(c.top), np.asarray(c.right)) for c in conf.correctness]
         for b, p in zip(budgets, after, strict=True):
-            right = correctness_at(conf.stages, maps, b, p.max(axis=1))
-            report.ece_p_correct.append(top_label_ece(right, (p.argmax(axis=1) == y).astype(np.float64)))
+            rights.append(correctness_at(conf.stages, maps, b, p.max(axis=1)))
+            report.ece_p_correct.append(top_label_ece(rights[-1], (p.argmax(axis=1) == y).astype(np.float64)))
     every = prefix_means(logits, order, range(1, m + 1))
     report.fixed_accuracy = [float((zb.argmax(axis=1) == y).mean()) for zb in every]
     top, labels = stage_answers(logits, order, conf.stages, conf.temperatures)
@@ -200,7 +201,7 @@ def _report(
         report.curve.append((float(lengths[exits].mean()), float(correct[exits, np.arange(len(y))].mean())))
     report.curve.sort()
     if plot is not None:
-        _plot(report, before, after, y, plot)
+        _plot(report, before, after, rights, y, plot)
     return report
 
 
@@ -217,7 +218,12 @@ def best_temperature_ece(z: np.ndarray, y: np.ndarray) -> float:
 
 
 def _plot(
-    report: CalibrationReport, before: list[np.ndarray], after: list[np.ndarray], y: np.ndarray, path: str | Path
+    report: CalibrationReport,
+    before: list[np.ndarray],
+    after: list[np.ndarray],
+    rights: list[np.ndarray],
+    y: np.ndarray,
+    path: str | Path,
 ) -> None:
     import matplotlib
 
@@ -227,10 +233,19 @@ def _plot(
     shown = [i for i, b in enumerate(report.budgets) if b in (1, 8, 32, report.budgets[-1])]
     fig, axes = plt.subplots(1, len(shown) + 1, figsize=(4 * (len(shown) + 1), 4))
     for ax, i in zip(axes, shown, strict=False):
-        for probs, name in ((before[i], "before"), (after[i], "after")):
-            conf, acc, count = reliability(probs, y)
+        series: list[tuple[np.ndarray, np.ndarray | None, str]] = [
+            (before[i], None, "top probability, T = 1"),
+            (after[i], None, "top probability, fitted T"),
+        ]
+        if rights:
+            series.append((after[i], rights[i], "p_correct"))
+        for probs, confidence, name in series:
+            conf, acc, count = reliability(probs, y, confidence=confidence)
             seen = count > 0
-            ax.plot(conf[seen], acc[seen], "o-", label=f"{name} (ECE {expected_calibration_error(probs, y):.1%})")
+            ece = top_label_ece(
+                probs.max(axis=1) if confidence is None else confidence, (probs.argmax(axis=1) == y).astype(float)
+            )
+            ax.plot(conf[seen], acc[seen], "o-", label=f"{name} (ECE {ece:.1%})")
         ax.plot([0, 1], [0, 1], "k:", lw=1)
         ax.set(title=f"budget {report.budgets[i]}", xlabel="confidence", ylabel="accuracy", xlim=(0, 1), ylim=(0, 1))
         ax.legend(loc="upper left", fontsize=8)

@@ -286,9 +286,12 @@ def negative_log_likelihood(p: np.ndarray, y: np.ndarray) -> float:
     return float(-np.log(np.maximum(p[np.arange(len(y)), y], _EPS)).mean())
 
 
-def reliability(p: np.ndarray, y: np.ndarray, bins: int = 15) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Per confidence bin of equal width: mean confidence, accuracy and count (empty bins: NaN, 0)."""
-    confidence = p.max(axis=1)
+def reliability(
+    p: np.ndarray, y: np.ndarray, bins: int = 15, confidence: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per confidence bin of equal width: mean confidence, accuracy and count (empty bins: NaN, 0) of
+    the answers p (N, K) to labels y; the confidence is the top probability unless given (N,)."""
+    confidence = p.max(axis=1) if confidence is None else confidence
     correct = p.argmax(axis=1) == y
     which = np.minimum((confidence * bins).astype(int), bins - 1)
     count = np.bincount(which, minlength=bins)
