@@ -9,7 +9,8 @@ the manifest gives for that many modules), the targets' scale and shift (regress
     python examples/offline_client.py bundles/demo --modules 3,17,42 --inputs runs/demo/example-request.json
 
 `--inputs` takes a JSON file shaped like a /predict body, {"inputs": [[...], ...]}. Prints
-{"probabilities": [[...], ...], "labels": [...]} (classification) or {"values": [[...], ...]}
+{"probabilities": [[...], ...], "labels": [...], "p_correct": [...]} (classification; p_correct,
+each answer's chance of being right, where the manifest has the map) or {"values": [[...], ...]}
 as JSON.
 """
 
@@ -62,6 +63,20 @@ def predict(bundle: Path, x_raw: np.ndarray, module_ids: list[int]) -> np.ndarra
     return e / e.sum(axis=1, keepdims=True)
 
 
+def p_correct(manifest: dict, probabilities: np.ndarray, modules: int) -> list[float] | None:
+    """The chance each answer of `modules` modules is right: the manifest's map of the calibrated
+    top probability at the stages around that many modules, blended linearly in log b."""
+    conf = manifest.get("confidence") or {}
+    if not conf.get("correctness"):
+        return None
+    stages, maps, top = conf["stages"], conf["correctness"], probabilities.max(axis=1).astype(np.float64)
+    pos = float(np.interp(np.log(modules), np.log(stages), np.arange(len(stages))))
+    lo = int(pos)
+    hi, w = min(lo + 1, len(stages) - 1), pos - lo
+    at = [np.interp(top, maps[s]["top"], maps[s]["right"]) for s in (lo, hi)]
+    return ((1 - w) * at[0] + w * at[1]).tolist()
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("bundle", type=Path)
@@ -71,10 +86,12 @@ def main() -> None:
     ids = [int(s) for s in args.modules.split(",") if s.strip()]
     x_raw = np.asarray(json.loads(args.inputs.read_text())["inputs"], np.float32)
     result = predict(args.bundle, x_raw, ids)
-    if json.loads((args.bundle / "manifest.json").read_text())["task"]["kind"] != "classification":
+    manifest = json.loads((args.bundle / "manifest.json").read_text())
+    if manifest["task"]["kind"] != "classification":
         print(json.dumps({"values": result.tolist()}))
     else:
-        print(json.dumps({"probabilities": result.tolist(), "labels": result.argmax(1).tolist()}))
+        right = p_correct(manifest, result, len(ids))
+        print(json.dumps({"probabilities": result.tolist(), "labels": result.argmax(1).tolist(), "p_correct": right}))
 
 
 if __name__ == "__main__":

@@ -85,9 +85,12 @@ def test_a_client_with_only_numpy_onnxruntime_and_the_manifest_reproduces_the_se
     assert status == 200
     used = body["modules"]["used"]
     assert len(used) == 32 and not set(used) & set(body["modules"]["dropped"])
-    mine = np.array(_offline_client(bundle, payload, used, tmp)["probabilities"])
+    offline = _offline_client(bundle, payload, used, tmp)
+    mine = np.array(offline["probabilities"])
     served = np.array([p["probabilities"] for p in body["predictions"]])
     assert np.abs(mine - served).max() <= 1e-5
+    right = [p["uncertainty"]["p_correct"] for p in body["predictions"]]
+    np.testing.assert_allclose(offline["p_correct"], right, rtol=0, atol=1e-5)
 
 
 def _offline_client(bundle: Path, payload: dict, used: list[int], tmp: Path) -> dict:
