@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # The experiments of docs/RESULTS.md, "Training for the anytime order": 256-M-4-H on Fashion-MNIST,
-# 40 epochs, 3 seeds per variant, the prefix loss with the cosine schedule (uniform weights for 40, 100
-# and 200 epochs; small weights, and small weights at twice the prefix term, for 40), then the anytime
-# report. Each sweep resumes where it stopped, so running this again continues an interrupted session.
-# On 2 cores: about five hours (two trainings at a time, one thread each).
+# 40 epochs, 3 seeds per variant, the prefix loss with the cosine schedule (uniform weights for 40 and
+# 100 epochs, and one seed for 200; small weights for 40 and 100; small weights at twice the prefix
+# term for 40, one seed), then the anytime report. Each sweep resumes where it stopped, so running this
+# again continues an interrupted session. On 2 cores: about five hours (two trainings at a time, one
+# thread each).
 #
 #   scripts/prefix_experiments.sh [OUT]      # default OUT: sweeps
 set -euo pipefail
@@ -20,7 +21,9 @@ run() { nice -n 10 quorum sweep "${COMMON[@]}" "$@"; }
     run --out "$OUT/i22-prefix-small-cosine" --epochs 40 --lams 0.99 --loss prefix --prefix-weights small \
         --schedule cosine
     run --out "$OUT/i22-prefix-small2-cosine" --epochs 40 --lams 0.99 --loss prefix --prefix-weights small \
-        --prefix-scale 2 --schedule cosine
+        --prefix-scale 2 --schedule cosine --trials 1
+    run --out "$OUT/i22-prefix-small-cosine100" --epochs 100 --lams 0.99 --loss prefix --prefix-weights small \
+        --schedule cosine
 } &
 {
     run --out "$OUT/i22-modular" --epochs 40 --lams 0.99,1
@@ -29,11 +32,12 @@ run() { nice -n 10 quorum sweep "${COMMON[@]}" "$@"; }
         --schedule cosine
     run --out "$OUT/i22-modular-cosine" --epochs 40 --lams 0.99 --schedule cosine --trials 1
     run --out "$OUT/i22-prefix-uniform-cosine200" --epochs 200 --lams 0.99 --loss prefix --prefix-weights uniform \
-        --schedule cosine
+        --schedule cosine --trials 1
 } &
 wait
 
 quorum anytime "$OUT"/i22-modular "$OUT"/i22-prefix-uniform "$OUT"/i22-prefix-small "$OUT"/i22-dropout \
     "$OUT"/i22-prefix-uniform-cosine "$OUT"/i22-prefix-uniform-cosine100 "$OUT"/i22-prefix-uniform-cosine200 \
-    "$OUT"/i22-prefix-small-cosine "$OUT"/i22-prefix-small2-cosine "$OUT"/i22-modular-cosine --out docs/results/anytime-40
+    "$OUT"/i22-prefix-small-cosine "$OUT"/i22-prefix-small-cosine100 "$OUT"/i22-prefix-small2-cosine \
+    "$OUT"/i22-modular-cosine --out docs/results/anytime-40
 python bench/prefix_loss.py --images 5000 --rounds 3 --threads 1
