@@ -224,7 +224,18 @@ def _plot(variants: Sequence[Variant], path: Path) -> None:
     for i, v in enumerate(variants):
         mean = np.array([100 * a[0] for a in v.test_acc])
         se = np.array([100 * (a[1] or 0.0) for a in v.test_acc])
-        ax.errorbar(v.budgets, mean, yerr=se, marker="o", ms=4, capsize=3, color=f"C{i}", label=v.variant)
+        round_ = i // 10 % 3  # past ten variants the colours repeat: another line style and marker tell them apart
+        ax.errorbar(
+            v.budgets,
+            mean,
+            yerr=se,
+            color=f"C{i % 10}",
+            marker="os^"[round_],
+            linestyle=("-", "--", ":")[round_],
+            ms=4,
+            capsize=3,
+            label=v.variant,
+        )
     ax.set_xscale("log", base=2)
     ax.set_xticks(variants[0].budgets, [str(b) for b in variants[0].budgets])
     ax.set_xlabel("budget b (modules run: the first b of the shipped anytime order)")
