@@ -177,8 +177,8 @@ def _report(
         ece_best=[best_temperature_ece(zb, y) for zb in z],
     )
     rights: list[np.ndarray] = []  # p_correct per budget
-    if conf.correctness is not None:
-        maps = [(np.asarray(c.top), np.asarray(c.right)) for c in conf.correctness]
+    maps = conf.correctness_knots()
+    if maps is not None:
         for b, p in zip(budgets, after, strict=True):
             rights.append(correctness_at(conf.stages, maps, b, p.max(axis=1)))
             report.ece_p_correct.append(top_label_ece(rights[-1], (p.argmax(axis=1) == y).astype(np.float64)))

@@ -42,11 +42,8 @@ class Head:
             b = np.arange(1, len(manifest.modules) + 1)
             self.temperatures[1:] = temperature_at(conf.stages, conf.temperatures, b)
         self.calibrated = conf is not None
-        self._correctness = (
-            None
-            if conf is None or conf.correctness is None
-            else (conf.stages, [(np.asarray(c.top), np.asarray(c.right)) for c in conf.correctness])
-        )
+        knots = None if conf is None else conf.correctness_knots()
+        self._correctness = None if conf is None or knots is None else (conf.stages, knots)
 
     def __call__(self, mean: np.ndarray, modules: int | np.ndarray = 0) -> Answer:
         """The answer from mean module outputs (N, K) of `modules` modules (one count, or one per

@@ -342,6 +342,12 @@ class ConfidenceEntry(_Strict):
         "regression; schema version 5), served as p_correct; other lengths interpolate in log b. Absent: not fitted.",
     )
 
+    def correctness_knots(self) -> list[tuple[np.ndarray, np.ndarray]] | None:
+        """Each stage's map as arrays (top, right), as `runtime.confidence.correctness_at` takes them."""
+        if self.correctness is None:
+            return None
+        return [(np.asarray(c.top), np.asarray(c.right)) for c in self.correctness]
+
     @model_validator(mode="after")
     def _consistent(self) -> ConfidenceEntry:
         if self.correctness is not None and len(self.correctness) != len(self.stages):
