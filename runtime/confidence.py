@@ -10,8 +10,9 @@ applies, `quorum calibration` and `quorum ood` report.
   the part of the uncertainty that is the modules' disagreement; the share of the modules
   whose own argmax is the served label; and p_correct, the chance the label is right, read off
   a per-stage map of the calibrated top probability fitted on validation (isotonic regression).
-  A temperature cannot make a lone module of a high-λ ensemble calibrated, since its accuracy
-  does not rise with its confidence everywhere; the map can (docs/RESULTS.md, "Calibration").
+  A temperature cannot make a lone module of a high-λ ensemble calibrated: its accuracy rises far
+  more slowly than its confidence, which needs flattening at the top and sharpening at the bottom
+  at once; the map bends where it must (docs/RESULTS.md, "Calibration").
 - Adaptive budgets: the anytime order runs in stages (prefix lengths 1, 2, 4, ..., 32, 48, 64, 96,
   ..., M: powers of two, and from 32 on the points halfway between them as well); an input
   leaves after a stage once its calibrated top probability reaches the stage's threshold. The
