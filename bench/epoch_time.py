@@ -21,10 +21,12 @@ import argparse
 import json
 import statistics
 import time
+from functools import partial
 
 import torch
 
 from quorum.trainer.config import TrainConfig
+from quorum.trainer.data import augment as flip_and_crop
 from quorum.trainer.loss import modular_loss
 from quorum.trainer.models import create
 from quorum.trainer.train import autocast_dtype, load_data, resolve_device, train_epoch
@@ -46,6 +48,7 @@ def time_epochs(
 ) -> list[float]:
     """Seconds of `epochs` timed epochs after one warm-up epoch."""
     opt = torch.optim.SGD(model.parameters(), lr=cfg.learning_rate, momentum=0.9)
+    augment_batch = partial(flip_and_crop, pad=cfg.augment_pad, flip=cfg.augment_flip) if augment else None
     dtype = autocast_dtype(cfg, device)
     scaler = torch.amp.GradScaler("cuda") if dtype == torch.float16 else None
     times = []
@@ -54,7 +57,7 @@ def time_epochs(
         t0 = time.perf_counter()
         train_epoch(
             model, opt, x, y, lambda logits, t: modular_loss(logits, t, cfg.lam), cfg.batch_size,
-            torch.Generator().manual_seed(epoch), augment_batches=augment, autocast=dtype, scaler=scaler,
+            torch.Generator().manual_seed(epoch), augment_batch=augment_batch, autocast=dtype, scaler=scaler,
             log_every=cfg.log_every,
         )  # fmt: skip
         _sync(device)

@@ -13,8 +13,9 @@ epoch, from every module's logits computed once in torch:
   `experiments.robustness.SubsetScorer`; removed counts as `drop=0.5`, `drop=0.9` count them).
 
 Each run's numbers go to RUN/anytime.json (reused while the run is unchanged); the variants (loss,
-prefix weights, schedule, λ) are aggregated over seeds into OUT/anytime.json, anytime.md (the table,
-the paper's Table 2 beside it) and anytime.png (accuracy against budget).
+prefix weights, λ, schedule, weight decay, augmentation) are aggregated over seeds into
+OUT/anytime.json, anytime.md (the table, the paper's Table 2 beside it) and anytime.png (accuracy
+against budget).
 """
 
 from __future__ import annotations
@@ -26,7 +27,6 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -37,6 +37,7 @@ from quorum.experiments.sweep_results import mean_se
 from quorum.exporter.anytime import choose_anytime_order
 from quorum.runtime.plan import drop_count
 from quorum.trainer.checkpoint import atomic_write_text, read_jsonl
+from quorum.trainer.config import TrainConfig
 from quorum.trainer.errors import RunDirError
 from quorum.trainer.evaluate import module_logits
 from quorum.trainer.prefix import prefix_lengths
@@ -56,7 +57,7 @@ class RunAnytime:
     """One run's anytime numbers at its best validation epoch (RUN/anytime.json)."""
 
     run: str  # the run directory
-    variant: str  # loss, prefix weights, schedule and λ: the table's row (`variant_of`)
+    variant: str  # loss, prefix weights, λ, schedule, regularization: the table's row (`variant_of`)
     seed: int
     epochs_run: int  # epochs in metrics.jsonl when computed
     best_epoch: int
@@ -74,15 +75,21 @@ class RunAnytime:
     trials: int  # random subsets per drop
 
 
-def variant_of(cfg: Any) -> str:
-    """The row a run belongs to, e.g. "prefix (small), λ = 0.99", "prefix (small, μ = 2), λ = 0.99" or
-    "modular, λ = 1, cosine"."""
+def variant_of(cfg: TrainConfig) -> str:
+    """The row a run belongs to, e.g. "prefix (small), λ = 0.99", "prefix (small, μ = 2), λ = 0.99",
+    "modular, λ = 1, cosine" or "prefix (uniform), λ = 0.99, cosine, weight decay 0.0005, shifts ≤ 2 px + flips"."""
     loss = cfg.loss
     if cfg.loss in ("prefix", "dropout"):
         scale = "" if cfg.prefix_scale == 1.0 else f", μ = {cfg.prefix_scale:g}"
         loss += f" ({cfg.prefix_weights}{scale})"
-    schedule = "" if cfg.schedule == "constant" else f", {cfg.schedule}"
-    return f"{loss}, λ = {cfg.lam:g}{schedule}"
+    parts = [loss + f", λ = {cfg.lam:g}"]
+    if cfg.schedule != "constant":
+        parts.append(cfg.schedule)
+    if cfg.weight_decay:
+        parts.append(f"weight decay {cfg.weight_decay:g}")
+    if cfg.use_augment:
+        parts.append(f"shifts ≤ {cfg.augment_pad} px" + (" + flips" if cfg.augment_flip else ""))
+    return ", ".join(parts)
 
 
 @torch.no_grad()

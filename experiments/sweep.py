@@ -146,6 +146,10 @@ class SweepConfig:
     prefix_scale: float = 1.0  # prefix, dropout: μ, the prefix term's weight against L_λ
     schedule: str = "constant"  # learning-rate schedule of every run: constant | cosine
     warmup_epochs: float = 1.0  # cosine: epochs of linear warmup
+    weight_decay: float = 0.0  # every run's --weight-decay
+    augment: bool | None = None  # every run's --augment (flip-and-crop of the training images); None: off
+    augment_pad: int = 4  # --augment: the crop's zero padding, the largest shift in pixels
+    augment_flip: bool = True  # --augment: mirror half the images
     command: str = ""  # the command line, recorded in every new run's config.json
 
     def __post_init__(self) -> None:
@@ -171,6 +175,10 @@ class SweepConfig:
             prefix_scale=self.prefix_scale,
             schedule=self.schedule,
             warmup_epochs=self.warmup_epochs,
+            weight_decay=self.weight_decay,
+            augment=self.augment,
+            augment_pad=self.augment_pad,
+            augment_flip=self.augment_flip,
             seed=seed,
             subset=self.subset,
             patience=self.patience,

@@ -106,7 +106,16 @@ def _train_args(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--augment",
         action=argparse.BooleanOptionalAction,
-        help="random crop and horizontal flip of image batches (default: on for CIFAR)",
+        help="random crop and horizontal flip of image batches, also of Fashion-MNIST's for an MLP (default: on "
+        "for CIFAR)",
+    )
+    g.add_argument(
+        "--augment-pad", type=int, help="--augment: zero padding of the crop, the largest shift in pixels (default: 4)"
+    )
+    g.add_argument(
+        "--augment-flip",
+        action=argparse.BooleanOptionalAction,
+        help="--augment: mirror half the images left-right (default: on)",
     )
     g.add_argument("--device", choices=["auto", "cpu", "cuda"], help="where to train (default: auto)")
     g.add_argument(
@@ -358,6 +367,24 @@ def build_parser() -> argparse.ArgumentParser:
         help="every run's learning-rate schedule (default: constant)",
     )
     p.add_argument("--warmup-epochs", type=float, default=1.0, help="cosine: epochs of linear warmup (default: 1)")
+    p.add_argument(
+        "--weight-decay",
+        type=float,
+        default=0.0,
+        help="every run's weight decay, as for one module trained alone (default: 0)",
+    )
+    p.add_argument(
+        "--augment",
+        action=argparse.BooleanOptionalAction,
+        help="flip-and-crop augmentation of every run's training images (default: off)",
+    )
+    p.add_argument("--augment-pad", type=int, default=4, help="--augment: the largest shift in pixels (default: 4)")
+    p.add_argument(
+        "--no-augment-flip",
+        dest="augment_flip",
+        action="store_false",
+        help="--augment: shifts only, no left-right mirroring",
+    )
     p.add_argument("--subset", type=int, help="train on only this many images (smoke tests)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="torch device (default: auto)")
     p.add_argument("--data-dir", help="Fashion-MNIST folder (default: $QUORUM_DATA_DIR or Debian's)")

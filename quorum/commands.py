@@ -198,6 +198,10 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         prefix_scale=args.prefix_scale,
         schedule=args.schedule,
         warmup_epochs=args.warmup_epochs,
+        weight_decay=args.weight_decay,
+        augment=args.augment,
+        augment_pad=args.augment_pad,
+        augment_flip=args.augment_flip,
         command=shlex.join(["quorum", *sys.argv[1:]]),
     )
     report = run_sweep(cfg, args.out, progress=not args.quiet)

@@ -80,7 +80,9 @@ class TrainConfig:
     data_dir: str | None = None  # IDX folder; None -> $QUORUM_DATA_DIR, then Debian's path
     device: str = "auto"  # auto | cpu | cuda
     precision: str = "auto"  # auto | fp32 | bf16 | fp16 autocast (auto: bf16 on CUDA where supported, fp32 on the CPU)
-    augment: bool | None = None  # random crop (padding 4) and horizontal flip; None: on for CIFAR
+    augment: bool | None = None  # random crop (padding --augment-pad) and horizontal flip; None: on for CIFAR
+    augment_pad: int = 4  # --augment: zero padding of the crop, so the largest shift, in pixels
+    augment_flip: bool = True  # --augment: mirror half the images left-right
     log_every: int = 50  # steps between progress updates (the only host syncs of a CUDA epoch)
     dominance_epoch: int = 3  # check for module dominance after this epoch (trainer/diagnostics.py); 0 = off
     command: str = ""  # the command line that started the run, for the manifest
@@ -110,6 +112,8 @@ class TrainConfig:
             raise ConfigError(f"--precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         if not self.weight_decay >= 0:
             raise ConfigError(f"--weight-decay must be >= 0, got {self.weight_decay}")
+        if self.augment_pad < 0:
+            raise ConfigError(f"--augment-pad must be >= 0, got {self.augment_pad}")
         widths = mlp_widths(self.hidden)  # ConfigError unless 1 to 4 widths >= 1
         self.hidden = widths[0] if len(widths) == 1 else ",".join(map(str, widths))  # 4 stays an int, as ever
         for name in ("modules", "epochs", "batch_size", "depth", "growth", "log_every"):

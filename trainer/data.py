@@ -2,7 +2,7 @@
 
 The data is small (70k images of 28x28 bytes; 60k of 32x32x3), so every split is held in
 memory as one tensor and batches are gathered by index: no DataLoader workers, nothing per
-sample. CIFAR's flip-and-crop augmentation (`augment`) runs on whole batches, on the device.
+sample. The flip-and-crop augmentation (`augment`) runs on whole batches, on the device.
 """
 
 from __future__ import annotations
@@ -309,17 +309,30 @@ def load_dataset(
     raise ConfigError(f"unknown dataset {name!r}; choose one of fashion-mnist, cifar10, cifar100, {', '.join(TABULAR)}")
 
 
-def augment(x: torch.Tensor, generator: torch.Generator, pad: int = 4) -> torch.Tensor:
-    """The standard CIFAR augmentation on a batch (B, C, H, W), on its device: a random crop of
-    the image zero-padded by `pad` on every side, mirrored left-right with probability 1/2.
+def augment(
+    x: torch.Tensor,
+    generator: torch.Generator,
+    pad: int = 4,
+    flip: bool = True,
+    image_shape: tuple[int, ...] | None = None,
+) -> torch.Tensor:
+    """Flip-and-crop augmentation of a batch (B, C, H, W), on its device: a random crop of the
+    image zero-padded by `pad` on every side (a shift of up to `pad` pixels), mirrored left-right
+    with probability 1/2 where `flip`. With `image_shape` (C, H, W), `x` holds the images flat,
+    as an MLP takes them, and comes back flat.
 
     Drawn from `generator` (on the CPU), so a resumed run sees the same augmentations."""
+    flat_shape = x.shape
+    if image_shape is not None:
+        x = x.reshape(len(x), *image_shape)
     B, C, H, W = x.shape
     padded = torch.nn.functional.pad(x, (pad, pad, pad, pad))  # (B, C, H + 2p, W + 2p)
     dy, dx = torch.randint(0, 2 * pad + 1, (2, B), generator=generator).to(x.device)
-    flip = (torch.rand(B, generator=generator) < 0.5).to(x.device)
     rows = dy.view(B, 1) + torch.arange(H, device=x.device)  # (B, H): the crop's rows
     cols = dx.view(B, 1) + torch.arange(W, device=x.device)
-    cols = torch.where(flip.view(B, 1), cols.flip(1), cols)  # the crop's columns, reversed: mirrored
+    if flip:
+        mirrored = (torch.rand(B, generator=generator) < 0.5).to(x.device)
+        cols = torch.where(mirrored.view(B, 1), cols.flip(1), cols)  # the crop's columns, reversed: mirrored
     out = padded.gather(2, rows.view(B, 1, H, 1).expand(B, C, H, W + 2 * pad))
-    return out.gather(3, cols.view(B, 1, 1, W).expand(B, C, H, W))
+    out = out.gather(3, cols.view(B, 1, 1, W).expand(B, C, H, W))
+    return out.reshape(flat_shape)

@@ -42,6 +42,7 @@ from quorum.trainer.records import epoch_record, log_epoch
 from quorum.trainer.train import (
     TrainResult,
     autocast_dtype,
+    batch_augment,
     build_model,
     check_finite,
     commit_epoch,
@@ -246,7 +247,7 @@ def _train(
             gen,
             progress=progress,
             desc=f"epoch {epoch + 1}",
-            augment_batches=cfg.use_augment and len(in_shape) == 3,
+            augment_batch=batch_augment(cfg, data),
             autocast=autocast,
             log_every=cfg.log_every,
             sync_grads=(lambda: peers.sum_grads(shared)) if shared else None,

@@ -16,6 +16,7 @@ member carries the ensemble (over-capacity modules for joint training).
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import time
@@ -127,6 +128,15 @@ def load_data(cfg: TrainConfig, data_dir: str | None = None) -> tuple[Splits, tu
     return data, in_shape
 
 
+def batch_augment(cfg: TrainConfig, data: Splits) -> Callable[[torch.Tensor, torch.Generator], torch.Tensor] | None:
+    """The run's `--augment` of a training batch, flat or image-shaped as the model takes it; None: off."""
+    if not cfg.use_augment:
+        return None
+    if len(data.image_shape) != 3:
+        raise ConfigError(f"--augment transforms images; {cfg.dataset} holds feature vectors")
+    return functools.partial(augment, pad=cfg.augment_pad, flip=cfg.augment_flip, image_shape=data.image_shape)
+
+
 def autocast_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype | None:
     """The autocast dtype of the run's --precision on `device`; None: full fp32.
 
@@ -170,7 +180,7 @@ def train_epoch(
     *,
     progress: bool = False,
     desc: str = "epoch",
-    augment_batches: bool = False,
+    augment_batch: Callable[[torch.Tensor, torch.Generator], torch.Tensor] | None = None,
     autocast: torch.dtype | None = None,
     scaler: torch.amp.GradScaler | None = None,
     log_every: int = 50,
@@ -181,8 +191,8 @@ def train_epoch(
     """One pass over (x, y) in minibatches shuffled by `generator`; the mean training loss.
 
     The loss is accumulated on the device and read only every `log_every` steps, for the
-    progress bar, and at the end: no per-batch host sync. `augment_batches` applies the CIFAR
-    flip-and-crop to each batch; `autocast` runs the forward pass in that dtype (CUDA), with
+    progress bar, and at the end: no per-batch host sync. `augment_batch` (`batch_augment`)
+    transforms each batch; `autocast` runs the forward pass in that dtype (CUDA), with
     `scaler` for fp16. Module-parallel training (trainer/distributed.py) passes `sync_grads`,
     run between backward and step (a TreeNet trunk's gradient), and `reduce`, which sums this
     rank's share of the loss over the ranks (at the same steps on every rank). `scheduler` steps
@@ -196,7 +206,7 @@ def train_epoch(
     bar = tqdm(total=steps, desc=desc, leave=False, disable=not progress, unit="batch")
     for i in range(steps):
         idx = perm[i * batch_size : (i + 1) * batch_size]
-        xb = augment(x[idx], generator) if augment_batches else x[idx]
+        xb = augment_batch(x[idx], generator) if augment_batch is not None else x[idx]
         with torch.autocast(x.device.type, dtype=autocast or torch.float32, enabled=autocast is not None):
             loss = loss_fn(model(xb).float(), y[idx])
         opt.zero_grad(set_to_none=True)
@@ -394,7 +404,7 @@ def train(cfg: TrainConfig, out_dir: str | Path, *, resume: bool = False, progre
             gen,
             progress=progress,
             desc=f"epoch {epoch + 1}",
-            augment_batches=cfg.use_augment and len(in_shape) == 3,
+            augment_batch=batch_augment(cfg, data),
             autocast=autocast,
             scaler=scaler,
             log_every=cfg.log_every,

@@ -75,6 +75,16 @@ def test_runs_still_training_count_only_when_asked(sweeps: list[Path], tmp_path:
     assert "| 1 (1) |" in (tmp_path / "b/anytime.md").read_text()
 
 
+def test_the_row_names_the_schedule_and_the_regularization():
+    from quorum.experiments.anytime import variant_of
+    from quorum.trainer.config import TrainConfig
+
+    assert variant_of(TrainConfig(lam=0.99)) == "modular, λ = 0.99"
+    cfg = TrainConfig(lam=0.99, loss="prefix", schedule="cosine", weight_decay=5e-4, augment=True, augment_pad=2)
+    assert variant_of(cfg) == "prefix (uniform), λ = 0.99, cosine, weight decay 0.0005, shifts ≤ 2 px + flips"
+    assert variant_of(TrainConfig(augment=True, augment_flip=False)).endswith("shifts ≤ 4 px")
+
+
 def test_a_variant_trained_for_two_lengths_gets_a_row_for_each():
     from quorum.experiments.anytime import RunAnytime, _aggregate
 

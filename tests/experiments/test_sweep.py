@@ -87,6 +87,10 @@ def test_parsing():
     assert parse_configs("256-m-4-h, 1-M-1024-H,256-M-4-H") == ["256-M-4-H", "1-M-1024-H"]
     assert parse_configs("16-M-convnet-16.32-s2.2,16-m-CONVNET-16.32-s2.2") == ["16-M-convnet-16.32-s2.2"]
     assert SweepConfig(configs=["4-M-convnet-8.8"]).train_config("4-M-convnet-8.8", 0.5, 0).filters == "8,8"
+    regularized = SweepConfig(weight_decay=5e-4, augment=True, augment_pad=2, augment_flip=False)
+    cfg = regularized.train_config("256-M-4-H", 0.99, 0)
+    assert (cfg.weight_decay, cfg.use_augment, cfg.augment_pad, cfg.augment_flip) == (5e-4, True, 2, False)
+    assert not SweepConfig().train_config("256-M-4-H", 0.99, 0).use_augment
     assert parse_lams("1,0, 0.95,0.95") == [0.0, 0.95, 1.0]
     assert [lam_dirname(x) for x in (0.0, 0.95, 1.0, 0.5)] == ["lam0", "lam0.95", "lam1", "lam0.5"]
     with pytest.raises(ConfigError, match="not a configuration"):

@@ -86,6 +86,26 @@ def test_augmentation_crops_and_mirrors_whole_batches_reproducibly():
     assert set(a.unique().tolist()) <= set(x.unique().tolist()) | {0.0}
 
 
+def test_augmentation_of_flat_images_shifts_them_and_returns_them_flat():
+    from quorum.trainer.data import augment
+
+    x = torch.arange(64 * 9, dtype=torch.float32).view(64, 9) + 1  # 64 flat 3x3 images, as an MLP takes them
+    shifted = augment(x, torch.Generator().manual_seed(1), pad=1, flip=False, image_shape=(1, 3, 3))
+    assert shifted.shape == x.shape
+    images, out = x.view(64, 3, 3), shifted.view(64, 3, 3)
+    moves = set()
+    for i in range(64):  # each output is its image moved by (dy, dx) in {-1, 0, 1}^2, zeros shifted in
+        padded = torch.nn.functional.pad(images[i], (1, 1, 1, 1))
+        found = [
+            (dy, dx) for dy in range(3) for dx in range(3) if torch.equal(padded[dy : dy + 3, dx : dx + 3], out[i])
+        ]
+        assert found, i
+        moves.update(found)
+    assert len(moves) > 4  # the shifts vary over the batch
+    # Without padding and without the mirror nothing changes.
+    assert torch.equal(augment(x, torch.Generator(), pad=0, flip=False, image_shape=(1, 3, 3)), x)
+
+
 def test_tabular_datasets_have_fixed_test_rows_and_standardized_features():
     from quorum.trainer.data import load_dataset
 

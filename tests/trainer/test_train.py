@@ -118,6 +118,26 @@ def test_mcl_options_are_checked():
         TrainConfig(modules=4, pretrain_epochs=2)
 
 
+def test_augment_options_are_checked():
+    from quorum.trainer.data import load_dataset
+    from quorum.trainer.train import batch_augment
+
+    with pytest.raises(ConfigError, match="--augment-pad"):
+        TrainConfig(augment=True, augment_pad=-1)
+    assert batch_augment(TrainConfig(), load_dataset("diabetes")) is None  # off unless asked, outside CIFAR
+    with pytest.raises(ConfigError, match="--augment transforms images"):
+        batch_augment(TrainConfig(dataset="diabetes", augment=True), load_dataset("diabetes"))
+
+
+@pytest.mark.slow
+def test_an_mlp_trains_on_shifted_fashion_mnist(tmp_path: Path, data_dir: Path):
+    cfg = TrainConfig(**TINY, epochs=2, augment=True, augment_pad=2, augment_flip=False, data_dir=str(data_dir))
+    res = train(cfg, tmp_path / "aug", progress=False)
+    assert res.best_val_error < 0.5  # it learns from the shifted images (chance: 0.9)
+    stored = json.loads((tmp_path / "aug" / "config.json").read_text())
+    assert (stored["augment"], stored["augment_pad"], stored["augment_flip"]) == (True, 2, False)
+
+
 @pytest.mark.slow
 def test_regression_on_diabetes_beats_predicting_the_mean(tmp_path: Path):
     from quorum.trainer.data import load_dataset
