@@ -88,7 +88,8 @@ def variant_of(cfg: TrainConfig) -> str:
     if cfg.weight_decay:
         parts.append(f"weight decay {cfg.weight_decay:g}")
     if cfg.use_augment:
-        parts.append(f"shifts ≤ {cfg.augment_pad} px" + (" + flips" if cfg.augment_flip else ""))
+        shifts = [f"shifts ≤ {cfg.augment_pad} px"] if cfg.augment_pad else []
+        parts.append(" + ".join(shifts + (["flips"] if cfg.augment_flip else [])))
     return ", ".join(parts)
 
 
@@ -140,7 +141,10 @@ def _cached(run_dir: Path, trials: int) -> RunAnytime | None:
         return None
     result = RunAnytime(**json.loads(path.read_text()))
     fresh = result.epochs_run == len(read_jsonl(run_dir / "metrics.jsonl")) and result.trials == trials
-    return result if fresh else None
+    if not fresh:
+        return None
+    result.variant = variant_of(TrainConfig.load(run_dir / "config.json"))  # the row's name as named now
+    return result
 
 
 def _runs(sweep: Path, unfinished: bool) -> list[Path]:

@@ -114,6 +114,8 @@ class TrainConfig:
             raise ConfigError(f"--weight-decay must be >= 0, got {self.weight_decay}")
         if self.augment_pad < 0:
             raise ConfigError(f"--augment-pad must be >= 0, got {self.augment_pad}")
+        if self.use_augment and self.augment_pad == 0 and not self.augment_flip:
+            raise ConfigError("--augment with --augment-pad 0 and --no-augment-flip changes no image; use --no-augment")
         widths = mlp_widths(self.hidden)  # ConfigError unless 1 to 4 widths >= 1
         self.hidden = widths[0] if len(widths) == 1 else ",".join(map(str, widths))  # 4 stays an int, as ever
         for name in ("modules", "epochs", "batch_size", "depth", "growth", "log_every"):

@@ -83,6 +83,7 @@ def test_the_row_names_the_schedule_and_the_regularization():
     cfg = TrainConfig(lam=0.99, loss="prefix", schedule="cosine", weight_decay=5e-4, augment=True, augment_pad=2)
     assert variant_of(cfg) == "prefix (uniform), λ = 0.99, cosine, weight decay 0.0005, shifts ≤ 2 px + flips"
     assert variant_of(TrainConfig(augment=True, augment_flip=False)).endswith("shifts ≤ 4 px")
+    assert variant_of(TrainConfig(augment=True, augment_pad=0)).endswith("λ = 0.99, flips")
 
 
 def test_a_variant_trained_for_two_lengths_gets_a_row_for_each():

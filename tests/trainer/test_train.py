@@ -124,6 +124,9 @@ def test_augment_options_are_checked():
 
     with pytest.raises(ConfigError, match="--augment-pad"):
         TrainConfig(augment=True, augment_pad=-1)
+    with pytest.raises(ConfigError, match="changes no image"):
+        TrainConfig(augment=True, augment_pad=0, augment_flip=False)
+    TrainConfig(augment=False, augment_pad=0, augment_flip=False)  # the options of augmentation that is off
     assert batch_augment(TrainConfig(), load_dataset("diabetes")) is None  # off unless asked, outside CIFAR
     with pytest.raises(ConfigError, match="--augment transforms images"):
         batch_augment(TrainConfig(dataset="diabetes", augment=True), load_dataset("diabetes"))
