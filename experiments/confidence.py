@@ -14,6 +14,7 @@ Everything runs on the bundle's modules through ONNX Runtime: no torch.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,7 +23,7 @@ import numpy as np
 
 from quorum.core.datasets import load_raw
 from quorum.core.errors import QuorumError
-from quorum.exporter.confidence import fit_confidence, stage_answers
+from quorum.exporter.confidence import cross_fitted_means, fit_confidence, stage_answers
 from quorum.runtime.confidence import (
     RATES,
     MemberSums,
@@ -33,6 +34,7 @@ from quorum.runtime.confidence import (
     negative_log_likelihood,
     prefix_means,
     reliability,
+    stage_lengths,
     stage_thresholds,
     temperature_at,
     tempered_softmax,
@@ -45,6 +47,8 @@ from quorum.runtime.manifest import SCHEMA_VERSION, ConfidenceEntry, Manifest
 __all__ = ["CalibrationReport", "auroc", "best_temperature_ece", "calibration_report", "ood_report", "validation_split"]
 
 VAL_SIZE = 10_000  # the trainer's default hold-out (quorum train --val-size)
+
+log = logging.getLogger(__name__)
 
 
 def validation_split(seed: int, data_dir: str | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -141,8 +145,9 @@ def calibration_report(
         conf = manifest.confidence
         xv, yv = validation_split(manifest.training.seed, data_dir)
         val_logits = engine.module_logits(xv)  # (N, M, K)
+        held_out = _held_out(manifest, val_logits, yv)
         if write or conf is None:
-            conf = fit_confidence(val_logits, yv, order)
+            conf = fit_confidence(val_logits, yv, order, held_out=held_out)
             if write:
                 manifest = manifest.model_copy(update={"confidence": conf, "version": SCHEMA_VERSION})
                 manifest.dump(Path(bundle))
@@ -151,7 +156,27 @@ def calibration_report(
         logits = engine.module_logits(x)
     finally:
         engine.close()
-    return _report(logits, y, order, conf, plot, stage_answers(val_logits, order, conf.stages, conf.temperatures))
+    if held_out is None:
+        val_stages = stage_answers(val_logits, order, conf.stages, conf.temperatures)
+    else:  # the answers the thresholds are chosen on (fit_confidence)
+        p = tempered_softmax(held_out[0], np.asarray(conf.temperatures)[:, None])
+        val_stages = p.max(axis=2), p.argmax(axis=2)
+    return _report(logits, y, order, conf, plot, val_stages)
+
+
+def _held_out(manifest: Manifest, logits: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+    """`cross_fitted_means` of the validation logits where the bundle's anytime order was chosen on
+    them; None for a trained order, or without torch (selection needs it)."""
+    if manifest.anytime_source != "greedy":
+        return None
+    try:
+        from quorum.exporter._candidates import side_by_side
+        from quorum.exporter.selection import classifier_anytime_order
+    except ImportError:
+        log.warning("no torch: the thresholds come from the anytime order's own validation answers, which flatter it")
+        return None
+    with side_by_side() as side:
+        return cross_fitted_means(logits, y, stage_lengths(logits.shape[1]), classifier_anytime_order, beside=side)
 
 
 def _report(

@@ -1,12 +1,16 @@
 """Fit a bundle's confidence entry on the validation split: temperatures per stage of the anytime
 order, the chance of a right answer per stage (isotonic regression of correctness on the calibrated
-top probability), and adaptive-budget thresholds for the standard tolerances. Numpy and
-scikit-learn, no torch, so that `quorum calibration --write` refits a bundle on a small device.
+top probability), and adaptive-budget thresholds for the standard tolerances (where the order was
+chosen on the split, from the answers of orders chosen on its other half: `cross_fitted_means`).
+Numpy and scikit-learn, no torch, so that `quorum calibration --write` refits a bundle on a small
+device (choosing the orders again needs torch; without it the thresholds come from the order's own
+answers).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from concurrent.futures import Executor
 
 import numpy as np
 
@@ -21,7 +25,7 @@ from quorum.runtime.confidence import (
 )
 from quorum.runtime.manifest import AdaptiveRule, ConfidenceEntry, CorrectnessMap
 
-__all__ = ["fit_confidence", "fit_correctness", "stage_answers"]
+__all__ = ["cross_fitted_means", "fit_confidence", "fit_correctness", "stage_answers"]
 
 
 def stage_answers(
@@ -53,15 +57,57 @@ def fit_correctness(top: np.ndarray, correct: np.ndarray) -> list[CorrectnessMap
     return maps
 
 
-def fit_confidence(logits: np.ndarray, y: np.ndarray, order: Sequence[int]) -> ConfidenceEntry:
-    """The confidence entry of a classifier with validation logits (N, M, K) and labels y (N,)."""
+def cross_fitted_means(
+    logits: np.ndarray,
+    y: np.ndarray,
+    stages: Sequence[int],
+    choose_order: Callable[[np.ndarray, np.ndarray], Sequence[int]],
+    *,
+    beside: Executor | None = None,
+    seed: int = 0,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Prefix means (S, N, K) of every input under an order chosen without it, and the labels (N,) in
+    their row order: `choose_order` on each random half of (logits (N, M, K), y), its prefixes measured
+    on the other half (one half's choice on `beside`, if given, while this thread makes the other's).
+    The order chosen on all inputs looks better on them than on new ones; these answers do not
+    (docs/RESULTS.md, "Adaptive budgets, calibration and uncertainty")."""
+    half = np.random.default_rng(seed).permutation(len(y)) < len(y) // 2
+    parts = [(half, ~half), (~half, half)]
+    later = None if beside is None else beside.submit(choose_order, logits[~half], y[~half])
+    orders = [choose_order(logits[half], y[half]), later.result() if later else choose_order(logits[~half], y[~half])]
+    z = [prefix_means(logits[held], list(order), stages) for order, (_, held) in zip(orders, parts, strict=True)]
+    return np.concatenate(z, axis=1), np.concatenate([y[held] for _, held in parts])
+
+
+def fit_confidence(
+    logits: np.ndarray,
+    y: np.ndarray,
+    order: Sequence[int],
+    *,
+    held_out: tuple[np.ndarray, np.ndarray] | None = None,
+) -> ConfidenceEntry:
+    """The confidence entry of a classifier with validation logits (N, M, K) and labels y (N,).
+
+    `held_out`: `cross_fitted_means` of these inputs, where `order` was chosen on them (None: it was
+    not, e.g. a trained order). Then the thresholds come from those answers, so that a tolerance holds
+    on new inputs too, and the temperatures from those and the order's own together (T >= 1 only
+    flattens, and those are less flattered). The correctness maps come from the order's own answers:
+    a map describes the prefix's modules, and the other halves' orders often begin with other ones
+    (docs/NOTEBOOK.md, "Calibration and adaptive budgets")."""
     y = np.asarray(y)
     stages = stage_lengths(logits.shape[1])
-    temperatures = fit_temperatures(prefix_means(logits, order, stages), y)
-    top, labels = stage_answers(logits, order, stages, temperatures)
+    own = prefix_means(logits, order, stages)
+    z_rule, y_rule = (own, y) if held_out is None else held_out
+    if held_out is None:
+        temperatures = fit_temperatures(own, y)
+    else:
+        temperatures = fit_temperatures(np.concatenate([own, z_rule], axis=1), np.concatenate([y, y_rule]))
+    p = tempered_softmax(own, temperatures[:, None])
+    p_rule = p if held_out is None else tempered_softmax(z_rule, temperatures[:, None])
+    top, labels = p_rule.max(axis=2), p_rule.argmax(axis=2)
     rules = []
     for tolerance in STANDARD_TOLERANCES:
-        thresholds, accuracy, modules = choose_thresholds(top, labels, y, stages, tolerance)
+        thresholds, accuracy, modules = choose_thresholds(top, labels, y_rule, stages, tolerance)
         rules.append(
             AdaptiveRule(tolerance=tolerance, thresholds=thresholds, val_accuracy=accuracy, val_mean_modules=modules)
         )
@@ -70,6 +116,6 @@ def fit_confidence(logits: np.ndarray, y: np.ndarray, order: Sequence[int]) -> C
         temperatures=[float(t) for t in temperatures],
         signal=SIGNAL,
         rules=rules,
-        val_accuracy=float((labels[-1] == y).mean()),
-        correctness=fit_correctness(top, labels == y[None]),
+        val_accuracy=float((p[-1].argmax(axis=1) == y).mean()),
+        correctness=fit_correctness(p.max(axis=2), p.argmax(axis=2) == y[None]),
     )

@@ -21,17 +21,19 @@ from tqdm.auto import tqdm
 
 from quorum.exporter._candidates import side_by_side
 from quorum.exporter.anytime import AnytimeChoice, choose_anytime_order
-from quorum.exporter.confidence import fit_confidence
+from quorum.exporter.confidence import cross_fitted_means, fit_confidence
 from quorum.exporter.errors import ExportError
 from quorum.exporter.graphs import INPUT_NAME, OUTPUT_NAME, cpu_session, serialize, staged_bundle
 from quorum.exporter.onnx_graphs import export_graph, export_template, with_weights
 from quorum.exporter.packed import write_packed
+from quorum.exporter.selection import classifier_anytime_order
 from quorum.exporter.specialists import (
     SPECIALIST_CRITERION,
     ensemble_f1,
     random_subsets_f1_by_class,
     select_specialists,
 )
+from quorum.runtime.confidence import stage_lengths
 from quorum.runtime.manifest import (
     PARITY_ATOL,
     PARITY_RTOL,
@@ -137,10 +139,16 @@ def export_run(
         )
     log.info("anytime order and %d specialists chosen in %.1f s", len(specialists), time.perf_counter() - t0)
     t0 = time.perf_counter()
-    confidence = (
-        fit_confidence(val_logits.cpu().numpy(), data.val.y.cpu().numpy(), anytime.order) if task.has_classes else None
-    )
-    log.info("temperatures and adaptive thresholds fitted in %.1f s", time.perf_counter() - t0)
+    confidence = None
+    if task.has_classes:  # an order chosen on these inputs is chosen again on each half for its thresholds
+        logits, y = val_logits.cpu().numpy(), data.val.y.cpu().numpy()
+        held_out = None
+        if anytime.source == "greedy":
+            with side_by_side() as side:
+                stages = stage_lengths(logits.shape[1])
+                held_out = cross_fitted_means(logits, y, stages, classifier_anytime_order, beside=side)
+        confidence = fit_confidence(logits, y, anytime.order, held_out=held_out)
+    log.info("temperatures, correctness maps and adaptive thresholds fitted in %.1f s", time.perf_counter() - t0)
     x_parity = data.val.x[:parity_samples]
 
     M = cfg.modules

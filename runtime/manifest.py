@@ -300,8 +300,13 @@ class AdaptiveRule(_Strict):
 
     tolerance: float = Field(ge=0, le=1, description="Accuracy given up against the whole order, on validation.")
     thresholds: list[float] = Field(description="One per stage but the last; 2 (above any probability): never.")
-    val_accuracy: float = Field(ge=0, le=1)
-    val_mean_modules: float = Field(ge=0, description="Modules per input on average, on the validation split.")
+    val_accuracy: float = Field(
+        ge=0,
+        le=1,
+        description="On the validation answers the thresholds were chosen on: where the order was chosen on that "
+        "split, those of orders chosen on its other half.",
+    )
+    val_mean_modules: float = Field(ge=0, description="Modules per input on average, on the same answers.")
 
 
 class CorrectnessMap(_Strict):

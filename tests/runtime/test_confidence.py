@@ -115,6 +115,31 @@ def test_the_chance_of_being_right_fixes_what_no_temperature_can():
     assert top_label_ece(right.astype(np.float64), test_correct) < 0.02
 
 
+def _by_luck(logits: np.ndarray, y: np.ndarray) -> list[int]:
+    """An order chosen on these inputs: the modules with the most right answers on them first."""
+    return np.argsort(-(logits.argmax(axis=2) == y[:, None]).mean(axis=0), kind="stable").tolist()
+
+
+def test_answers_of_an_order_chosen_elsewhere_are_not_flattered_by_its_choice():
+    """64 modules that guess (the true class is a little likelier, the same for all): the best of them on
+    some inputs look better there than anywhere else. The cross-fitted answers are measured elsewhere."""
+    from quorum.exporter.confidence import cross_fitted_means
+
+    rng = np.random.default_rng(0)
+    n, m, k = 2_000, 64, 10
+    y = rng.integers(0, k, n)
+    logits = rng.normal(size=(n, m, k))
+    logits[np.arange(n), :, y] += 0.3
+    stages = [1, 2, 4, 64]
+    own = prefix_means(logits, _by_luck(logits, y), stages).argmax(axis=2) == y[None]
+    z, y_held = cross_fitted_means(logits, y, stages, _by_luck)
+    held = z.argmax(axis=2) == y_held[None]
+    assert z.shape == (len(stages), n, k) and sorted(y_held.tolist()) == sorted(y.tolist())
+    np.testing.assert_allclose(np.sort(z[-1], axis=0), np.sort(logits.mean(axis=1), axis=0))  # every input once
+    assert own[0].mean() > held[0].mean() + 0.03  # the luckiest module on its own inputs
+    assert held[-1].mean() == pytest.approx(own[-1].mean())  # all modules: no order to flatter
+
+
 def test_the_chance_of_being_right_blends_the_maps_of_the_stages_around_a_budget():
     low = (np.array([0.0, 1.0]), np.array([0.2, 0.2]))  # stage 1: always 0.2
     high = (np.array([0.0, 1.0]), np.array([0.0, 1.0]))  # stage 4: the top probability itself
