@@ -16,7 +16,7 @@ from contextlib import contextmanager
 import numpy as np
 import torch
 
-__all__ = ["ArrayLike", "as_slabs", "check", "over_chunks", "scratch", "side_by_side", "threads"]
+__all__ = ["ArrayLike", "as_slabs", "check", "flush_subnormals", "over_chunks", "scratch", "side_by_side", "threads"]
 
 ArrayLike = np.ndarray | torch.Tensor
 
@@ -50,14 +50,32 @@ def scratch(shape: tuple[int, ...]) -> torch.Tensor:
 
 
 @contextmanager
+def flush_subnormals() -> Iterator[None]:
+    """Subnormal floats read and written as zero on this thread while it lasts (where the CPU can): exp of
+    arguments far below the largest is several times slower where its results are subnormal."""
+    torch.set_flush_denormal(True)
+    try:
+        yield
+    finally:
+        torch.set_flush_denormal(False)
+
+
+def _worker() -> None:
+    torch.set_num_threads(1)
+    torch.set_flush_denormal(True)  # the thread ends with the pool
+
+
+@contextmanager
 def threads() -> Iterator[Executor | None]:
-    """One worker thread per torch thread, each running torch on one thread, for scoring chunks of
-    candidates side by side: many small ops, and no barrier between threads after each (None: one thread)."""
+    """One worker thread per torch thread, each running torch on one thread with subnormals flushed to zero,
+    for scoring chunks of candidates side by side: many small ops, and no barrier between threads after each
+    (None: one thread, the caller's, flushing subnormals while it lasts)."""
     n = torch.get_num_threads()
     if n == 1:
-        yield None
+        with flush_subnormals():
+            yield None
         return
-    with ThreadPoolExecutor(n, initializer=torch.set_num_threads, initargs=(1,)) as workers:
+    with ThreadPoolExecutor(n, initializer=_worker) as workers:
         yield workers
 
 

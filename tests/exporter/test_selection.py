@@ -105,6 +105,61 @@ def test_candidate_losses_match_their_definitions():
         greedy_anytime_order(logits, y, score="accuracy")
 
 
+def test_class_losses_without_a_pass_for_the_largest_term_match_their_definitions():
+    from quorum.exporter._candidates import as_slabs, flush_subnormals
+    from quorum.exporter.selection import _LOG2E, _class_losses
+
+    logits, y = _noise(8)
+    lt, yt = torch.from_numpy(logits), torch.from_numpy(y)
+    lt[:, 5] *= 60.0  # exponents far below the largest: subnormal without the flush, and still exact
+    slabs = as_slabs(lt)  # (M, K, N)
+    total = lt[:, :3].sum(1).double().T  # (K, N): a prefix of three modules
+    onehot = torch.nn.functional.one_hot(yt, K).double()  # (N, K)
+    target = torch.softmax(lt.double().mean(1), -1)  # (N, K)
+    label = yt * N + torch.arange(N)
+
+    def expected(sign: int, size: int, against: torch.Tensor, nll: bool = False) -> torch.Tensor:
+        p = torch.softmax((total.T.unsqueeze(1) + sign * lt.double()) / size, -1)  # (N, M, K)
+        if nll:
+            return -(p.log() * against.unsqueeze(1)).sum(-1).mean(0)
+        return ((p - against.unsqueeze(1)) ** 2).sum(-1).mean(0)
+
+    def losses(score: str, sign: int, size: int, against: torch.Tensor, by_label: torch.Tensor | None):
+        cands = slabs - (slabs.amax(1, keepdim=True) if sign > 0 else slabs.amin(1, keepdim=True))
+        scale = _LOG2E / size
+        shifted = (total - total.amax(0, keepdim=True)).mul(scale).float()
+        target32 = against.T.float().contiguous()
+        with flush_subnormals():
+            got = _class_losses(score, shifted, cands, sign * scale, target32, by_label, torch.empty_like(cands))
+        assert got is not None
+        return got.double()
+
+    for sign, size in ((1, 4), (-1, 2)):
+        torch.testing.assert_close(
+            losses("brier", sign, size, onehot, label), expected(sign, size, onehot), rtol=1e-5, atol=0
+        )
+        nll = expected(sign, size, onehot, nll=True)
+        torch.testing.assert_close(losses("nll", sign, size, onehot, label), nll, rtol=1e-5, atol=0)
+        torch.testing.assert_close(
+            losses("brier", sign, size, target, None), expected(sign, size, target), rtol=1e-5, atol=0
+        )
+    # a candidate sure of class 1 added to a set sure of class 0: every term lies 2^-144 below the bound 0
+    far = torch.full((1, K, N), -200.0 * _LOG2E / 2)
+    far[:, 1] = 0.0
+    shifted = torch.full((K, N), -200.0 * _LOG2E / 2)
+    shifted[0] = 0.0
+    assert _class_losses("brier", shifted, far, 1.0, onehot.T.float(), label, torch.empty_like(far)) is None
+    from tests.exporter.reference_selection import reference_anytime_order
+
+    planted = logits[:, :6].copy()  # two modules sure of different classes: their sums take the slow path
+    planted[:, 0, 0] += 1000.0
+    planted[:, 1, 1] += 1000.0
+    for steps in ({}, {"labelled": 2, "backward_above": 3}):
+        assert greedy_anytime_order(planted, y, **steps) == reference_anytime_order(
+            planted, y, dtype=torch.float64, **steps
+        )
+
+
 def test_steps_after_the_labelled_ones_match_the_whole_ensemble():
     # modules 0 and 1 lean to the true class, module 2 to one wrong class, module 3 says nothing.
     # Against the labels the order is 0, 1, 3, 2. After one labelled step every step brings the
