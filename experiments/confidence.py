@@ -23,7 +23,7 @@ import numpy as np
 
 from quorum.core.datasets import load_raw
 from quorum.core.errors import QuorumError
-from quorum.exporter.confidence import cross_fitted_means, fit_confidence, stage_answers
+from quorum.exporter.confidence import CrossFitted, cross_fitted_means, fit_confidence, stage_answers
 from quorum.runtime.confidence import (
     RATES,
     MemberSums,
@@ -159,12 +159,12 @@ def calibration_report(
     if held_out is None:
         val_stages = stage_answers(val_logits, order, conf.stages, conf.temperatures)
     else:  # the answers the thresholds are chosen on (fit_confidence)
-        p = tempered_softmax(held_out[0], np.asarray(conf.temperatures)[:, None])
+        p = tempered_softmax(held_out.means, np.asarray(conf.temperatures)[:, None])
         val_stages = p.max(axis=2), p.argmax(axis=2)
     return _report(logits, y, order, conf, plot, val_stages)
 
 
-def _held_out(manifest: Manifest, logits: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+def _held_out(manifest: Manifest, logits: np.ndarray, y: np.ndarray) -> CrossFitted | None:
     """`cross_fitted_means` of the validation logits where the bundle's anytime order was chosen on
     them; None for a trained order, or without torch (selection needs it)."""
     if manifest.anytime_source != "greedy":

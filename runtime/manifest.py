@@ -344,7 +344,8 @@ class ConfidenceEntry(_Strict):
     correctness: list[CorrectnessMap] | None = Field(
         None,
         description="Per stage: the chance an answer is right given its calibrated top probability (isotonic "
-        "regression; schema version 5), served as p_correct; other lengths interpolate in log b. Absent: not fitted.",
+        "regression on validation, lowered by the optimism of an order chosen there where it was; schema version "
+        "5), served as p_correct; other lengths interpolate in log b. Absent: not fitted.",
     )
 
     def correctness_knots(self) -> list[tuple[np.ndarray, np.ndarray]] | None:

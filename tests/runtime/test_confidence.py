@@ -132,12 +132,28 @@ def test_answers_of_an_order_chosen_elsewhere_are_not_flattered_by_its_choice():
     logits[np.arange(n), :, y] += 0.3
     stages = [1, 2, 4, 64]
     own = prefix_means(logits, _by_luck(logits, y), stages).argmax(axis=2) == y[None]
-    z, y_held = cross_fitted_means(logits, y, stages, _by_luck)
+    fitted = cross_fitted_means(logits, y, stages, _by_luck)
+    z, y_held = fitted.means, fitted.y
     held = z.argmax(axis=2) == y_held[None]
     assert z.shape == (len(stages), n, k) and sorted(y_held.tolist()) == sorted(y.tolist())
     np.testing.assert_allclose(np.sort(z[-1], axis=0), np.sort(logits.mean(axis=1), axis=0))  # every input once
     assert own[0].mean() > held[0].mean() + 0.03  # the luckiest module on its own inputs
     assert held[-1].mean() == pytest.approx(own[-1].mean())  # all modules: no order to flatter
+    assert fitted.optimism[0] > 0.03 and fitted.optimism[-1] == pytest.approx(0.0)  # and it is measured
+
+
+def test_a_lowered_chance_keeps_its_shape_and_falls_by_the_optimism():
+    from quorum.exporter.confidence import lowered
+    from quorum.runtime.manifest import CorrectnessMap
+
+    chance = CorrectnessMap(top=[0.2, 0.5, 0.8, 1.0], right=[0.1, 0.4, 0.9, 1.0])
+    top = np.random.default_rng(0).uniform(0.2, 1.0, 5_000)
+    before = np.interp(top, chance.top, chance.right)
+    after = lowered(chance, top, 0.03)
+    now = np.interp(top, after.top, after.right)
+    assert now.mean() == pytest.approx(before.mean() - 0.03, abs=1e-4)
+    assert after.top == chance.top and np.all(np.diff(after.right) > 0) and after.right[-1] < 1.0
+    assert lowered(chance, top, -0.01) == chance and lowered(chance, top, 0.0) == chance
 
 
 def test_the_chance_of_being_right_blends_the_maps_of_the_stages_around_a_budget():
