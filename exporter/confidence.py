@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 from scipy.optimize import brentq
+from scipy.special import expit, logit
 
 from quorum.runtime.confidence import (
     SIGNAL,
@@ -99,18 +100,13 @@ def cross_fitted_means(
 def lowered(chance: CorrectnessMap, top: np.ndarray, by: float) -> CorrectnessMap:
     """`chance` with its values lowered by one shift in log-odds, so that its mean over the top
     probabilities `top` (N,) falls by `by` (nothing where `by` <= 0); its shape is kept."""
-    knots = np.asarray(chance.top)
-    odds = np.log(np.clip(chance.right, 1e-6, 1 - 1e-6)) - np.log1p(-np.clip(chance.right, 1e-6, 1 - 1e-6))
+    knots, odds = np.asarray(chance.top), logit(np.clip(chance.right, 1e-6, 1 - 1e-6))
     before = float(np.interp(top, knots, chance.right).mean())
     if by <= 0 or before <= 0:
         return chance
-
-    def shifted(delta: float) -> np.ndarray:
-        return 1.0 / (1.0 + np.exp(delta - odds))
-
     target = max(before - by, 1e-6)
-    delta = brentq(lambda d: float(np.interp(top, knots, shifted(d)).mean()) - target, 0.0, 40.0)
-    right = np.maximum.accumulate(np.clip(np.round(shifted(delta), 6), 0.0, 1.0))
+    delta = brentq(lambda d: float(np.interp(top, knots, expit(odds - d)).mean()) - target, 0.0, 40.0)
+    right = np.maximum.accumulate(np.clip(np.round(expit(odds - delta), 6), 0.0, 1.0))
     return CorrectnessMap(top=chance.top, right=right.tolist())
 
 

@@ -78,8 +78,8 @@ class Specialist:
 
 
 def _positive(z: torch.Tensor, c: int, others: torch.Tensor | None = None, dim: int = 1) -> torch.Tensor:
-    """argmax == c over axis `dim` of z (C, K, N), as torch.argmax decides ties (first index): (C, N).
-    With `others` (the shape of z): where z's class c beats every other class of `others` so.
+    """argmax == c over the classes, axis `dim` of z (e.g. (C, K, N): (C, N)), as torch.argmax decides ties
+    (first index). With `others` (the shape of z): where z's class c beats every other class of `others` so.
 
     The reduction over K is an elementwise max of K rows of N: several times faster than an
     argmax over a trailing axis of 10.
@@ -97,14 +97,15 @@ def _positive(z: torch.Tensor, c: int, others: torch.Tensor | None = None, dim: 
 class _Candidates:
     """Candidate modules' logits as slabs (C, K, N), in groups of `group` consecutive slabs with each
     group's least and greatest logit (G, K, N): bounds on what adding any one member can do. Each group
-    is kept a second time as (K, N, g), so that a subset of the images is a gather of runs of g floats."""
+    is kept a second time as (K, N, g), each image's g logits of a class one run, so that a subset of the
+    images is a gather of runs."""
 
     def __init__(self, slabs: torch.Tensor, group: int) -> None:
         self.slabs, self.group = slabs, group
         parts = [slabs[a : a + group] for a in range(0, slabs.shape[0], group)]
         self.low = torch.stack([part.amin(dim=0) for part in parts])
         self.high = torch.stack([part.amax(dim=0) for part in parts])
-        self.by_image = [part.permute(1, 2, 0).contiguous() for part in parts]
+        self.image_runs = [part.permute(1, 2, 0).contiguous() for part in parts]
 
 
 @dataclass(frozen=True)
@@ -130,7 +131,7 @@ class _OneVsAll:
             sure = _positive(least, c, others=most, dim=0)
             maybe = _positive(most, c, others=least, dim=0)
             undecided = torch.nonzero(maybe & ~sure).flatten()  # (U,)
-            z = cands.by_image[g].index_select(1, undecided)  # (K, U, g): runs, several times faster than columns
+            z = cands.image_runs[g].index_select(1, undecided)  # (K, U, g): runs, several times faster than columns
             z.add_(base.index_select(1, undecided).unsqueeze(2))
             pos = _positive(z, c, dim=0)  # (U, g)
             tp = (pos & truth.index_select(0, undecided).unsqueeze(1)).sum(dim=0) + torch.count_nonzero(sure & truth)
