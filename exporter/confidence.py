@@ -3,7 +3,7 @@ order, the chance of a right answer per stage (isotonic regression of correctnes
 top probability), and adaptive-budget thresholds for the standard tolerances (where the order was
 chosen on the split, from the answers of orders chosen on its other half, `cross_fitted_means`, whose
 optimism also lowers the chances).
-Numpy and scikit-learn, no torch, so that `quorum calibration --write` refits a bundle on a small
+Numpy, scikit-learn and scipy, no torch, so that `quorum calibration --write` refits a bundle on a small
 device (choosing the orders again needs torch; without it the thresholds come from the order's own
 answers).
 """
