@@ -15,15 +15,16 @@ Everything runs on the bundle's modules through ONNX Runtime: no torch.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 
 from quorum.core.datasets import load_raw
 from quorum.core.errors import QuorumError
-from quorum.exporter.confidence import CrossFitted, cross_fitted_means, fit_confidence, stage_answers
+from quorum.exporter.confidence import CrossFitted, cross_fitted_means, fit_confidence, fit_correctness, stage_answers
 from quorum.runtime.confidence import (
     RATES,
     MemberSums,
@@ -44,9 +45,18 @@ from quorum.runtime.confidence import (
 from quorum.runtime.engine import Engine
 from quorum.runtime.manifest import SCHEMA_VERSION, ConfidenceEntry, Manifest
 
-__all__ = ["CalibrationReport", "auroc", "best_temperature_ece", "calibration_report", "ood_report", "validation_split"]
+__all__ = [
+    "CalibrationReport",
+    "auroc",
+    "best_temperature_ece",
+    "calibrated_ece",
+    "calibration_report",
+    "ood_report",
+    "validation_split",
+]
 
 VAL_SIZE = 10_000  # the trainer's default hold-out (quorum train --val-size)
+FLOOR_DRAWS = 100  # draws of `calibrated_ece` per budget: its mean to about ±0.03 points
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +85,7 @@ class CalibrationReport:
     nll_after: list[float]
     ece_best: list[float] = field(default_factory=list)  # at the temperature best for this split itself: a floor
     ece_p_correct: list[float] = field(default_factory=list)  # of p_correct as the confidence (empty: not fitted)
+    ece_if_calibrated: list[tuple[float, float]] = field(default_factory=list)  # `calibrated_ece`: mean, 95th pct
     adaptive: list[dict[str, float]] = field(default_factory=list)  # per tolerance: test accuracy, mean modules
     fixed_accuracy: list[float] = field(default_factory=list)  # test accuracy of the first b modules, b = 1..M
     curve: list[tuple[float, float]] = field(default_factory=list)  # (mean modules, test accuracy) per exit rate
@@ -96,15 +107,23 @@ class CalibrationReport:
         return min(inside) if inside else None
 
     def table(self) -> str:
-        lines = ["budget  ECE before  ECE after  ECE at the split's best T  NLL before  NLL after  ECE of p_correct"]
+        lines = [
+            "budget  ECE before  ECE after  ECE at the split's best T  NLL before  NLL after  ECE of p_correct"
+            "  if calibrated (95th pct)"
+        ]
         columns = (self.budgets, self.ece_before, self.ece_after, self.ece_best, self.nll_before, self.nll_after)
         right: list[float | None] = [*self.ece_p_correct] or [None] * len(self.budgets)
-        for *row, r in zip(*columns, right, strict=True):
+        floor: list[tuple[float, float] | None] = [*self.ece_if_calibrated] or [None] * len(self.budgets)
+        for *row, r, f in zip(*columns, right, floor, strict=True):
             line = "{:>6}  {:>9.2%}  {:>9.2%}  {:>26.2%}  {:>10.4f}  {:>9.4f}".format(*row)
-            lines.append(line + (f"  {r:>16.2%}" if r is not None else "  " + "not fitted".rjust(16)))
+            line += f"  {r:>16.2%}" if r is not None else "  " + "not fitted".rjust(16)
+            lines.append(line + (f"  {f[0]:>13.2%} ({f[1]:.2%})" if f is not None else ""))
         lines.append("(the split's best T: the one temperature per budget that minimizes ECE on these very inputs;")
         lines.append(" no temperature fitted elsewhere does better here. p_correct: each answer's chance of being")
-        lines.append(" right, mapped from the calibrated top probability by the bundle's fit on validation)")
+        lines.append(" right, mapped from the calibrated top probability by the bundle's fit on validation. If")
+        lines.append(" calibrated: the ECE of p_correct when validation and test answers are drawn right exactly")
+        lines.append(f" as often as p_correct says, the map fitted again on each draw ({FLOOR_DRAWS} draws): what")
+        lines.append(" splits of these sizes measure of a perfectly calibrated bundle)")
         lines.append("")
         lines.append("tolerance  test accuracy  mean modules  fixed budget at that mean  whole ensemble")
         whole = self.fixed_accuracy[-1]
@@ -161,7 +180,7 @@ def calibration_report(
     else:  # the answers the thresholds are chosen on (fit_confidence)
         p = tempered_softmax(held_out.means, np.asarray(conf.temperatures)[:, None])
         val_stages = p.max(axis=2), p.argmax(axis=2)
-    return _report(logits, y, order, conf, plot, val_stages)
+    return _report(logits, y, order, conf, plot, val_stages, val_logits)
 
 
 def _held_out(manifest: Manifest, logits: np.ndarray, y: np.ndarray) -> CrossFitted | None:
@@ -186,11 +205,13 @@ def _report(
     conf: ConfidenceEntry,
     plot: str | Path | None,
     val_stages: tuple[np.ndarray, np.ndarray],
+    val_logits: np.ndarray | None = None,
 ) -> CalibrationReport:
     m = logits.shape[1]
     budgets = doubling_lengths(m)
     z = prefix_means(logits, order, budgets)
     temps = temperature_at(conf.stages, conf.temperatures, np.asarray(budgets))
+    z_val = None if val_logits is None else prefix_means(val_logits, order, budgets)
     before = [tempered_softmax(zb) for zb in z]
     after = [tempered_softmax(zb, t) for zb, t in zip(z, temps, strict=True)]
     report = CalibrationReport(
@@ -204,9 +225,13 @@ def _report(
     rights: list[np.ndarray] = []  # p_correct per budget
     maps = conf.correctness_knots()
     if maps is not None:
-        for b, p in zip(budgets, after, strict=True):
+        for i, (b, p) in enumerate(zip(budgets, after, strict=True)):
             rights.append(correctness_at(conf.stages, maps, b, p.max(axis=1)))
             report.ece_p_correct.append(top_label_ece(rights[-1], (p.argmax(axis=1) == y).astype(np.float64)))
+            if z_val is not None:
+                val_top = tempered_softmax(z_val[i], temps[i]).max(axis=1)
+                draws = calibrated_ece(val_top, p.max(axis=1), partial(correctness_at, conf.stages, maps, b))
+                report.ece_if_calibrated.append((float(draws.mean()), float(np.percentile(draws, 95))))
     every = prefix_means(logits, order, range(1, m + 1))
     report.fixed_accuracy = [float((zb.argmax(axis=1) == y).mean()) for zb in every]
     top, labels = stage_answers(logits, order, conf.stages, conf.temperatures)
@@ -228,6 +253,30 @@ def _report(
     if plot is not None:
         _plot(report, before, after, rights, y, plot)
     return report
+
+
+def calibrated_ece(
+    val_top: np.ndarray,
+    test_top: np.ndarray,
+    chance: Callable[[np.ndarray], np.ndarray],
+    *,
+    draws: int = FLOOR_DRAWS,
+    seed: int = 0,
+) -> np.ndarray:
+    """The ECE (draws,) of p_correct on a perfectly calibrated bundle, measured as `quorum calibration`
+    measures it: validation answers with calibrated top probability `val_top` (N,) and test answers with
+    `test_top` (N',) are each drawn right with the chance `chance(top)` gives them, a map is fitted on the
+    validation draws (`fit_correctness`, as the exporter fits it) and its ECE taken on the test draws. What
+    is left over this is the bundle's; this much the finite splits give any fit."""
+    rng = np.random.default_rng(seed)
+    val_top, test_top = np.asarray(val_top, np.float64), np.asarray(test_top, np.float64)
+    p_val, p_test = chance(val_top), chance(test_top)
+    out = np.empty(draws)
+    for i in range(draws):
+        fit = fit_correctness(val_top[None], (rng.random(p_val.shape) < p_val)[None])[0]
+        right = (rng.random(p_test.shape) < p_test).astype(np.float64)
+        out[i] = top_label_ece(np.interp(test_top, fit.top, fit.right), right)
+    return out
 
 
 def best_temperature_ece(z: np.ndarray, y: np.ndarray) -> float:

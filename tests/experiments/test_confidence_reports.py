@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from quorum.cli import main
-from quorum.experiments.confidence import auroc, calibration_report, ood_report, ood_sets
+from quorum.experiments.confidence import auroc, calibrated_ece, calibration_report, ood_report, ood_sets
 from quorum.runtime.manifest import Manifest
 
 LIMIT = 2000
@@ -25,6 +25,8 @@ def test_calibration_writes_its_fit_into_the_manifest_and_draws_the_plot(bundle_
     assert report.budgets == [1, 2, 4, 8, 16, 32, 40]
     assert all(0 <= e <= 1 for e in report.ece_before + report.ece_after + report.ece_p_correct)
     assert after.correctness is not None and len(report.ece_p_correct) == len(report.budgets)
+    assert len(report.ece_if_calibrated) == len(report.budgets)
+    assert all(0 < mean <= p95 < 0.2 for mean, p95 in report.ece_if_calibrated)
     assert all(b <= e for b, e in zip(report.ece_best, report.ece_before, strict=True))  # T = 1 is on its grid
     assert len(report.fixed_accuracy) == 40 and len(report.adaptive) == len(after.rules)
     points, _ = report.beats_fixed()
@@ -61,3 +63,17 @@ def test_out_of_distribution_inputs_are_raw_images_in_range():
     x = np.full((3, 784), 100.0, np.float32)
     for name, images in ood_sets(x).items():
         assert images.shape[1] == 784 and images.min() >= 0 and images.max() <= 255, name
+
+
+def test_a_calibrated_bundle_measures_less_ece_on_larger_splits():
+    def chance(top: np.ndarray) -> np.ndarray:  # any nondecreasing map
+        return 0.2 + 0.75 * top**2
+
+    rng = np.random.default_rng(0)
+    small = calibrated_ece(rng.random(2_500), rng.random(2_500), chance, draws=40)
+    large = calibrated_ece(rng.random(40_000), rng.random(40_000), chance, draws=40)
+    assert (small > 0).all() and (large > 0).all()
+    # sampling noise: 16 times the answers, about a quarter of the ECE
+    assert 2.5 < small.mean() / large.mean() < 6
+    val, test = rng.random(1_000), rng.random(1_000)
+    assert np.array_equal(calibrated_ece(val, test, chance, draws=3), calibrated_ece(val, test, chance, draws=3))
