@@ -63,8 +63,9 @@ typecheck: $(STAMP)
 pytest: setup
 	$(BIN)/pytest --durations=15
 
+# 40 generated requests per property test and 6 per schema operation (CI's full run: 150 and 25)
 test-fast: setup
-	$(BIN)/pytest -m "not slow"
+	QUORUM_FUZZ_EXAMPLES=40 $(BIN)/pytest -m "not slow"
 
 # The serving side alone, as an edge device installs it: `pip install -e '.[cpu,dev]'` brings the CPU
 # wheel of ONNX Runtime and no torch; the tests prove the runtime and the server need nothing more

@@ -31,6 +31,7 @@ def source(source_bundle: Path, data_dir: Path) -> Source:
     return load_source(source_bundle, str(data_dir))
 
 
+@pytest.mark.slow  # exports with torch.onnx, whose first call in a process takes seconds
 def test_a_compressed_bundle_serves_the_accuracy_recorded_at_compression(
     source: Source, source_bundle: Path, tmp_path: Path, test_images
 ):

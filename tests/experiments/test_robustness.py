@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import subprocess
 import sys
@@ -44,7 +46,10 @@ def _run(bundle: Path, out: Path, *extra: str) -> int:
 @pytest.fixture(scope="module")
 def report(bundle_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
     out = tmp_path_factory.mktemp("robustness")
-    assert _run(bundle_dir, out) == 0
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        assert _run(bundle_dir, out) == 0
+    (out / "stdout.txt").write_text(printed.getvalue())
     return out, json.loads((out / "robustness.json").read_text())
 
 
@@ -102,13 +107,12 @@ def test_paired_margin_by_image():
     assert paired_margin(ordered, ordered[None].repeat(3, 0)) == (0.0, 0.0)
 
 
-def test_table_has_a_few_rows_per_bundle(bundle_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]):
-    assert _run(bundle_dir, tmp_path) == 0
-    out = capsys.readouterr().out
+def test_table_has_a_few_rows_per_bundle(report: tuple[Path, dict]):
+    folder, doc = report
+    out = (folder / "stdout.txt").read_text()
     rows = [line.split() for line in out.splitlines() if line.startswith("small ")]
     assert [int(r[2]) for r in rows] == [0, 20, 36, 39]
     assert "anytime order beats the random mean at every budget < 40" in out
-    doc = json.loads((tmp_path / "robustness.json").read_text())
     (b,) = doc["bundles"]
     half = next(p for p in b["curve"] if p["removed"] == 20)
     half_row = next(r for r in rows if r[2] == "20")

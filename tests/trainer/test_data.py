@@ -63,6 +63,30 @@ def test_idx_reader_round_trip(tmp_path: Path):
     np.testing.assert_array_equal(read_idx(tmp_path / "x.gz"), arr)
 
 
+def _write_idx(path: Path, arr: np.ndarray) -> None:
+    header = bytes([0, 0, 8, arr.ndim]) + b"".join(n.to_bytes(4, "big") for n in arr.shape)
+    with gzip.open(path, "wb") as f:
+        f.write(header + arr.tobytes())
+
+
+def test_raw_splits_are_decoded_once_but_each_call_gets_its_own_arrays_and_a_changed_file_is_read_again(
+    tmp_path: Path,
+):
+    from quorum.core.datasets import load_raw
+
+    images, labels = np.arange(3 * 28 * 28, dtype=np.uint8).reshape(3, 28, 28), np.arange(3, dtype=np.uint8)
+    for prefix in ("train", "t10k"):
+        _write_idx(tmp_path / f"{prefix}-images-idx3-ubyte.gz", images)
+        _write_idx(tmp_path / f"{prefix}-labels-idx1-ubyte.gz", labels)
+    first = load_raw(tmp_path)
+    first["train"][0][:] = 0  # a caller that writes into its arrays
+    second = load_raw(tmp_path)
+    np.testing.assert_array_equal(second["train"][0], images.reshape(3, -1))
+    _write_idx(tmp_path / "t10k-images-idx3-ubyte.gz", images[:2])  # replaced by a smaller split
+    _write_idx(tmp_path / "t10k-labels-idx1-ubyte.gz", labels[:2])
+    np.testing.assert_array_equal(load_raw(tmp_path)["test"][1], labels[:2])
+
+
 def test_cifar_without_its_files_says_where_to_put_them(tmp_path: Path):
     from quorum.trainer.data import load_cifar
     from quorum.trainer.errors import DataError
