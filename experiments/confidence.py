@@ -1,10 +1,12 @@
 """`quorum calibration` and `quorum ood`: how sure a bundle's answers are, measured on Fashion-MNIST.
 
 - calibration: ECE and NLL per budget of the anytime order, before and after the bundle's
-  temperatures, on the test split; adaptive budgets (each fitted tolerance) against fixed budgets
-  at the same mean number of modules; a reliability diagram and the accuracy-against-modules
-  curve as one PNG. `--write` (re)fits temperatures and thresholds on the run's validation split
-  and stores them in the manifest, for bundles exported before they existed.
+  temperatures, on the test split, and the ECE of p_correct beside what a perfectly calibrated
+  bundle would measure on splits of these sizes (`calibrated_ece`); adaptive budgets (each fitted
+  tolerance) against fixed budgets at the same mean number of modules; a reliability diagram and
+  the accuracy-against-modules curve as one PNG. `--write` (re)fits temperatures and thresholds on
+  the run's validation split and stores them in the manifest, for bundles exported before they
+  existed.
 - ood: the AUROC with which each uncertainty signal tells the test split from inputs the
   ensemble never saw (scikit-learn's 8×8 digits scaled to 28×28, inverted and noised test
   images), at several budgets.
