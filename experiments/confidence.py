@@ -268,8 +268,9 @@ def calibrated_ece(
     """The ECE (draws,) of p_correct on a perfectly calibrated bundle, measured as `quorum calibration`
     measures it: validation answers with calibrated top probability `val_top` (N,) and test answers with
     `test_top` (N',) are each drawn right with the chance `chance(top)` gives them, a map is fitted on the
-    validation draws (`fit_correctness`, as the exporter fits it) and its ECE taken on the test draws. What
-    is left over this is the bundle's; this much the finite splits give any fit."""
+    validation draws (`fit_correctness`, as the exporter fits it, without its lowering by the order's
+    optimism, whose own noise this leaves out) and its ECE taken on the test draws. What is left over this
+    is the bundle's; this much the finite splits give any fit."""
     rng = np.random.default_rng(seed)
     val_top, test_top = np.asarray(val_top, np.float64), np.asarray(test_top, np.float64)
     p_val, p_test = chance(val_top), chance(test_top)
