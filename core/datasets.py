@@ -93,7 +93,8 @@ def load_raw(data_dir: str | os.PathLike[str] | None = None) -> dict[str, tuple[
     missing = [name for name in _FILE_NAMES if not (root / name).is_file()]
     if missing:
         raise DataError(_missing_message(root, missing))
-    stamp = tuple((name, (root / name).stat().st_mtime_ns, (root / name).stat().st_size) for name in _FILE_NAMES)
+    stats = [(name, (root / name).stat()) for name in _FILE_NAMES]
+    stamp = tuple((name, st.st_mtime_ns, st.st_size) for name, st in stats)
     return {split: (x.copy(), y.copy()) for split, (x, y) in _decoded(root, stamp).items()}
 
 
