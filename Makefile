@@ -2,7 +2,7 @@
 #   make demo   train, export, evaluate and serve a 256-M-4-H λ=0.99 ensemble (idempotent)
 #   make test   lint, type-check, the whole test suite, and the serving tests without torch
 # And while working:
-#   make test-fast      the fast tier: no training, no processes (well under a minute)
+#   make test-fast      the fast tier: no training, no processes (about a minute on 2 cores)
 #   make test-serving   runtime and server tests in a venv with ONNX Runtime's CPU wheel and no torch (an edge device)
 SHELL := /bin/bash
 PYTHON ?= python3
