@@ -3,10 +3,11 @@
 - calibration: ECE and NLL per budget of the anytime order, before and after the bundle's
   temperatures, on the test split, and the ECE of p_correct beside what a perfectly calibrated
   bundle would measure on splits of these sizes (`calibrated_ece`); adaptive budgets (each fitted
-  tolerance) against fixed budgets at the same mean number of modules; a reliability diagram and
-  the accuracy-against-modules curve as one PNG. `--write` (re)fits temperatures and thresholds on
-  the run's validation split and stores them in the manifest, for bundles exported before they
-  existed.
+  tolerance) against fixed budgets at the same mean number of modules, and the fewest modules within
+  0.1 point of the whole ensemble with its spread over resamples of the test inputs
+  (`fewest_within_resampled`); a reliability diagram and the accuracy-against-modules curve as one
+  PNG. `--write` (re)fits temperatures and thresholds on the run's validation split and stores them
+  in the manifest, for bundles exported before they existed.
 - ood: the AUROC with which each uncertainty signal tells the test split from inputs the
   ensemble never saw (scikit-learn's 8×8 digits scaled to 28×28, inverted and noised test
   images), at several budgets.
@@ -53,12 +54,14 @@ __all__ = [
     "best_temperature_ece",
     "calibrated_ece",
     "calibration_report",
+    "fewest_within_resampled",
     "ood_report",
     "validation_split",
 ]
 
 VAL_SIZE = 10_000  # the trainer's default hold-out (quorum train --val-size)
 FLOOR_DRAWS = 100  # draws of `calibrated_ece` per budget: its mean to about ±0.03 points
+RESAMPLES = 1000  # bootstrap resamples of the test inputs for `fewest_within_resampled`
 
 log = logging.getLogger(__name__)
 
@@ -91,6 +94,7 @@ class CalibrationReport:
     adaptive: list[dict[str, float]] = field(default_factory=list)  # per tolerance: test accuracy, mean modules
     fixed_accuracy: list[float] = field(default_factory=list)  # test accuracy of the first b modules, b = 1..M
     curve: list[tuple[float, float]] = field(default_factory=list)  # (mean modules, test accuracy) per exit rate
+    fewest_resampled: list[float] = field(default_factory=list)  # `fewest_within_resampled` of the curve
 
     def fixed_at(self, modules: float) -> float:
         """Test accuracy of fixed budgets at a mean number of modules (interpolated between budgets)."""
@@ -146,6 +150,14 @@ class CalibrationReport:
             "fewest modules per input within 0.1 point of the whole ensemble: "
             + (f"{fewest[0]:.1f} ({fewest[1]:.2%})" if fewest else "none on the curve")
         )
+        if self.fewest_resampled:
+            draws, quarter = np.asarray(self.fewest_resampled), len(self.fixed_accuracy) / 4
+            low, mid, high = np.percentile(draws, [5, 50, 95])
+            share = float((draws <= quarter).mean())
+            lines.append(
+                f"  over {len(draws)} resamples of the test inputs: median {mid:.1f}, 5th to 95th percentile "
+                f"{low:.1f} to {high:.1f}, at most a quarter of the modules ({quarter:g}) in {share:.0%}"
+            )
         return "\n".join(lines)
 
 
@@ -248,10 +260,14 @@ def _report(
                 "mean_modules": float(lengths[exits].mean()),
             }
         )
+    rights, modules = [], []  # per exit rate and input
     for thresholds in stage_thresholds(*val_stages, RATES):  # thresholds from validation, measured on test
         exits = adaptive_exits(top, thresholds)
-        report.curve.append((float(lengths[exits].mean()), float(correct[exits, np.arange(len(y))].mean())))
+        rights.append(correct[exits, np.arange(len(y))])
+        modules.append(lengths[exits])
+        report.curve.append((float(modules[-1].mean()), float(rights[-1].mean())))
     report.curve.sort()
+    report.fewest_resampled = fewest_within_resampled(np.array(rights), np.array(modules), correct[-1]).tolist()
     if plot is not None:
         _plot(report, before, after, rights, y, plot)
     return report
@@ -279,6 +295,34 @@ def calibrated_ece(
         fit = fit_correctness(val_top[None], (rng.random(p_val.shape) < p_val)[None])[0]
         right = (rng.random(p_test.shape) < p_test).astype(np.float64)
         out[i] = top_label_ece(np.interp(test_top, fit.top, fit.right), right)
+    return out
+
+
+def fewest_within_resampled(
+    right: np.ndarray,
+    modules: np.ndarray,
+    whole_right: np.ndarray,
+    points: float = 0.001,
+    *,
+    draws: int = RESAMPLES,
+    seed: int = 0,
+) -> np.ndarray:
+    """`CalibrationReport.fewest_within` on `draws` bootstrap resamples of the test inputs (draws,): how far
+    the test split alone moves the fewest modules per input within `points` of the whole ensemble.
+
+    `right` (R, N): whether each input's answer is right under each of R exit rules (fixed thresholds),
+    `modules` (R, N) how many modules it used, `whole_right` (N,) whether the whole ensemble is right.
+    Where no rule is within `points` in a resample, the whole ensemble is (all of its modules). The
+    whole and the rules are resampled together, so that only the inputs where they differ move the gap."""
+    right, modules = np.asarray(right, np.float64), np.asarray(modules, np.float64)
+    whole_right = np.asarray(whole_right, np.float64)
+    n = len(whole_right)
+    rng = np.random.default_rng(seed)
+    out = np.empty(draws)
+    for i in range(draws):
+        count = np.bincount(rng.integers(0, n, n), minlength=n).astype(np.float64)  # exact sums of whole numbers
+        within = right @ count >= whole_right @ count - points * n - 1e-9
+        out[i] = float((modules @ count)[within].min()) / n if within.any() else float(modules.max())
     return out
 
 

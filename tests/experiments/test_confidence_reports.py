@@ -8,7 +8,14 @@ import numpy as np
 import pytest
 
 from quorum.cli import main
-from quorum.experiments.confidence import auroc, calibrated_ece, calibration_report, ood_report, ood_sets
+from quorum.experiments.confidence import (
+    auroc,
+    calibrated_ece,
+    calibration_report,
+    fewest_within_resampled,
+    ood_report,
+    ood_sets,
+)
 from quorum.runtime.manifest import Manifest
 
 LIMIT = 2000
@@ -33,13 +40,14 @@ def test_calibration_writes_its_fit_into_the_manifest_and_draws_the_plot(bundle_
     assert points > 0
     fewest = report.fewest_within(1.0)  # every point is within 100 points
     assert fewest is not None and fewest == min(report.curve)
+    assert len(report.fewest_resampled) == 1000 and max(report.fewest_resampled) <= 40
 
 
 @pytest.mark.slow
 def test_the_commands_print_their_tables(bundle_dir: Path, capsys: pytest.CaptureFixture[str]):
     assert main(["calibration", str(bundle_dir), "--limit", str(LIMIT)]) == 0
     out = capsys.readouterr().out
-    assert "ECE before" in out and "budget=auto against fixed budgets" in out
+    assert "ECE before" in out and "budget=auto against fixed budgets" in out and "resamples of the test" in out
     assert main(["ood", str(bundle_dir), "--limit", "500", "--budgets", "1,40"]) == 0
     out = capsys.readouterr().out
     assert "inverted test images" in out and "mutual information" in out
@@ -77,3 +85,19 @@ def test_a_calibrated_bundle_measures_less_ece_on_larger_splits():
     assert 2.5 < small.mean() / large.mean() < 6
     val, test = rng.random(1_000), rng.random(1_000)
     assert np.array_equal(calibrated_ece(val, test, chance, draws=3), calibrated_ece(val, test, chance, draws=3))
+
+
+def test_resampling_moves_the_fewest_modules_only_where_the_rule_and_the_whole_differ():
+    rng = np.random.default_rng(0)
+    whole = rng.random(4_000) < 0.9
+    modules = np.array([np.full(4_000, 10.0), np.full(4_000, 40.0)])
+    same = fewest_within_resampled(np.array([whole, whole]), modules, whole, draws=50)
+    assert (same == 10).all()  # a rule that loses nothing is within in every resample
+    worse = whole.copy()
+    worse[np.flatnonzero(whole)[:4]] = False  # 4 of 4,000 more wrong: 0.1 point exactly
+    draws = fewest_within_resampled(np.array([worse, whole]), modules, whole, draws=400)
+    assert set(draws.tolist()) == {10.0, 40.0}  # at the edge, either way by chance
+    assert 0.3 < (draws == 10).mean() < 0.9
+    far = whole.copy()
+    far[np.flatnonzero(whole)[:40]] = False  # 1 point lost: never within
+    assert (fewest_within_resampled(np.array([far, whole]), modules, whole, draws=50) == 40).all()
