@@ -236,12 +236,12 @@ def _report(
         nll_after=[negative_log_likelihood(p, y) for p in after],
         ece_best=[best_temperature_ece(zb, y) for zb in z],
     )
-    rights: list[np.ndarray] = []  # p_correct per budget
+    p_correct: list[np.ndarray] = []  # per budget
     maps = conf.correctness_knots()
     if maps is not None:
         for i, (b, p) in enumerate(zip(budgets, after, strict=True)):
-            rights.append(correctness_at(conf.stages, maps, b, p.max(axis=1)))
-            report.ece_p_correct.append(top_label_ece(rights[-1], (p.argmax(axis=1) == y).astype(np.float64)))
+            p_correct.append(correctness_at(conf.stages, maps, b, p.max(axis=1)))
+            report.ece_p_correct.append(top_label_ece(p_correct[-1], (p.argmax(axis=1) == y).astype(np.float64)))
             if z_val is not None:
                 val_top = tempered_softmax(z_val[i], temps[i]).max(axis=1)
                 draws = calibrated_ece(val_top, p.max(axis=1), partial(correctness_at, conf.stages, maps, b))
@@ -260,16 +260,17 @@ def _report(
                 "mean_modules": float(lengths[exits].mean()),
             }
         )
-    rights, modules = [], []  # per exit rate and input
+    exit_right, exit_modules = [], []  # per exit rate and input
     for thresholds in stage_thresholds(*val_stages, RATES):  # thresholds from validation, measured on test
         exits = adaptive_exits(top, thresholds)
-        rights.append(correct[exits, np.arange(len(y))])
-        modules.append(lengths[exits])
-        report.curve.append((float(modules[-1].mean()), float(rights[-1].mean())))
+        exit_right.append(correct[exits, np.arange(len(y))])
+        exit_modules.append(lengths[exits])
+        report.curve.append((float(exit_modules[-1].mean()), float(exit_right[-1].mean())))
     report.curve.sort()
-    report.fewest_resampled = fewest_within_resampled(np.array(rights), np.array(modules), correct[-1]).tolist()
+    resampled = fewest_within_resampled(np.array(exit_right), np.array(exit_modules), correct[-1])
+    report.fewest_resampled = resampled.tolist()
     if plot is not None:
-        _plot(report, before, after, rights, y, plot)
+        _plot(report, before, after, p_correct, y, plot)
     return report
 
 
@@ -342,10 +343,14 @@ def _plot(
     report: CalibrationReport,
     before: list[np.ndarray],
     after: list[np.ndarray],
-    rights: list[np.ndarray],
+    p_correct: list[np.ndarray],
     y: np.ndarray,
     path: str | Path,
 ) -> None:
+    """Reliability diagrams at budgets 1, 8, 32 and M (`p_correct`: per budget, or empty), and the
+    adaptive curve against fixed budgets, as one PNG."""
+    if p_correct and len(p_correct) != len(report.budgets):
+        raise ValueError(f"p_correct: one array per budget ({len(report.budgets)}), got {len(p_correct)}")
     import matplotlib
 
     matplotlib.use("Agg")
@@ -358,8 +363,8 @@ def _plot(
             (before[i], None, "top probability, T = 1"),
             (after[i], None, "top probability, fitted T"),
         ]
-        if rights:
-            series.append((after[i], rights[i], "p_correct"))
+        if p_correct:
+            series.append((after[i], p_correct[i], "p_correct"))
         for probs, confidence, name in series:
             conf, acc, count = reliability(probs, y, confidence=confidence)
             seen = count > 0
