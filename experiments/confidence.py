@@ -62,6 +62,7 @@ __all__ = [
 VAL_SIZE = 10_000  # the trainer's default hold-out (quorum train --val-size)
 FLOOR_DRAWS = 100  # draws of `calibrated_ece` per budget: its mean to about ±0.03 points
 RESAMPLES = 1000  # bootstrap resamples of the test inputs for `fewest_within_resampled`
+PLOT_MIN_BIN = 20  # reliability diagrams leave out confidence bins with fewer answers (their ECE counts them)
 
 log = logging.getLogger(__name__)
 
@@ -357,7 +358,7 @@ def _plot(
     import matplotlib.pyplot as plt
 
     shown = [i for i, b in enumerate(report.budgets) if b in (1, 8, 32, report.budgets[-1])]
-    fig, axes = plt.subplots(1, len(shown) + 1, figsize=(4 * (len(shown) + 1), 4))
+    fig, axes = plt.subplots(1, len(shown) + 2, figsize=(4 * (len(shown) + 2), 4))
     for ax, i in zip(axes, shown, strict=False):
         series: list[tuple[np.ndarray, np.ndarray | None, str]] = [
             (before[i], None, "top probability, T = 1"),
@@ -367,28 +368,45 @@ def _plot(
             series.append((after[i], p_correct[i], "p_correct"))
         for probs, confidence, name in series:
             conf, acc, count = reliability(probs, y, confidence=confidence)
-            seen = count > 0
+            seen = count >= PLOT_MIN_BIN  # a bin of a few answers is noise, drawn as loud as a full one
             ece = top_label_ece(
                 probs.max(axis=1) if confidence is None else confidence, (probs.argmax(axis=1) == y).astype(float)
             )
             ax.plot(conf[seen], acc[seen], "o-", label=f"{name} (ECE {ece:.1%})")
         ax.plot([0, 1], [0, 1], "k:", lw=1)
-        ax.set(title=f"budget {report.budgets[i]}", xlabel="confidence", ylabel="accuracy", xlim=(0, 1), ylim=(0, 1))
+        ax.set(
+            title=f"budget {report.budgets[i]} (bins of >= {PLOT_MIN_BIN} answers)",
+            xlabel="confidence",
+            ylabel="accuracy",
+            xlim=(0, 1),
+            ylim=(0, 1),
+        )
         ax.legend(loc="upper left", fontsize=8)
-    ax = axes[-1]
-    b = np.arange(1, len(report.fixed_accuracy) + 1)
-    ax.plot(b, report.fixed_accuracy, label="fixed budget (anytime order)")
-    ax.plot(*zip(*report.curve, strict=True), "-", color="C1", label="budget=auto (exit rates)")
-    ax.plot(
-        [a["mean_modules"] for a in report.adaptive],
-        [a["accuracy"] for a in report.adaptive],
-        "o",
-        color="C1",
-        label="budget=auto (fitted tolerances)",
-    )
-    ax.set(xscale="log", xlabel="modules per input (mean)", ylabel="test accuracy", title="adaptive against fixed")
-    ax.set_ylim(report.fixed_accuracy[1] - 0.02, report.fixed_accuracy[-1] + 0.01)
-    ax.legend(loc="lower right", fontsize=8)
+    whole, quarter = report.fixed_accuracy[-1], len(report.fixed_accuracy) / 4
+    for ax, zoom in zip(axes[-2:], (False, True), strict=True):
+        b = np.arange(1, len(report.fixed_accuracy) + 1)
+        ax.plot(b, report.fixed_accuracy, label="fixed budget (anytime order)")
+        ax.plot(*zip(*report.curve, strict=True), "-", color="C1", label="budget=auto (exit rates)")
+        ax.plot(
+            [a["mean_modules"] for a in report.adaptive],
+            [a["accuracy"] for a in report.adaptive],
+            "o",
+            color="C1",
+            label="budget=auto (fitted tolerances)",
+        )
+        ax.axhline(whole - 0.001, color="k", ls=":", lw=1, label="0.1 point below the whole ensemble")
+        ax.axvline(quarter, color="0.5", ls=":", lw=1, label=f"a quarter of the modules ({quarter:g})")
+        ax.set(xscale="log", xlabel="modules per input (mean)", ylabel="test accuracy")
+        if zoom:  # where the target is decided: the last points below the whole ensemble
+            ax.set(
+                title="near the whole ensemble", xlim=(quarter / 4, len(b) * 1.1), ylim=(whole - 0.01, whole + 0.003)
+            )
+            ticks = [int(t) for t in 2 ** np.arange(12) if quarter / 4 <= t <= len(b)]
+            ax.set_xticks(ticks, [str(t) for t in ticks])
+            ax.minorticks_off()
+        else:
+            ax.set(title="adaptive against fixed", ylim=(report.fixed_accuracy[1] - 0.02, whole + 0.01))
+            ax.legend(loc="lower right", fontsize=8)
     fig.tight_layout()
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
