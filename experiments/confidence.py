@@ -382,9 +382,9 @@ def _plot(
             ylim=(0, 1),
         )
         ax.legend(loc="upper left", fontsize=8)
-    whole, quarter = report.fixed_accuracy[-1], len(report.fixed_accuracy) / 4
+    b = np.arange(1, len(report.fixed_accuracy) + 1)
+    whole, quarter = report.fixed_accuracy[-1], len(b) / 4
     for ax, zoom in zip(axes[-2:], (False, True), strict=True):
-        b = np.arange(1, len(report.fixed_accuracy) + 1)
         ax.plot(b, report.fixed_accuracy, label="fixed budget (anytime order)")
         ax.plot(*zip(*report.curve, strict=True), "-", color="C1", label="budget=auto (exit rates)")
         ax.plot(
@@ -401,7 +401,7 @@ def _plot(
             ax.set(
                 title="near the whole ensemble", xlim=(quarter / 4, len(b) * 1.1), ylim=(whole - 0.01, whole + 0.003)
             )
-            ticks = [int(t) for t in 2 ** np.arange(12) if quarter / 4 <= t <= len(b)]
+            ticks = [2**e for e in range(len(b).bit_length()) if quarter / 4 <= 2**e]
             ax.set_xticks(ticks, [str(t) for t in ticks])
             ax.minorticks_off()
         else:
