@@ -26,6 +26,10 @@ pools and sessions would crowd the caches of both):
   predict   the same with it (the default): the difference is what mutual information and vote
             share cost
 
+Then what budget=auto's exit signal adds: the members' sums of a stage with and without their
+products s s^T (`MemberSums.of(..., squares=True)`, which only budget=auto asks for), beside
+`predict` of that many modules.
+
 Last, the packed graph at batch 64 with 1 and 2 intra-op threads, with and without spinning.
 """
 
@@ -47,6 +51,7 @@ from onnx import helper, numpy_helper
 from quorum.core.datasets import load_raw, resolve_data_dir
 from quorum.exporter.graphs import OPSET
 from quorum.exporter.packed import mlp_weights
+from quorum.runtime.confidence import MemberSums
 from quorum.runtime.engine import Engine
 from quorum.runtime.providers import session_options
 
@@ -226,6 +231,31 @@ def main() -> None:
                 f"{ratio:>12.2f}"
             )
 
+    print(
+        "\nbudget=auto's exit signal: the members' sums of a stage without and with their products (µs per call), "
+        "beside predict of that many modules"
+    )
+    print(f"{'batch':>5} {'budget':>6} {'sums':>8} {'+products':>10} {'predict':>9} {'products/predict':>16}")
+    products = []
+    for n in args.batches:
+        raw = images[:n]
+        x = packed_engine.preprocess(raw)
+        for b in budgets:
+            _, members = packed.run_members(np.array(order[:b], dtype=np.int64), x)  # (b, K, N)
+            assert members is not None, "the packed graph does not expose the members' logits"
+            t = median_us(
+                {
+                    "sums": lambda members=members: MemberSums.of(members, classes_first=True),
+                    "products": lambda members=members: MemberSums.of(members, classes_first=True, squares=True),
+                    "predict": lambda b=b, raw=raw: packed_engine.predict(raw, budget=b),
+                },
+                args.rounds,
+                20,
+            )
+            share = round((t["products"] - t["sums"]) / t["predict"], 3)
+            products.append({"batch": n, "budget": b, **{k: round(v, 1) for k, v in t.items()}, "share": share})
+            print(f"{n:>5} {b:>6} {t['sums']:>8.1f} {t['products']:>10.1f} {t['predict']:>9.1f} {share:>16.1%}")
+
     print("\npacked graph: intra-op threads and spinning (µs per call)")
     sessions_by_threads = {}
     for intra in (1, 2):
@@ -248,7 +278,10 @@ def main() -> None:
         print(f"  batch {n}, budget {b}: " + ", ".join(f"{name} {us:.0f}" for name, us in t.items()))
     if args.json:
         Path(args.json).write_text(
-            json.dumps({"inference": rows, "request_path": request_path, "threads": threads}, indent=2) + "\n"
+            json.dumps(
+                {"inference": rows, "request_path": request_path, "products": products, "threads": threads}, indent=2
+            )
+            + "\n"
         )
     for e in (*engines.values(), plain_engine):
         e.close()

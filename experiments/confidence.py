@@ -7,7 +7,8 @@
   0.1 point of the whole ensemble with its spread over resamples of the test inputs
   (`fewest_within_resampled`); a reliability diagram and the accuracy-against-modules curve as one
   PNG. `--write` (re)fits temperatures and thresholds on the run's validation split and stores them
-  in the manifest, for bundles exported before they existed.
+  in the manifest, for bundles exported before they existed or before the exit signal of schema
+  version 6.
 - ood: the AUROC with which each uncertainty signal tells the test split from inputs the
   ensemble never saw (scikit-learn's 8×8 digits scaled to 28×28, inverted and noised test
   images), at several budgets.
@@ -27,7 +28,7 @@ import numpy as np
 
 from quorum.core.datasets import load_raw
 from quorum.core.errors import QuorumError
-from quorum.exporter.confidence import CrossFitted, cross_fitted_means, fit_confidence, fit_correctness, stage_answers
+from quorum.exporter.confidence import CrossFitted, cross_fitted_means, fit_confidence, fit_correctness
 from quorum.runtime.confidence import (
     RATES,
     MemberSums,
@@ -37,8 +38,10 @@ from quorum.runtime.confidence import (
     expected_calibration_error,
     negative_log_likelihood,
     prefix_means,
+    prefix_signals,
     reliability,
     stage_lengths,
+    stage_signals,
     stage_thresholds,
     temperature_at,
     tempered_softmax,
@@ -191,10 +194,9 @@ def calibration_report(
     finally:
         engine.close()
     if held_out is None:
-        val_stages = stage_answers(val_logits, order, conf.stages, conf.temperatures)
+        val_stages = prefix_signals(val_logits, order, conf.stages, conf.temperatures, conf.signal)
     else:  # the answers the thresholds are chosen on (fit_confidence)
-        p = tempered_softmax(held_out.means, np.asarray(conf.temperatures)[:, None])
-        val_stages = p.max(axis=2), p.argmax(axis=2)
+        val_stages = stage_signals(held_out.means, held_out.errors, conf.temperatures, conf.signal)
     return _report(logits, y, order, conf, plot, val_stages, val_logits)
 
 
@@ -249,11 +251,11 @@ def _report(
                 report.ece_if_calibrated.append((float(draws.mean()), float(np.percentile(draws, 95))))
     every = prefix_means(logits, order, range(1, m + 1))
     report.fixed_accuracy = [float((zb.argmax(axis=1) == y).mean()) for zb in every]
-    top, labels = stage_answers(logits, order, conf.stages, conf.temperatures)
+    signal, labels = prefix_signals(logits, order, conf.stages, conf.temperatures, conf.signal)
     correct = labels == y[None]
     lengths = np.asarray(conf.stages, np.float64)
     for rule in conf.rules:
-        exits = adaptive_exits(top, rule.thresholds)
+        exits = adaptive_exits(signal, rule.thresholds)
         report.adaptive.append(
             {
                 "tolerance": rule.tolerance,
@@ -263,7 +265,7 @@ def _report(
         )
     exit_right, exit_modules = [], []  # per exit rate and input
     for thresholds in stage_thresholds(*val_stages, RATES):  # thresholds from validation, measured on test
-        exits = adaptive_exits(top, thresholds)
+        exits = adaptive_exits(signal, thresholds)
         exit_right.append(correct[exits, np.arange(len(y))])
         exit_modules.append(lengths[exits])
         report.curve.append((float(exit_modules[-1].mean()), float(exit_right[-1].mean())))

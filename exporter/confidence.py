@@ -1,8 +1,8 @@
 """Fit a bundle's confidence entry on the validation split: temperatures per stage of the anytime
 order, the chance of a right answer per stage (isotonic regression of correctness on the calibrated
-top probability), and adaptive-budget thresholds for the standard tolerances (where the order was
-chosen on the split, from the answers of orders chosen on its other half, `cross_fitted_means`, whose
-optimism also lowers the chances).
+top probability), and adaptive-budget thresholds on the exit signal (`runtime.confidence.SIGNAL`) for
+the standard tolerances (where the order was chosen on the split, from the answers of orders chosen on
+its other half, `cross_fitted_means`, whose optimism also lowers the chances).
 Numpy, scikit-learn and scipy, no torch, so that `quorum calibration --write` refits a bundle on a small
 device (choosing the orders again needs torch; without it the thresholds come from the order's own
 answers).
@@ -23,27 +23,15 @@ from quorum.runtime.confidence import (
     STANDARD_TOLERANCES,
     choose_thresholds,
     fit_temperatures,
+    prefix_errors,
     prefix_means,
     stage_lengths,
+    stage_signals,
     tempered_softmax,
 )
 from quorum.runtime.manifest import AdaptiveRule, ConfidenceEntry, CorrectnessMap
 
-__all__ = ["CrossFitted", "cross_fitted_means", "fit_confidence", "fit_correctness", "lowered", "stage_answers"]
-
-
-def stage_answers(
-    logits: np.ndarray,
-    order: Sequence[int],
-    stages: Sequence[int],
-    temperatures: Sequence[float] | np.ndarray | None = None,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Top probability (S, N) and label (S, N) of each stage's prefix of `order`, from module logits
-    (N, M, K); tempered by each stage's temperature if given."""
-    z = prefix_means(logits, order, stages)  # (S, N, K)
-    temps = np.ones(len(stages)) if temperatures is None else np.asarray(temperatures, np.float64)
-    p = tempered_softmax(z, temps[:, None])
-    return p.max(axis=2), p.argmax(axis=2)
+__all__ = ["CrossFitted", "cross_fitted_means", "fit_confidence", "fit_correctness", "lowered"]
 
 
 def fit_correctness(top: np.ndarray, correct: np.ndarray) -> list[CorrectnessMap]:
@@ -66,6 +54,7 @@ class CrossFitted:
     """Answers of orders chosen on one half of a split, measured on the other (`cross_fitted_means`)."""
 
     means: np.ndarray  # (S, N, K) prefix means of every input under the order chosen without it
+    errors: np.ndarray  # (S, N) the standard errors of their leads (`prefix_errors`), for the exit signal
     y: np.ndarray  # (N,) the labels in the rows' order
     optimism: np.ndarray  # (S,) how much more often each stage is right on the half that chose its order
 
@@ -89,12 +78,18 @@ def cross_fitted_means(
     parts = [(half, ~half), (~half, half)]
     later = None if beside is None else beside.submit(choose_order, logits[~half], y[~half])
     orders = [choose_order(logits[half], y[half]), later.result() if later else choose_order(logits[~half], y[~half])]
-    z, optimism = [], []
+    z, errors, optimism = [], [], []
     for order, (chose, held) in zip(orders, parts, strict=True):
         z.append(prefix_means(logits[held], list(order), stages))
+        errors.append(prefix_errors(logits[held], list(order), stages))
         inside = prefix_means(logits[chose], list(order), stages).argmax(axis=2) == y[chose][None]
         optimism.append(inside.mean(axis=1) - (z[-1].argmax(axis=2) == y[held][None]).mean(axis=1))
-    return CrossFitted(np.concatenate(z, axis=1), np.concatenate([y[held] for _, held in parts]), np.mean(optimism, 0))
+    return CrossFitted(
+        np.concatenate(z, axis=1),
+        np.concatenate(errors, axis=1),
+        np.concatenate([y[held] for _, held in parts]),
+        np.mean(optimism, 0),
+    )
 
 
 def lowered(chance: CorrectnessMap, top: np.ndarray, by: float) -> CorrectnessMap:
@@ -135,11 +130,11 @@ def fit_confidence(
     else:
         temperatures = fit_temperatures(np.concatenate([own, z_rule], axis=1), np.concatenate([y, y_rule]))
     p = tempered_softmax(own, temperatures[:, None])
-    p_rule = p if held_out is None else tempered_softmax(z_rule, temperatures[:, None])
-    top, labels = p_rule.max(axis=2), p_rule.argmax(axis=2)
+    errors = prefix_errors(logits, order, stages) if held_out is None else held_out.errors
+    signal, labels = stage_signals(z_rule, errors, temperatures)
     rules = []
     for tolerance in STANDARD_TOLERANCES:
-        thresholds, accuracy, modules = choose_thresholds(top, labels, y_rule, stages, tolerance)
+        thresholds, accuracy, modules = choose_thresholds(signal, labels, y_rule, stages, tolerance)
         rules.append(
             AdaptiveRule(tolerance=tolerance, thresholds=thresholds, val_accuracy=accuracy, val_mean_modules=modules)
         )

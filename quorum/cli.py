@@ -455,7 +455,8 @@ def build_parser() -> argparse.ArgumentParser:
         "budgets at the same mean number of modules, and the fewest modules within 0.1 point of the whole ensemble "
         "with its spread over 1,000 resamples of the test images. With --plot, a PNG of reliability diagrams and the "
         "accuracy-against-modules curve. --write fits temperatures and thresholds on the run's validation split "
-        "and stores them in the manifest (for bundles exported before they existed). Needs no torch.",
+        "and stores them in the manifest (for bundles exported before they existed, or before the exit signal of "
+        "schema version 6). Needs no torch.",
         epilog="Example: quorum calibration bundles/demo --write --plot reports/calibration.png",
     )
     p.add_argument("bundle", metavar="BUNDLE", help="bundle directory written by `quorum export`")

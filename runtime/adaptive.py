@@ -2,14 +2,15 @@
 
 Pure logic, no execution: the engine drives it with its runner, a gateway with its shards.
 
-    stages = Stages(order, manifest.confidence.stages, rule.thresholds, head.temperatures, n, k)
+    stages = Stages(order, manifest.confidence, rule.thresholds, head.temperatures, n, k)
     while (step := stages.next()) is not None:
         chunk, rows = step                       # module ids, and the inputs still undecided
-        stages.record(run(chunk, x[rows]))       # their sum, used, failed, unfinished, members
+        stages.record(run(chunk, x[rows], squares=stages.squares))  # their sum, used, failed, unfinished, members
     mean, per_input = stages.answer()
 
 After each stage (a prefix of the plan's order: 1, 2, 4, ..., 32, 48, 64, 96, ... modules), the inputs whose
-calibrated top probability reaches the stage's threshold leave; the last stage lets all leave.
+exit signal (the bundle's: `confidence.exit_signal`) reaches the stage's threshold leave; the last stage lets
+all leave.
 """
 
 from __future__ import annotations
@@ -19,9 +20,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from quorum.runtime.confidence import DEFAULT_TOLERANCE, MemberSums, tempered_softmax
+from quorum.runtime.confidence import DEFAULT_TOLERANCE, PESSIMISTIC, MemberSums, exit_signal
 from quorum.runtime.errors import InvalidRequest
-from quorum.runtime.manifest import AdaptiveRule, Manifest
+from quorum.runtime.manifest import AdaptiveRule, ConfidenceEntry, Manifest
 from quorum.runtime.results import FailedModule
 
 __all__ = ["StageResult", "Stages", "adaptive_rule"]
@@ -58,21 +59,25 @@ class Stages:
     def __init__(
         self,
         order: Sequence[int],
-        stages: Sequence[int],
+        fitted: ConfidenceEntry,
         thresholds: Sequence[float],
         temperatures: np.ndarray,
         n: int,
         k: int,
     ):
-        """`order`: the plan's modules; `stages`: the fitted prefix lengths (those beyond the order are
-        cut to it); `thresholds`: one per fitted stage but the last; `temperatures`: by module count."""
+        """`order`: the plan's modules; `fitted`: the bundle's confidence entry (its prefix lengths, those
+        beyond the order cut to it, and its exit signal); `thresholds`: one per fitted stage but the last;
+        `temperatures`: by module count."""
         self.order = list(order)
-        self._ends = [s for s in stages if s < len(self.order)] + [len(self.order)]
+        self._ends = [s for s in fitted.stages if s < len(self.order)] + [len(self.order)]
+        self._signal = fitted.signal
+        self.squares = fitted.signal == PESSIMISTIC  # whether the stages' members must bring their products
+        self._whole = fitted.stages[-1]  # the order the thresholds were fitted for, all M modules
         self._thresholds = list(thresholds)
         self._temperatures = temperatures
         self.total = np.zeros((n, k), np.float32)
         self.counts = np.zeros(n, np.int64)
-        self.members: MemberSums | None = MemberSums.zeros(n, k)
+        self.members: MemberSums | None = MemberSums.zeros(n, k, squares=self.squares)
         self.rows = np.arange(n)
         self.used: list[int] = []
         self.failed: list[FailedModule] = []
@@ -108,9 +113,12 @@ class Stages:
             return
         if stage == len(self._ends) - 1 or not self.used:
             return
-        z = self.total[rows] / np.maximum(self.counts[rows], 1)[:, None]
-        top = tempered_softmax(z, self._temperatures[self.counts[rows]]).max(axis=1)
-        self.rows = rows[top < self._thresholds[stage]]
+        counts = self.counts[rows]
+        z = self.total[rows] / np.maximum(counts, 1)[:, None]
+        products = None if self.members is None else self.members.squares
+        squares = None if products is None else products[rows]
+        signal = exit_signal(self._signal, z, counts, self._temperatures[counts], squares, self._whole)
+        self.rows = rows[signal < self._thresholds[stage]]
         self._over = not len(self.rows)
 
     def stop(self) -> None:

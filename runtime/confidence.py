@@ -15,9 +15,13 @@ applies, `quorum calibration` and `quorum ood` report.
   at once; the map bends where it must (docs/RESULTS.md, "Calibration").
 - Adaptive budgets: the anytime order runs in stages (prefix lengths 1, 2, 4, ..., 32, 48, 64, 96,
   ..., M: powers of two, and from 32 on the points halfway between them as well); an input
-  leaves after a stage once its calibrated top probability reaches the stage's threshold. The
-  exporter picks the thresholds, one set per tolerance, on the validation split: at each stage,
-  the lowest at which the inputs that confident agree with the whole order often enough.
+  leaves after a stage once its exit signal reaches the stage's threshold. The signal (PESSIMISTIC)
+  is the calibrated probability of the prefix's label once its lead over the runner-up is lowered
+  by one standard error of that lead as an estimate of the whole order's: the modules' disagreement
+  about the two classes in question counts against leaving. The exporter picks the thresholds, one
+  set per tolerance, on the validation split: at each stage, the lowest at which the inputs with
+  that signal agree with the whole order often enough. Bundles of schema versions 4 and 5 exit on
+  the calibrated top probability itself (TOP_PROBABILITY) and still do.
 """
 
 from __future__ import annotations
@@ -29,23 +33,32 @@ import numpy as np
 
 __all__ = [
     "DEFAULT_TOLERANCE",
+    "EXIT_SIGNALS",
     "FINE_FROM",
     "NEVER",
+    "PESSIMISTIC",
     "RATES",
     "SIGNAL",
     "STANDARD_TOLERANCES",
+    "TOP_PROBABILITY",
     "MemberSums",
     "Uncertainty",
     "adaptive_exits",
     "choose_thresholds",
     "correctness_at",
     "doubling_lengths",
+    "exit_signal",
     "expected_calibration_error",
     "fit_temperatures",
+    "lead_error",
     "negative_log_likelihood",
+    "pessimistic",
+    "prefix_errors",
     "prefix_means",
+    "prefix_signals",
     "reliability",
     "stage_lengths",
+    "stage_signals",
     "stage_thresholds",
     "temperature_at",
     "tempered_softmax",
@@ -53,7 +66,10 @@ __all__ = [
     "uncertainty",
 ]
 
-SIGNAL = "calibrated top probability"  # the exit rule's confidence: the same meaning at every stage
+TOP_PROBABILITY = "calibrated top probability"  # the exit signal of bundles of schema versions 4 and 5
+PESSIMISTIC = "calibrated top probability, its lead less one standard error"  # what the exporter fits
+EXIT_SIGNALS = (TOP_PROBABILITY, PESSIMISTIC)
+SIGNAL = PESSIMISTIC
 STANDARD_TOLERANCES = (0.0, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05)  # accuracy given up against all M
 DEFAULT_TOLERANCE = 0.001  # budget=auto without a tolerance: within 0.1 point of the whole ensemble
 _EPS = 1e-12
@@ -105,24 +121,34 @@ def _entropy(p: np.ndarray) -> np.ndarray:
 
 @dataclass
 class MemberSums:
-    """Sums over modules of what the uncertainty needs, additive across stages and shards:
-    member probabilities (N, K), member entropies (N,), and argmax votes (N, K)."""
+    """Sums over modules of what the uncertainty and the exit signal need, additive across stages and
+    shards: member probabilities (N, K), member entropies (N,), argmax votes (N, K), and, where the exit
+    signal needs them (budget=auto), the products of each member's logits less its largest, s s^T
+    (N, K, K) in float64, whose entries give the spread of the modules' gap between any two classes
+    (`lead_error`); None where not summed."""
 
     probabilities: np.ndarray
     entropy: np.ndarray
     votes: np.ndarray
+    squares: np.ndarray | None = None
 
     @classmethod
-    def of(cls, members: np.ndarray, *, classes_first: bool = False) -> MemberSums:
+    def of(cls, members: np.ndarray, *, classes_first: bool = False, squares: bool = False) -> MemberSums:
         """The sums of member logits (b, N, K), or (b, K, N) with `classes_first`, in few numpy calls
         (they run on every request). Reductions over K run over (b, K, N): a reduction over a last
         axis of 10 costs numpy several times more.
 
         With s = eta - max eta and Z = sum exp(s): H(p) = log Z - sum_k p_k s_k, one log per member
-        and input rather than one per class. A vote goes to every class at the member's maximum."""
+        and input rather than one per class. A vote goes to every class at the member's maximum.
+        With `squares`, the products s s^T too, by one batched matrix product (b N K^2 multiplications:
+        at batch 1 a few microseconds, at 256 modules and 1,000 inputs about 13 ms, so only on request)."""
         m = members if classes_first else np.ascontiguousarray(members.transpose(0, 2, 1))  # (b, K, N)
         s = m - m.max(axis=1, keepdims=True)  # <= 0
         top = s == 0
+        products = None
+        if squares:
+            by_input = s.astype(np.float64).transpose(2, 1, 0)  # (N, K, b)
+            products = np.matmul(by_input, by_input.transpose(0, 2, 1))
         e = np.exp(s)
         z = e.sum(axis=1)  # (b, N)
         e /= z[:, None, :]  # member probabilities
@@ -131,45 +157,61 @@ class MemberSums:
             np.ascontiguousarray(e.sum(axis=0).T),
             entropy.astype(np.float32),
             np.ascontiguousarray(top.sum(axis=0, dtype=np.float32).T),
+            products,
         )
 
     @classmethod
-    def zeros(cls, n: int, k: int) -> MemberSums:
-        return cls(np.zeros((n, k), np.float32), np.zeros(n, np.float32), np.zeros((n, k), np.float32))
+    def zeros(cls, n: int, k: int, *, squares: bool = False) -> MemberSums:
+        return cls(
+            np.zeros((n, k), np.float32),
+            np.zeros(n, np.float32),
+            np.zeros((n, k), np.float32),
+            np.zeros((n, k, k)) if squares else None,
+        )
 
     def plus(self, other: MemberSums) -> MemberSums:
-        """The sums of both (of the same inputs)."""
-        return MemberSums(
-            self.probabilities + other.probabilities, self.entropy + other.entropy, self.votes + other.votes
-        )
+        """The sums of both (of the same inputs); the products only where both have them."""
+        both = MemberSums.total([self, other])
+        assert both is not None
+        return both
 
     def rows(self, start: int, stop: int) -> MemberSums:
         """The sums of inputs start..stop-1."""
-        return MemberSums(self.probabilities[start:stop], self.entropy[start:stop], self.votes[start:stop])
+        return MemberSums(
+            self.probabilities[start:stop],
+            self.entropy[start:stop],
+            self.votes[start:stop],
+            None if self.squares is None else self.squares[start:stop],
+        )
 
     @classmethod
     def total(cls, parts: list[MemberSums | None]) -> MemberSums | None:
-        """The sums of all parts (of the same inputs); None when a part's are not known."""
+        """The sums of all parts (of the same inputs); None when a part's are not known, and no products
+        when a part has none."""
         if not parts or any(p is None for p in parts):
             return None
         known = [p for p in parts if p is not None]
+        squares = [p.squares for p in known if p.squares is not None]
         return cls(
             np.add.reduce([p.probabilities for p in known]),
             np.add.reduce([p.entropy for p in known]),
             np.add.reduce([p.votes for p in known]),
+            np.add.reduce(squares) if len(squares) == len(known) else None,
         )
 
     def add(self, other: MemberSums, rows: np.ndarray | None = None) -> None:
-        """Add `other` (of the inputs `rows`, or all) into these sums."""
-        for mine, theirs in ((self.probabilities, other.probabilities), (self.entropy, other.entropy)):
+        """Add `other` (of the inputs `rows`, or all) into these sums; the products stop being known
+        where `other` has none."""
+        pairs = [(self.probabilities, other.probabilities), (self.entropy, other.entropy), (self.votes, other.votes)]
+        if self.squares is not None and other.squares is not None:
+            pairs.append((self.squares, other.squares))
+        else:
+            self.squares = None
+        for mine, theirs in pairs:
             if rows is None:
                 mine += theirs
             else:
                 mine[rows] += theirs
-        if rows is None:
-            self.votes += other.votes
-        else:
-            self.votes[rows] += other.votes
 
 
 @dataclass
@@ -227,6 +269,61 @@ def correctness_at(
     return out.astype(np.float32)
 
 
+def lead_error(mean: np.ndarray, count: np.ndarray, squares: np.ndarray, whole: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per input, the label a (N,) of the mean logits `mean` (N, K) of `count` (N,) modules, and the standard
+    error (N,) of its lead over the runner-up b as an estimate of the same lead over all `whole` modules of
+    the order.
+
+    Each module's own lead d_j = eta_ja - eta_jb has the mean lead as its mean and s_aa + s_bb - 2 s_ab of
+    `squares` (N, K, K) (`MemberSums`; the shift of each member's logits cancels) as its sum of squares. The
+    count modules are taken as drawn from the whole order without replacement: the standard error is
+    sd(d) / sqrt(count) * sqrt((whole - count) / (whole - 1)), nothing for one module (no spread to measure)
+    or for all of them."""
+    mean = np.asarray(mean, np.float64)
+    rows = np.arange(len(mean))
+    a = mean.argmax(axis=1)
+    others = mean.copy()
+    others[rows, a] = -np.inf
+    b = others.argmax(axis=1)
+    lead = mean[rows, a] - mean[rows, b]
+    n = np.asarray(count, np.float64)
+    sum_sq = squares[rows, a, a] + squares[rows, b, b] - 2 * squares[rows, a, b]
+    spread = np.maximum(sum_sq - n * lead * lead, 0.0) / np.maximum(n - 1, 1)  # sd(d)^2
+    drawn = np.clip((whole - n) / max(whole - 1, 1), 0.0, 1.0)  # the finite-population correction
+    error = np.where(n >= 2, np.sqrt(spread / np.maximum(n, 1) * drawn), 0.0)
+    return a, error
+
+
+def exit_signal(
+    signal: str,
+    mean: np.ndarray,
+    count: np.ndarray,
+    temperature: np.ndarray,
+    squares: np.ndarray | None,
+    whole: int,
+) -> np.ndarray:
+    """Each input's exit signal (N,) after a stage: mean logits (N, K) of `count` (N,) modules, their
+    temperatures (N,) and members' `squares` (N, K, K), of an order of `whole` modules.
+
+    TOP_PROBABILITY: the calibrated top probability. PESSIMISTIC: the calibrated probability of the same
+    label with its logit lowered by `lead_error`, as if its lead over the runner-up were one standard error
+    smaller; the top probability itself where the members' squares are not known (None)."""
+    if signal == TOP_PROBABILITY or squares is None:
+        return pessimistic(mean, np.zeros(len(mean)), temperature)
+    return pessimistic(mean, lead_error(mean, count, squares, whole)[1], temperature)
+
+
+def pessimistic(mean: np.ndarray, error: np.ndarray, temperature: float | np.ndarray) -> np.ndarray:
+    """The calibrated probability (N,) of the label of mean logits (N, K) once its logit is lowered by
+    `error` (N,) (at temperature T, a scalar or one per input); with no error, the top probability."""
+    lowered = np.array(mean, np.float64)
+    rows = np.arange(len(lowered))
+    label = lowered.argmax(axis=1)
+    lowered[rows, label] -= error
+    chance: np.ndarray = tempered_softmax(lowered, temperature)[rows, label]
+    return chance
+
+
 # ---------------------------------------------------------------- fitting and measuring (offline)
 
 
@@ -241,6 +338,52 @@ def prefix_means(logits: np.ndarray, order: Sequence[int], lengths: Sequence[int
         out.append(total / b)
         done = b
     return np.stack(out)
+
+
+def prefix_errors(logits: np.ndarray, order: Sequence[int], lengths: Sequence[int]) -> np.ndarray:
+    """The standard error (L, N) of each prefix's lead (`lead_error`) for the prefixes of `order` of the given
+    (increasing) lengths, from logits (N, M, K), as the runtime's stages compute it: running sums of the logits
+    and of the members' products (`MemberSums`), a chunk of modules at a time."""
+    order = list(order)
+    n, _, k = logits.shape
+    total, squares = np.zeros((n, k)), np.zeros((n, k, k))
+    out, done = [], 0
+    for b in lengths:
+        chunk = np.asarray(logits[:, order[done:b]], np.float64)  # (N, c, K)
+        total += chunk.sum(axis=1)
+        s = chunk - chunk.max(axis=2, keepdims=True)
+        squares += np.matmul(s.transpose(0, 2, 1), s)
+        out.append(lead_error(total / b, np.full(n, b), squares, len(order))[1])
+        done = b
+    return np.stack(out)
+
+
+def stage_signals(
+    means: np.ndarray, errors: np.ndarray | None, temperatures: Sequence[float] | np.ndarray, signal: str = SIGNAL
+) -> tuple[np.ndarray, np.ndarray]:
+    """The exit signal (S, N) and label (S, N) of each stage's mean logits `means` (S, N, K), at its
+    temperature, with the standard errors of its leads `errors` (S, N) (`prefix_errors`; PESSIMISTIC only)."""
+    if signal == PESSIMISTIC and errors is None:
+        raise ValueError(f"the signal {signal!r} needs the standard errors of the leads")
+    zero = np.zeros(means.shape[1])
+    values = [
+        pessimistic(z, zero if signal == TOP_PROBABILITY or errors is None else errors[i], t)
+        for i, (z, t) in enumerate(zip(means, np.asarray(temperatures, np.float64), strict=True))
+    ]
+    return np.stack(values), means.argmax(axis=2)
+
+
+def prefix_signals(
+    logits: np.ndarray,
+    order: Sequence[int],
+    lengths: Sequence[int],
+    temperatures: Sequence[float] | np.ndarray,
+    signal: str = SIGNAL,
+) -> tuple[np.ndarray, np.ndarray]:
+    """The exit signal (L, N) and label (L, N) of the prefixes of `order` of the given (increasing) lengths
+    and their temperatures, from logits (N, M, K), as the runtime's stages compute them."""
+    errors = prefix_errors(logits, order, lengths) if signal == PESSIMISTIC else None
+    return stage_signals(prefix_means(logits, order, lengths), errors, temperatures, signal)
 
 
 def fit_temperatures(z: np.ndarray, y: np.ndarray) -> np.ndarray:
@@ -308,8 +451,8 @@ def expected_calibration_error(p: np.ndarray, y: np.ndarray, bins: int = 15) -> 
 
 
 def adaptive_exits(top: np.ndarray, thresholds: Sequence[float]) -> np.ndarray:
-    """The stage (index) each input leaves after, given its calibrated top probability at each
-    stage `top` (S, N) and the thresholds of all stages but the last (which every input leaves)."""
+    """The stage (index) each input leaves after, given its exit signal at each stage `top` (S, N)
+    and the thresholds of all stages but the last (which every input leaves)."""
     n = top.shape[1]
     leaves = np.vstack([top[:-1] >= np.asarray(thresholds, top.dtype)[:, None], np.ones((1, n), bool)])
     exits: np.ndarray = leaves.argmax(axis=0)
@@ -317,8 +460,8 @@ def adaptive_exits(top: np.ndarray, thresholds: Sequence[float]) -> np.ndarray:
 
 
 def stage_thresholds(top: np.ndarray, labels: np.ndarray, rates: Sequence[float]) -> list[list[float]]:
-    """For each rate: per stage but the last, the lowest threshold on the top probability (S, N)
-    at which the inputs at least that confident disagree with the last stage's labels (S, N) at
+    """For each rate: per stage but the last, the lowest threshold on the exit signal `top` (S, N)
+    at which the inputs with at least that signal disagree with the last stage's labels (S, N) at
     most that rate of the time (each stage's own evidence of when its answer is the whole order's)."""
     out: list[list[float]] = [[] for _ in rates]
     for s in range(len(top) - 1):
@@ -343,7 +486,7 @@ def choose_thresholds(
     `tolerance` of the last stage's (the whole order's), among `stage_thresholds` of each rate.
 
     Args:
-        top: calibrated top probability at each stage (S, N), on the validation split.
+        top: the exit signal at each stage (S, N), on the validation split.
         labels: each stage's label (S, N); y: the true labels (N,).
         lengths: the stages' prefix lengths (S,).
 

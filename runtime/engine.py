@@ -198,7 +198,7 @@ class Engine:
         cap = None if options.max_budget is None else min(options.max_budget, self.num_modules)  # above M: no cap
         plan = self._planner.plan(None, cap, options.drop, options.seed, faults)
         n, k = x.shape[0], self.manifest.num_classes
-        stages = Stages(plan.selected, conf.stages, rule.thresholds, self._head.temperatures, n, k)
+        stages = Stages(plan.selected, conf, rule.thresholds, self._head.temperatures, n, k)
         try:
             while (step := stages.next()) is not None:
                 chunk, rows = step
@@ -211,7 +211,9 @@ class Engine:
                         break
                     deadline_s = max(0.0, deadline_s)
                 xs = x if len(rows) == n else x[rows]
-                out = self._runner.combine(chunk, xs, cacheable=plan.cacheable, deadline_s=deadline_s, faults=faults)
+                out = self._runner.combine(
+                    chunk, xs, cacheable=plan.cacheable, deadline_s=deadline_s, faults=faults, squares=stages.squares
+                )
                 total = out.mean * np.float32(len(out.used)) if out.used else out.mean
                 stages.record(StageResult(total, out.used, out.failed, out.unfinished, out.members))
         finally:
@@ -227,11 +229,14 @@ class Engine:
         result.degraded = bool(stages.failed or stages.unfinished) or len(plan.selected) < plan.requested
         return result
 
-    def partial(self, x_raw: Any, ids: Sequence[int], *, deadline_ms: float | None = None) -> Partial:
+    def partial(
+        self, x_raw: Any, ids: Sequence[int], *, deadline_ms: float | None = None, squares: bool = False
+    ) -> Partial:
         """The sum of the outputs of the modules `ids` (N, K), for a gateway that combines shards.
 
         Each id this engine cannot run (another shard's, quarantined, or its breaker open) is
         failed as `unavailable`; the others run as in `predict`, failures and deadline included.
+        `squares`: the members' sums include their products (a stage of budget=auto).
         """
         t0 = time.perf_counter()
         PredictOptions(deadline_ms=deadline_ms)  # checks it
@@ -249,7 +254,9 @@ class Engine:
         here, trials = self.breakers.claim(here) if self.breakers.any_half_open else (here, [])
         deadline_s = None if deadline_ms is None else max(0.0, deadline_ms / 1e3 - (time.perf_counter() - t0))
         try:
-            out = self._runner.combine(here, x, cacheable=True, deadline_s=deadline_s) if here else None
+            out = (
+                self._runner.combine(here, x, cacheable=True, deadline_s=deadline_s, squares=squares) if here else None
+            )
         finally:
             if trials:
                 self.breakers.release(trials)

@@ -82,15 +82,17 @@ class Runner:
         cacheable: bool = False,
         deadline_s: float | None = None,
         faults: FaultPlan | None = None,
+        squares: bool = False,
     ) -> Combined:
         """Mean logits of the modules of `ids` that answer on features x (`index`: the ids as int64,
-        `key`: their bytes, where the caller keeps them)."""
+        `key`: their bytes, where the caller keeps them); with `squares`, the members' sums include
+        their products (budget=auto's exit signal)."""
         if self.packed is not None and faults is None:
             if deadline_s is None:
-                answer = self._run_packed(ids, x, cacheable, index, key)
+                answer = self._run_packed(ids, x, cacheable, index, key, squares)
                 if answer is not None:
                     return Combined(answer[0], ids, [], [], answer[1])
-            elif (anytime := self._run_packed_anytime(ids, x, cacheable, deadline_s)) is not None:
+            elif (anytime := self._run_packed_anytime(ids, x, cacheable, deadline_s, squares)) is not None:
                 mean, done, members = anytime
                 return Combined(mean, ids[:done], [], ids[done:], members)
         runs = self.isolated.run(ids, x, deadline_s=deadline_s, wait_first=self.wait_for_first, faults=faults)
@@ -106,7 +108,7 @@ class Runner:
         if not answers:
             return Combined(np.empty((x.shape[0], 0), np.float32), used, failed, unfinished)
         stacked = np.stack(answers)  # (b, N, K)
-        sums = MemberSums.of(stacked) if self.members else None
+        sums = MemberSums.of(stacked, squares=squares) if self.members else None
         return Combined(np.mean(stacked, axis=0), used, failed, unfinished, sums)
 
     def _run_packed(
@@ -116,6 +118,7 @@ class Runner:
         cacheable: bool = False,
         index: np.ndarray | None = None,
         key: bytes | None = None,
+        squares: bool = False,
     ) -> tuple[np.ndarray, MemberSums | None] | None:
         """Mean logits of `ids` from the packed graph and the members' sums (None where the graph
         cannot give them), or None when its answer is not usable."""
@@ -136,10 +139,10 @@ class Runner:
             self._breakers.succeeded(ids)
         if not ok:
             return None
-        return mean, None if members is None else MemberSums.of(members, classes_first=True)
+        return mean, None if members is None else MemberSums.of(members, classes_first=True, squares=squares)
 
     def _run_packed_anytime(
-        self, ids: list[int], x: np.ndarray, cacheable: bool, deadline_s: float
+        self, ids: list[int], x: np.ndarray, cacheable: bool, deadline_s: float, squares: bool = False
     ) -> tuple[np.ndarray, int, MemberSums | None] | None:
         """Anytime prediction on the packed path: the plan's modules in chunks of 1, 1, 2, 4, …
         (each one packed call), until the next chunk, timed by the last, would pass the deadline.
@@ -156,7 +159,7 @@ class Runner:
             if done and time.perf_counter() - t0 + per_module * len(chunk) > deadline_s:
                 break
             start = time.perf_counter()
-            answer = self._run_packed(chunk, x, cacheable)
+            answer = self._run_packed(chunk, x, cacheable, squares=squares)
             if answer is None:
                 return None
             mean, members = answer

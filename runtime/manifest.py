@@ -61,9 +61,9 @@ __all__ = [
 
 FORMAT: Literal["quorum-bundle"] = "quorum-bundle"
 # 2 added `trunk`, 3 `training.checkpoint` and `training.exported_epoch`, 4 `confidence`, `precision`, `compression`,
-# 5 `confidence.correctness`
-SCHEMA_VERSION = 5
-READABLE_VERSIONS = (1, 2, 3, 4, 5)
+# 5 `confidence.correctness`, 6 the exit signal "calibrated top probability, its lead less one standard error"
+SCHEMA_VERSION = 6
+READABLE_VERSIONS = (1, 2, 3, 4, 5, 6)
 MANIFEST_FILE = "manifest.json"
 
 # Parity of a module graph with its reference (torch at export, the module file for the
@@ -299,7 +299,9 @@ class AdaptiveRule(_Strict):
     probability reaches thresholds[s] (the last stage lets every input leave)."""
 
     tolerance: float = Field(ge=0, le=1, description="Accuracy given up against the whole order, on validation.")
-    thresholds: list[float] = Field(description="One per stage but the last; 2 (above any probability): never.")
+    thresholds: list[float] = Field(
+        description="One per stage but the last, on the entry's exit signal; 2 (above any probability): never."
+    )
     val_accuracy: float = Field(
         ge=0,
         le=1,
@@ -338,7 +340,14 @@ class ConfidenceEntry(_Strict):
         description="Prefix lengths of the anytime order, ending at M (exported: 1, 2, 4, ..., 32, 48, 64, 96, ...).",
     )
     temperatures: list[float] = Field(description="Per stage length; other lengths interpolate log T in log b.")
-    signal: str = Field(description="The exit rule's confidence signal.")
+    signal: Literal["calibrated top probability", "calibrated top probability, its lead less one standard error"] = (
+        Field(
+            description="The exit rule's signal: the calibrated top probability (schema versions 4 and 5), or the "
+            "calibrated probability of the same label once its lead over the runner-up is lowered by one standard "
+            "error of that lead as an estimate of the whole order's (schema version 6; `runtime.confidence."
+            "exit_signal`)."
+        )
+    )
     rules: list[AdaptiveRule] = Field(min_length=1, description="By increasing tolerance.")
     val_accuracy: float = Field(ge=0, le=1, description="The whole order's, for comparison with the rules'.")
     correctness: list[CorrectnessMap] | None = Field(

@@ -165,12 +165,16 @@ class DataPlane:
         self._metrics.observe_answer(result)
         return result
 
-    async def partial(self, engine: Engine, inputs: Any, ids: list[int], deadline_ms: float | None) -> Partial:
-        """A shard's share of a gateway's answer: the sum of the outputs of modules `ids`."""
+    async def partial(
+        self, engine: Engine, inputs: Any, ids: list[int], deadline_ms: float | None, squares: bool = False
+    ) -> Partial:
+        """A shard's share of a gateway's answer: the sum of the outputs of modules `ids` (with `squares`, the
+        members' products too)."""
+        answer = functools.partial(engine.partial, inputs, ids, deadline_ms=deadline_ms, squares=squares)
         with self._leases.hold(engine):
             if engine.may_wait():
-                return await run_in_threadpool(functools.partial(engine.partial, inputs, ids, deadline_ms=deadline_ms))
-            return engine.partial(inputs, ids, deadline_ms=deadline_ms)
+                return await run_in_threadpool(answer)
+            return answer()
 
 
 # The seed's range, for the OpenAPI documentation of both protocols.

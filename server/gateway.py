@@ -247,7 +247,7 @@ class Gateway:
         conf = self.manifest.confidence
         assert conf is not None
         n, k = x.shape[0], self.manifest.num_classes
-        stages = Stages(plan.selected, conf.stages, rule.thresholds, self._head.temperatures, n, k)
+        stages = Stages(plan.selected, conf, rule.thresholds, self._head.temperatures, n, k)
         rank = {j: i for i, j in enumerate(plan.selected)}
         refused: list[ShardFailure] = []
         while (step := stages.next()) is not None:
@@ -256,7 +256,8 @@ class Gateway:
                 stages.unfinished += chunk
                 stages.stop()
                 break
-            parts, failed, refusals = await self._ask_with_replicas(x if len(rows) == n else x[rows], chunk, deadline)
+            xs = x if len(rows) == n else x[rows]
+            parts, failed, refusals = await self._ask_with_replicas(xs, chunk, deadline, stages.squares)
             refused += refusals
             answered = [p for p in parts if p.used]
             total = np.add.reduce([p.sum for p in answered], dtype=np.float32) if answered else np.zeros((len(rows), k))
@@ -282,22 +283,23 @@ class Gateway:
         return result
 
     async def _ask_with_replicas(
-        self, x: np.ndarray, ids: list[int], deadline: float | None
+        self, x: np.ndarray, ids: list[int], deadline: float | None, squares: bool = False
     ) -> tuple[list[Partial], list[FailedModule], list[ShardFailure]]:
         """`_ask`, then, for the modules whose shard failed and is down now, a replica on another live shard."""
-        parts, failed, refused = await self._ask(x, ids, deadline)
+        parts, failed, refused = await self._ask(x, ids, deadline, squares)
         turned_away = {j for r in refused for j in r.ids}
         if again := [f.id for f in failed if f.id not in turned_away and self._replica_up(f.id)]:
-            more, more_failed, more_refused = await self._ask(x, again, deadline)
+            more, more_failed, more_refused = await self._ask(x, again, deadline, squares)
             parts, refused = parts + more, refused + more_refused
             failed = [f for f in failed if f.id not in set(again)] + more_failed
         return parts, failed, refused
 
     async def _ask(
-        self, x: np.ndarray, ids: list[int], deadline: float | None
+        self, x: np.ndarray, ids: list[int], deadline: float | None, squares: bool = False
     ) -> tuple[list[Partial], list[FailedModule], list[ShardFailure]]:
-        """Each live shard's partial answer for its share of `ids`, at once; the modules no live shard
-        holds, and those of shards that fail, as failures; and the shards' refusals of the inputs."""
+        """Each live shard's partial answer for its share of `ids`, at once (`squares`: with the members'
+        products); the modules no live shard holds, and those of shards that fail, as failures; and the
+        shards' refusals of the inputs."""
         groups: dict[Shard, list[int]] = {}
         failed: list[FailedModule] = []
         for j in ids:
@@ -318,7 +320,7 @@ class Gateway:
         )
         width = self.manifest.num_classes
         answers = await asyncio.gather(
-            *(shard.partial(x, group, width, remaining_ms, timeout_s) for shard, group in groups.items()),
+            *(shard.partial(x, group, width, remaining_ms, timeout_s, squares) for shard, group in groups.items()),
             return_exceptions=True,
         )
         parts, refused = [], []

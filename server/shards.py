@@ -154,7 +154,13 @@ class Shard:
         return r.text
 
     async def partial(
-        self, x: np.ndarray, ids: list[int], width: int, deadline_ms: float | None, timeout_s: float
+        self,
+        x: np.ndarray,
+        ids: list[int],
+        width: int,
+        deadline_ms: float | None,
+        timeout_s: float,
+        squares: bool = False,
     ) -> Partial:
         """The shard's partial answer for modules `ids` on raw inputs x; ShardFailure, and the shard
         marked down, when it gives none.
@@ -164,22 +170,23 @@ class Shard:
         call, up to `coalesce_rows` inputs (and the numbers the shard takes in one request), and
         each gets its rows of the sums. A coalesced call
         that a shard refuses, or in which a module returns non-finite values, is sent again one
-        request at a time, so that no request's inputs change another's answer."""
-        key = (tuple(ids), x.shape[1:], x.dtype.str)
+        request at a time, so that no request's inputs change another's answer. `squares`: the members'
+        products too (a stage of budget=auto)."""
+        key = (tuple(ids), x.shape[1:], x.dtype.str, squares)
         most = min(self.coalesce_rows, self.max_elements // max(1, math.prod(x.shape[1:])))  # rows in one call
         if deadline_ms is not None or len(x) >= most:
-            return await self._call(x, ids, width, deadline_ms, timeout_s)
+            return await self._call(x, ids, width, deadline_ms, timeout_s, squares)
         if key not in self._in_flight:
             self._in_flight.add(key)
             try:
-                return await self._call(x, ids, width, None, timeout_s)
+                return await self._call(x, ids, width, None, timeout_s, squares)
             finally:
-                self._next_call(key, ids, width, timeout_s)
+                self._next_call(key, ids, width, timeout_s, squares)
         batch = self._waiting.get(key)
         if batch is None:
             batch = self._waiting[key] = _Batch()
         elif batch.rows + len(x) > most:  # the next call is full: this one goes alone
-            return await self._call(x, ids, width, None, timeout_s)
+            return await self._call(x, ids, width, None, timeout_s, squares)
         offset = batch.add(x)
         try:  # within timeout_s of this request's arrival; cancelled, it leaves the call to the others
             answer = await asyncio.wait_for(asyncio.shield(batch.done), timeout_s)
@@ -190,7 +197,7 @@ class Shard:
         if isinstance(answer, ShardFailure):
             raise answer
         if answer is None:  # sent again alone
-            return await self._call(x, ids, width, None, timeout_s)
+            return await self._call(x, ids, width, None, timeout_s, squares)
         members = None if answer.members is None else answer.members.rows(offset, offset + len(x))
         return Partial(
             answer.sum[offset : offset + len(x)],
@@ -201,24 +208,26 @@ class Shard:
             members,
         )
 
-    def _next_call(self, key: tuple[object, ...], ids: list[int], width: int, timeout_s: float) -> None:
+    def _next_call(self, key: tuple[object, ...], ids: list[int], width: int, timeout_s: float, squares: bool) -> None:
         """The call for `key` is done: send the requests that waited for it, or free the key."""
         batch = self._waiting.pop(key, None)
         if batch is None:
             self._in_flight.discard(key)
             return
-        task = asyncio.get_running_loop().create_task(self._send(key, batch, ids, width, timeout_s))
+        task = asyncio.get_running_loop().create_task(self._send(key, batch, ids, width, timeout_s, squares))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _send(self, key: tuple[object, ...], batch: _Batch, ids: list[int], width: int, timeout_s: float) -> None:
+    async def _send(
+        self, key: tuple[object, ...], batch: _Batch, ids: list[int], width: int, timeout_s: float, squares: bool
+    ) -> None:
         try:
             x = batch.inputs[0] if len(batch.inputs) == 1 else np.concatenate(batch.inputs)
             answer: Partial | ShardFailure | None
             try:
                 if not self.up:  # the call they waited for found it down
                     raise ShardFailure("shard_unreachable", f"shard {self.url} is down: {self.last_error}")
-                answer = await self._call(x, ids, width, None, timeout_s)
+                answer = await self._call(x, ids, width, None, timeout_s, squares)
             except ShardFailure as e:
                 answer = e
             if len(batch.inputs) > 1 and (
@@ -232,12 +241,12 @@ class Shard:
                 batch.done.set_result(ShardFailure("shard_error", f"shard {self.url}: {type(e).__name__}"))
             raise
         finally:
-            self._next_call(key, ids, width, timeout_s)
+            self._next_call(key, ids, width, timeout_s, squares)
 
     async def _call(
-        self, x: np.ndarray, ids: list[int], width: int, deadline_ms: float | None, timeout_s: float
+        self, x: np.ndarray, ids: list[int], width: int, deadline_ms: float | None, timeout_s: float, squares: bool
     ) -> Partial:
-        body, headers = shard_codec.encode_request(x, ids, deadline_ms)
+        body, headers = shard_codec.encode_request(x, ids, deadline_ms, squares)
         try:
             # the whole exchange within timeout_s: httpx's own timeouts bound each read, not a trickle
             r = await asyncio.wait_for(self.client.post("/shard/partial", content=body, headers=headers), timeout_s)

@@ -68,7 +68,7 @@ async def partial_answer(request: Request) -> Response:
     decode = partial(
         shard_codec.decode_request, body, request.headers.get(shard_codec.HEADER_LENGTH), settings.max_elements
     )
-    x, ids, deadline_ms = await run_in_threadpool(decode) if len(body) > OFF_LOOP_BYTES else decode()
-    result = await request.app.state.dataplane.partial(engine, x, ids, deadline_ms)
+    x, ids, deadline_ms, squares = await run_in_threadpool(decode) if len(body) > OFF_LOOP_BYTES else decode()
+    result = await request.app.state.dataplane.partial(engine, x, ids, deadline_ms, squares)
     content, headers = shard_codec.encode_partial(result)
     return Response(content, headers=headers)

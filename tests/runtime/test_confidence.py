@@ -10,14 +10,20 @@ import pytest
 from quorum.core.datasets import load_raw
 from quorum.runtime.confidence import (
     NEVER,
+    PESSIMISTIC,
+    TOP_PROBABILITY,
     MemberSums,
     adaptive_exits,
     correctness_at,
     doubling_lengths,
+    exit_signal,
     expected_calibration_error,
     fit_temperatures,
+    lead_error,
     prefix_means,
+    prefix_signals,
     stage_lengths,
+    stage_signals,
     stage_thresholds,
     tempered_softmax,
     top_label_ece,
@@ -74,13 +80,71 @@ def test_modules_that_disagree_have_mutual_information_and_a_split_vote():
 
 def test_member_sums_add_up_across_stages():
     members = np.random.default_rng(3).normal(size=(6, 4, 10)).astype(np.float32)
-    whole = MemberSums.of(members)
-    parts = MemberSums.zeros(4, 10)
-    parts.add(MemberSums.of(members[:2]))
-    parts.add(MemberSums.of(members[2:]))
+    whole = MemberSums.of(members, squares=True)
+    parts = MemberSums.zeros(4, 10, squares=True)
+    parts.add(MemberSums.of(members[:2], squares=True))
+    parts.add(MemberSums.of(members[2:], squares=True))
     np.testing.assert_allclose(parts.probabilities, whole.probabilities, rtol=1e-5)
     np.testing.assert_allclose(parts.entropy, whole.entropy, rtol=1e-5)
     np.testing.assert_array_equal(parts.votes, whole.votes)
+    np.testing.assert_allclose(parts.squares, whole.squares, rtol=1e-12)
+    assert MemberSums.of(members).squares is None  # only where asked for: they cost b N K^2 multiplications
+    parts.add(MemberSums.of(members[:1]))  # a part without them: no longer known
+    assert parts.squares is None and MemberSums.total([whole, MemberSums.of(members)]).squares is None  # type: ignore[union-attr]
+
+
+def test_the_leads_standard_error_is_that_of_the_whole_orders_lead_from_a_sample_of_its_modules():
+    rng = np.random.default_rng(6)
+    members = rng.normal(0, 3, (12, 50, 10)).astype(np.float32)  # (b, N, K): 12 of a 48-module order
+    mean = members.mean(axis=0, dtype=np.float64)
+    a = mean.argmax(axis=1)
+    b = np.argsort(mean, axis=1)[:, -2]
+    rows = np.arange(50)
+    d = members[:, rows, a].astype(np.float64) - members[:, rows, b]  # (b, N): each module's own lead
+    want = d.std(axis=0, ddof=1) / np.sqrt(12) * np.sqrt((48 - 12) / (48 - 1))
+    squares = MemberSums.of(members, squares=True).squares
+    assert squares is not None
+    label, got = lead_error(mean, np.full(50, 12), squares, 48)
+    np.testing.assert_array_equal(label, a)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)  # the members less their largest, in float32
+    # all of the order: nothing left to estimate; one module: no spread to measure
+    np.testing.assert_array_equal(lead_error(mean, np.full(50, 12), squares, 12)[1], 0.0)
+    one = MemberSums.of(members[:1], squares=True).squares
+    assert one is not None
+    np.testing.assert_array_equal(lead_error(members[0], np.ones(50), one, 48)[1], 0.0)
+
+
+def test_modules_that_disagree_about_the_top_two_classes_lower_the_signal_of_the_same_lead():
+    agree = np.array([[[5.0, 3.0, 0.0]]] * 8)  # (b=8, N=1, K=3): every module's lead 2
+    split = np.array([[[7.0, 1.0, 0.0]], [[3.0, 5.0, 0.0]]] * 4)  # leads 6 and -2: the same mean lead
+    top = tempered_softmax(agree.mean(axis=0))[0, 0]
+    signals = [
+        exit_signal(PESSIMISTIC, m.mean(axis=0), np.array([8]), np.ones(1), MemberSums.of(m, squares=True).squares, 64)
+        for m in (agree, split)
+    ]
+    assert signals[0][0] == pytest.approx(top)  # no spread: the top probability itself
+    assert signals[1][0] < top - 0.1
+    assert exit_signal(TOP_PROBABILITY, split.mean(axis=0), np.array([8]), np.ones(1), None, 64)[0] == pytest.approx(
+        top
+    )
+    # the members' squares not known: the top probability
+    assert exit_signal(PESSIMISTIC, split.mean(axis=0), np.array([8]), np.ones(1), None, 64)[0] == pytest.approx(top)
+
+
+@pytest.mark.parametrize("signal", [PESSIMISTIC, TOP_PROBABILITY])
+def test_prefix_signals_are_the_signals_of_each_prefix_alone(signal):
+    logits = np.random.default_rng(7).normal(0, 2, (30, 16, 5)).astype(np.float32)
+    order, lengths, temps = [5, 2, 9, 0, 15, 1, 3, 4, 6, 7, 8, 10, 11, 12, 13, 14], [1, 2, 4, 8, 16], [1, 1.5, 2, 2, 3]
+    got, labels = prefix_signals(logits, order, lengths, temps, signal)
+    for i, (b, t) in enumerate(zip(lengths, temps, strict=True)):
+        members = logits[:, order[:b]].transpose(1, 0, 2)  # (b, N, K)
+        mean = members.mean(axis=0, dtype=np.float64)
+        squares = MemberSums.of(members, squares=True).squares
+        want = exit_signal(signal, mean, np.full(30, b), np.full(30, t), squares, 16)
+        np.testing.assert_allclose(got[i], want, rtol=1e-5, atol=1e-6)  # the runtime sums members in float32
+        np.testing.assert_array_equal(labels[i], mean.argmax(axis=1))
+    with pytest.raises(ValueError, match="standard errors"):
+        stage_signals(prefix_means(logits, order, lengths), None, temps, PESSIMISTIC)
 
 
 def test_an_input_leaves_at_the_first_stage_whose_threshold_it_reaches():
@@ -228,6 +292,40 @@ def test_budget_auto_as_a_keyword_is_adaptive(engine: Engine, test_images):
     np.testing.assert_array_equal(a.per_input, b.per_input)
 
 
+@pytest.mark.parametrize("signal", [PESSIMISTIC, TOP_PROBABILITY])
+def test_the_engine_exits_where_the_offline_signal_says(bundle_copy: Path, test_images, signal):
+    """Stages summed stage by stage on the packed path give each input the exit that the signal of its whole
+    prefix, computed at once offline, gives it; a bundle of schema version 5 still exits on its own signal."""
+    from quorum.runtime.manifest import Manifest
+
+    x = test_images[0][:200]
+    manifest = Manifest.load(bundle_copy)
+    conf = manifest.confidence
+    assert conf is not None and conf.signal == PESSIMISTIC  # what the exporter fits
+    e = Engine.load(bundle_copy)
+    try:
+        logits = e.module_logits(x)
+    finally:
+        e.close()
+    order = manifest.anytime_order
+    values, _ = prefix_signals(logits, order, conf.stages, conf.temperatures, signal)
+    thresholds = np.median(values[:-1], axis=1).tolist()  # about half of the inputs still there leave
+    rule = conf.rules[0].model_copy(update={"thresholds": thresholds})
+    refitted = conf.model_copy(update={"signal": signal, "rules": [rule]})
+    version = 6 if signal == PESSIMISTIC else 5
+    manifest.model_copy(update={"confidence": refitted, "version": version}).dump(bundle_copy)
+    want = np.asarray(conf.stages)[adaptive_exits(values, thresholds)]
+    assert len(np.unique(want)) > 1 and want.min() == 1 and want.max() == conf.stages[-1]
+    for executor in ("packed", "isolated"):
+        e = Engine.load(bundle_copy, executor=executor)
+        try:
+            auto = e.predict(x, adaptive=True)
+        finally:
+            e.close()
+        assert auto.per_input is not None
+        np.testing.assert_array_equal(auto.per_input, want, err_msg=executor)
+
+
 def test_max_budget_caps_the_modules_of_every_input(engine: Engine, test_images):
     auto = engine.predict(test_images[0][:50], adaptive=True, max_budget=5)
     assert auto.per_input is not None and auto.per_input.max() <= 5
@@ -318,3 +416,18 @@ def test_each_answer_says_its_chance_of_being_right_where_the_bundle_has_the_fit
         assert pred.uncertainty is not None and pred.uncertainty.p_correct is None  # schema 4: not fitted
     finally:
         e.close()
+
+
+def test_a_manifest_names_one_of_the_exit_signals_the_runtime_computes(bundle_dir: Path):
+    from typing import get_args
+
+    from pydantic import ValidationError
+
+    from quorum.runtime.confidence import EXIT_SIGNALS
+    from quorum.runtime.manifest import ConfidenceEntry, Manifest
+
+    assert get_args(ConfidenceEntry.model_fields["signal"].annotation) == EXIT_SIGNALS
+    conf = Manifest.load(bundle_dir).confidence
+    assert conf is not None
+    with pytest.raises(ValidationError, match="signal"):
+        ConfidenceEntry.model_validate({**conf.model_dump(), "signal": "margin"})

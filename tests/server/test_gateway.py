@@ -214,7 +214,7 @@ class Counting(Garbage):
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         if request.url.path == "/shard/partial":
             body = await request.aread()
-            inputs, _, _ = shard_codec.decode_request(body, request.headers[shard_codec.HEADER_LENGTH], 10**6)
+            inputs, *_ = shard_codec.decode_request(body, request.headers[shard_codec.HEADER_LENGTH], 10**6)
             self.rows.append(len(inputs))
             await asyncio.sleep(0.05)
             if self.refuse_batches and len(inputs) > 1:
