@@ -40,8 +40,9 @@ def test_inference_bench_prints_its_comparison(bundle_dir: Path, data_dir: Path)
         "1",
     )
     assert "packed/floor" in out and "naive/cached" in out and "predict/hand" in out
-    executors, request_path = out.split("the request path")[:2]
-    for table in (executors, request_path.split("packed graph:")[0]):
+    executors, rest = out.split("the request path")[:2]
+    request_path, products = rest.split("budget=auto's exit signal")[0], rest.split("budget=auto's exit signal")[1]
+    for table in (executors, products.split("packed graph:")[0], request_path):
         rows = [line.split() for line in table.splitlines() if line.strip().startswith("1 ")]
         assert [r[1] for r in rows] == ["1", "3"]
     assert all(float(r[-1]) > 0 for r in rows)  # predict/hand, measured

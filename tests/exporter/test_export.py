@@ -20,7 +20,7 @@ from quorum.trainer.train import train
 
 def test_manifest_describes_every_module(exported_bundle: Path, run_dir: Path):
     m = Manifest.load(exported_bundle)
-    assert m.format == "quorum-bundle" and m.version == SCHEMA_VERSION == 5 and m.trunk is None
+    assert m.format == "quorum-bundle" and m.version == SCHEMA_VERSION == 6 and m.trunk is None
     assert (m.training.checkpoint, m.training.exported_epoch) == ("best", m.training.best_epoch)
     assert len(m.modules) == m.training.num_modules == 40
     assert m.training.lam == 0.99 and m.training.arch == "mlp" and m.training.command == "pytest"
