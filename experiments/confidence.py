@@ -2,7 +2,8 @@
 
 - calibration: ECE and NLL per budget of the anytime order, before and after the bundle's
   temperatures, on the test split, and the ECE of p_correct beside what a perfectly calibrated
-  bundle would measure on splits of these sizes (`calibrated_ece`); adaptive budgets (each fitted
+  bundle would measure on splits of these sizes (`calibrated_ece`) and how far the mean p_correct lies
+  from the accuracy on the validation and the test split; adaptive budgets (each fitted
   tolerance) against fixed budgets at the same mean number of modules, and the fewest modules within
   0.1 point of the whole ensemble with its spread over resamples of the test inputs
   (`fewest_within_resampled`); a reliability diagram and the accuracy-against-modules curve as one
@@ -95,6 +96,7 @@ class CalibrationReport:
     ece_best: list[float] = field(default_factory=list)  # at the temperature best for this split itself: a floor
     ece_p_correct: list[float] = field(default_factory=list)  # of p_correct as the confidence (empty: not fitted)
     ece_if_calibrated: list[tuple[float, float]] = field(default_factory=list)  # `calibrated_ece`: mean, 95th pct
+    p_correct_gap: list[tuple[float, float]] = field(default_factory=list)  # mean p_correct less accuracy: val, test
     adaptive: list[dict[str, float]] = field(default_factory=list)  # per tolerance: test accuracy, mean modules
     fixed_accuracy: list[float] = field(default_factory=list)  # test accuracy of the first b modules, b = 1..M
     curve: list[tuple[float, float]] = field(default_factory=list)  # (mean modules, test accuracy) per exit rate
@@ -119,21 +121,25 @@ class CalibrationReport:
     def table(self) -> str:
         lines = [
             "budget  ECE before  ECE after  ECE at the split's best T  NLL before  NLL after  ECE of p_correct"
-            "  if calibrated (95th pct)"
+            "  if calibrated (95th pct)  p_correct - accuracy: val, test"
         ]
         columns = (self.budgets, self.ece_before, self.ece_after, self.ece_best, self.nll_before, self.nll_after)
         right: list[float | None] = [*self.ece_p_correct] or [None] * len(self.budgets)
         floor: list[tuple[float, float] | None] = [*self.ece_if_calibrated] or [None] * len(self.budgets)
-        for *row, r, f in zip(*columns, right, floor, strict=True):
+        gap: list[tuple[float, float] | None] = [*self.p_correct_gap] or [None] * len(self.budgets)
+        for *row, r, f, g in zip(*columns, right, floor, gap, strict=True):
             line = "{:>6}  {:>9.2%}  {:>9.2%}  {:>26.2%}  {:>10.4f}  {:>9.4f}".format(*row)
             line += f"  {r:>16.2%}" if r is not None else "  " + "not fitted".rjust(16)
-            lines.append(line + (f"  {f[0]:>13.2%} ({f[1]:.2%})" if f is not None else ""))
+            line += f"  {f[0]:>13.2%} ({f[1]:.2%})" if f is not None else ""
+            lines.append(line + (f"  {g[0] * 100:>+18.2f}, {g[1] * 100:+.2f}" if g is not None else ""))
         lines.append("(the split's best T: the one temperature per budget that minimizes ECE on these very inputs;")
         lines.append(" no temperature fitted elsewhere does better here. p_correct: each answer's chance of being")
         lines.append(" right, mapped from the calibrated top probability by the bundle's fit on validation. If")
         lines.append(" calibrated: the ECE of p_correct when validation and test answers are drawn right exactly")
         lines.append(f" as often as p_correct says, the map fitted again on each draw ({FLOOR_DRAWS} draws): what")
-        lines.append(" splits of these sizes measure of a perfectly calibrated bundle)")
+        lines.append(" splits of these sizes measure of a perfectly calibrated bundle. p_correct - accuracy: the")
+        lines.append(" mean chance less how often the answers are right, in points; above 0 the bundle promises more")
+        lines.append(" than it delivers on that split)")
         lines.append("")
         lines.append("tolerance  test accuracy  mean modules  fixed budget at that mean  whole ensemble")
         whole = self.fixed_accuracy[-1]
@@ -197,7 +203,7 @@ def calibration_report(
         val_stages = prefix_signals(val_logits, order, conf.stages, conf.temperatures, conf.signal)
     else:  # the answers the thresholds are chosen on (fit_confidence)
         val_stages = stage_signals(held_out.means, held_out.errors, conf.temperatures, conf.signal)
-    return _report(logits, y, order, conf, plot, val_stages, val_logits)
+    return _report(logits, y, order, conf, plot, val_stages, (val_logits, yv))
 
 
 def _held_out(manifest: Manifest, logits: np.ndarray, y: np.ndarray) -> CrossFitted | None:
@@ -222,13 +228,13 @@ def _report(
     conf: ConfidenceEntry,
     plot: str | Path | None,
     val_stages: tuple[np.ndarray, np.ndarray],
-    val_logits: np.ndarray | None = None,
+    val: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> CalibrationReport:
     m = logits.shape[1]
     budgets = doubling_lengths(m)
     z = prefix_means(logits, order, budgets)
     temps = temperature_at(conf.stages, conf.temperatures, np.asarray(budgets))
-    z_val = None if val_logits is None else prefix_means(val_logits, order, budgets)
+    z_val = None if val is None else prefix_means(val[0], order, budgets)
     before = [tempered_softmax(zb) for zb in z]
     after = [tempered_softmax(zb, t) for zb, t in zip(z, temps, strict=True)]
     report = CalibrationReport(
@@ -244,11 +250,17 @@ def _report(
     if maps is not None:
         for i, (b, p) in enumerate(zip(budgets, after, strict=True)):
             p_correct.append(correctness_at(conf.stages, maps, b, p.max(axis=1)))
-            report.ece_p_correct.append(top_label_ece(p_correct[-1], (p.argmax(axis=1) == y).astype(np.float64)))
-            if z_val is not None:
-                val_top = tempered_softmax(z_val[i], temps[i]).max(axis=1)
+            right = (p.argmax(axis=1) == y).astype(np.float64)
+            report.ece_p_correct.append(top_label_ece(p_correct[-1], right))
+            if z_val is not None and val is not None:
+                p_val = tempered_softmax(z_val[i], temps[i])
+                val_top, val_right = p_val.max(axis=1), p_val.argmax(axis=1) == val[1]
                 draws = calibrated_ece(val_top, p.max(axis=1), partial(correctness_at, conf.stages, maps, b))
                 report.ece_if_calibrated.append((float(draws.mean()), float(np.percentile(draws, 95))))
+                val_gap = correctness_at(conf.stages, maps, b, val_top).mean(dtype=np.float64) - val_right.mean()
+                report.p_correct_gap.append(
+                    (float(val_gap), float(p_correct[-1].mean(dtype=np.float64) - right.mean()))
+                )
     every = prefix_means(logits, order, range(1, m + 1))
     report.fixed_accuracy = [float((zb.argmax(axis=1) == y).mean()) for zb in every]
     signal, labels = prefix_signals(logits, order, conf.stages, conf.temperatures, conf.signal)

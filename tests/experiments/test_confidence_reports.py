@@ -34,6 +34,11 @@ def test_calibration_writes_its_fit_into_the_manifest_and_draws_the_plot(bundle_
     assert after.correctness is not None and len(report.ece_p_correct) == len(report.budgets)
     assert len(report.ece_if_calibrated) == len(report.budgets)
     assert all(0 < mean <= p95 < 0.2 for mean, p95 in report.ece_if_calibrated)
+    assert len(report.p_correct_gap) == len(report.budgets)
+    # the whole ensemble's map is an isotonic fit on these validation answers, which keeps their mean
+    # (up to the rounding of its knots)
+    assert report.p_correct_gap[-1][0] == pytest.approx(0, abs=2e-3)
+    assert all(abs(test) < 0.2 for _, test in report.p_correct_gap)
     assert all(b <= e for b, e in zip(report.ece_best, report.ece_before, strict=True))  # T = 1 is on its grid
     assert len(report.fixed_accuracy) == 40 and len(report.adaptive) == len(after.rules)
     points, _ = report.beats_fixed()
@@ -48,6 +53,7 @@ def test_the_commands_print_their_tables(bundle_dir: Path, capsys: pytest.Captur
     assert main(["calibration", str(bundle_dir), "--limit", str(LIMIT)]) == 0
     out = capsys.readouterr().out
     assert "ECE before" in out and "budget=auto against fixed budgets" in out and "resamples of the test" in out
+    assert "p_correct - accuracy: val, test" in out
     assert main(["ood", str(bundle_dir), "--limit", "500", "--budgets", "1,40"]) == 0
     out = capsys.readouterr().out
     assert "inverted test images" in out and "mutual information" in out
