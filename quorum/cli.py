@@ -451,12 +451,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="how well a bundle's probabilities are calibrated per budget, and adaptive against fixed budgets",
         description="On the Fashion-MNIST test split: ECE and NLL at budgets 1, 2, 4, ..., M of the anytime order, "
         "before and after the bundle's temperatures, and of p_correct beside the ECE a perfectly calibrated bundle "
-        "would measure on splits of these sizes; then budget=auto at each fitted tolerance against fixed "
-        "budgets at the same mean number of modules, and the fewest modules within 0.1 point of the whole ensemble "
-        "with its spread over 1,000 resamples of the test images. With --plot, a PNG of reliability diagrams and the "
-        "accuracy-against-modules curve. --write fits temperatures and thresholds on the run's validation split "
-        "and stores them in the manifest (for bundles exported before they existed, or before the exit signal of "
-        "schema version 6). Needs no torch.",
+        "would measure on splits of these sizes, and how far the mean p_correct lies from the accuracy on the "
+        "validation and the test split (above 0: it promises more than that split delivers); then budget=auto at "
+        "each fitted tolerance against fixed budgets at the same mean number of modules, and the fewest modules "
+        "within 0.1 point of the whole ensemble with its spread over 1,000 resamples of the test images. With "
+        "--plot, a PNG of reliability diagrams and the accuracy-against-modules curve. --write fits temperatures "
+        "and thresholds on the run's validation split and stores them in the manifest (for bundles exported before "
+        "they existed, or before the exit signal of schema version 6). Needs no torch.",
         epilog="Example: quorum calibration bundles/demo --write --plot reports/calibration.png",
     )
     p.add_argument("bundle", metavar="BUNDLE", help="bundle directory written by `quorum export`")
