@@ -131,12 +131,12 @@ def load_bundle(
     isolated = IsolatedExecutor(
         sessions, manifest.input.name, manifest.output.name, workers=workers, timeout_s=module_timeout_ms / 1e3
     )
-    # Every module must answer a probe input, finite and in shape, within the deadline.
+    # Every module must answer a probe input, finite and in shape, within its timeout.
     probe = probe_input(manifest.input)
     if trunk is not None:
         probe = trunk.run(None, {manifest.input.name: probe})[0]
     probe_logits: dict[int, np.ndarray] = {}
-    for run in isolated.run(sorted(sessions), probe):
+    for run in isolated.probe(sorted(sessions), probe):
         file = manifest.modules[run.id].file
         if run.error is not None or run.logits is None:
             quarantine(run.id, f"{file} fails on a probe input: {run.error}")

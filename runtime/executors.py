@@ -213,5 +213,17 @@ class IsolatedExecutor:
                     results[j] = ModuleRun(j, None, why, 0.0, "timeout", injected=j in in_fault)
         return [results[j] for j in ids]
 
+    def probe(self, ids: Sequence[int], x: np.ndarray) -> list[ModuleRun]:
+        """Run each module of `ids` on x once, as loading checks them; one ModuleRun per id, in order.
+
+        One request for all of them ends at twice the module timeout, and on a busy machine the modules
+        not started by then count as timed out, healthy or not; so those that timed out run once more,
+        `workers` at a time, each within its own timeout."""
+        runs = self.run(ids, x)
+        again = [r.id for r in runs if r.kind == "timeout"]
+        step = self.workers
+        retried = {r.id: r for i in range(0, len(again), step) for r in self.run(again[i : i + step], x)}
+        return [retried.get(r.id, r) for r in runs]
+
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)

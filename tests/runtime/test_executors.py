@@ -4,6 +4,7 @@ packed graph against the module files, and faults that only show at request time
 from __future__ import annotations
 
 import json
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -17,6 +18,7 @@ from quorum.core.tasks import softmax
 from quorum.exporter.packed import mlp_weights, pack_bundle
 from quorum.runtime.engine import Engine
 from quorum.runtime.errors import BundleError, InvalidRequest, NoModulesAvailable
+from quorum.runtime.executors import IsolatedExecutor
 from quorum.runtime.faults import FaultPlan
 from quorum.runtime.manifest import Manifest
 from tests.bundles import flip_bytes, hang_on_zero_pixels, nan_on_zero_pixels, rewrite_module
@@ -324,3 +326,40 @@ def test_a_module_queued_behind_slow_ones_gets_its_full_timeout(bundle_dir: Path
         assert r.latency_ms < 800  # within the request's limit of twice the module timeout
     finally:
         engine.close()
+
+
+class _Busy:
+    """A stand-in session on a machine whose CPU is taken: runs go one at a time (`lock`), `ms` each,
+    the first `slow_first` runs `slow_ms` instead; a run told to terminate while it waits ends, as
+    ONNX Runtime's do."""
+
+    def __init__(self, lock: threading.Lock, ms: float, slow_first: int = 0, slow_ms: float = 0.0):
+        self.lock, self.ms, self.slow_first, self.slow_ms = lock, ms, slow_first, slow_ms
+
+    def run(self, outputs, feed, options=None):
+        with self.lock:
+            if options is not None and options.terminate:
+                raise RuntimeError("terminated")
+            ms = self.slow_ms if self.slow_first > 0 else self.ms
+            self.slow_first -= 1
+            time.sleep(ms / 1e3)
+        return [np.zeros((len(feed["input"]), 10), np.float32)]
+
+
+def test_loading_probes_every_module_within_its_own_timeout_on_a_busy_machine():
+    lock = threading.Lock()
+    sessions = {j: _Busy(lock, ms=20) for j in range(20)}
+    ex = IsolatedExecutor(sessions, "input", "logits", workers=2, timeout_s=0.1)  # type: ignore[arg-type]
+    x = np.zeros((1, 784), np.float32)
+    try:
+        # As one request the 20 runs take 400 ms, past its limit of twice the module timeout.
+        assert any(r.kind == "timeout" for r in ex.run(range(20), x))
+        runs = ex.probe(range(20), x)
+        assert [r.id for r in runs] == list(range(20)) and all(r.error is None for r in runs)
+        sessions.update({j: _Busy(lock, ms=1) for j in range(20)})  # now one request is enough
+        sessions[5] = _Busy(lock, ms=1, slow_first=1, slow_ms=150)  # past its timeout once: tried again
+        assert ex.probe(range(20), x)[5].error is None
+        sessions[6] = _Busy(lock, ms=1, slow_first=2, slow_ms=150)  # twice: it fails the probe
+        assert ex.probe(range(20), x)[6].kind == "timeout"
+    finally:
+        ex.close()
